@@ -1,0 +1,63 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
+//! serves), `/readyz` (config loaded and every route has an upstream it can use).
+//! Meant for Prometheus and for an ALB target-group health check.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::runtime::Shared;
+
+pub struct AdminApp {
+    pub shared: Arc<Shared>,
+}
+
+fn text(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path();
+        let plain = "text/plain; charset=utf-8";
+        match path {
+            "/metrics" => {
+                let families = self.shared.metrics.registry.gather();
+                let mut body = Vec::with_capacity(16 * 1024);
+                match TextEncoder::new().encode(&families, &mut body) {
+                    Ok(()) => text(StatusCode::OK, prometheus::TEXT_FORMAT, body),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        plain,
+                        format!("cannot encode metrics: {e}\n").into_bytes(),
+                    ),
+                }
+            }
+            "/healthz" => text(StatusCode::OK, plain, b"ok\n".to_vec()),
+            "/readyz" => {
+                let reasons = self.shared.runtime().not_ready_reasons();
+                if reasons.is_empty() {
+                    text(StatusCode::OK, plain, b"ready\n".to_vec())
+                } else {
+                    let body = format!("not ready:\n{}\n", reasons.join("\n"));
+                    text(StatusCode::SERVICE_UNAVAILABLE, plain, body.into_bytes())
+                }
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                plain,
+                b"cutover admin: /metrics, /healthz, /readyz\n".to_vec(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The YAML file format, exactly as an operator writes it.
+//!
+//! These structs only describe shape: every field that needs checking (addresses,
+//! durations, header names, file paths) stays a string here and is checked in
+//! [`super::validate`], so that one run reports every problem with its key path
+//! instead of stopping at the first one serde meets.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub phase: String,
+    #[serde(default)]
+    pub listeners: Vec<ListenerFile>,
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub server: ServerFile,
+    pub access_log: Option<AccessLogFile>,
+    pub client_ip: Option<ClientIpFile>,
+    pub dns_refresh: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub address: String,
+    pub tls: Option<ListenerTlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsFile {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub address: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub threads: Option<usize>,
+    pub grace_period: Option<String>,
+    pub graceful_shutdown_timeout: Option<String>,
+    pub upgrade_sock: Option<String>,
+    pub pid_file: Option<String>,
+    pub upstream_keepalive_pool_size: Option<usize>,
+}
+
+/// `access_log: off`, or `{ format: json, path: stdout }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AccessLogFile {
+    Switch(String),
+    Settings(AccessLogSettingsFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSettingsFile {
+    pub format: Option<String>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpFile {
+    pub header: Option<String>,
+    #[serde(default)]
+    pub trusted: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub sticky: Option<String>,
+    pub canary: Option<String>,
+    #[serde(default)]
+    pub request_headers: HeaderEditsFile,
+    #[serde(default)]
+    pub response_headers: HeaderEditsFile,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEditsFile {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub name: String,
+    pub address: String,
+    pub tls: Option<bool>,
+    pub host_header: Option<String>,
+    pub sni: Option<String>,
+    pub verify: Option<bool>,
+    pub ca_file: Option<String>,
+    /// Kept as a YAML value so that `-1` or `2.5` get a message naming the key
+    /// rather than serde's generic "invalid type".
+    pub weight: Option<serde_yaml::Value>,
+    pub backup: Option<bool>,
+    pub expect_body: Option<String>,
+    pub health_check: Option<HealthCheckFile>,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub expect_status: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    pub connect: Option<String>,
+    pub read: Option<String>,
+    pub write: Option<String>,
+    pub idle: Option<String>,
+}

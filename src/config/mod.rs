@@ -1,0 +1,115 @@
+//! Configuration: the YAML file ([`file`]) is parsed once and checked as a whole
+//! ([`validate`]) into [`Config`], an immutable model that holds only checked
+//! values (socket addresses, durations, header names, loaded CA certificates).
+//! Nothing downstream of this module parses text from the file again.
+
+mod file;
+mod model;
+mod positions;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use model::*;
+
+/// One thing wrong with a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path such as `routes[0].upstreams[1].sni`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+    /// 1-based line and column, where the file position is known.
+    pub position: Option<(usize, usize)>,
+}
+
+/// Everything wrong with one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        writeln!(
+            f,
+            "{}: {} problem{}:",
+            self.file.display(),
+            count,
+            if count == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "  {}", self.file.display())?;
+            if let Some((line, col)) = p.position {
+                write!(f, ":{line}:{col}")?;
+            }
+            if p.path.is_empty() {
+                writeln!(f, ": {}", p.message)?;
+            } else {
+                writeln!(f, ": {}: {}", p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Read, parse and check the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![Problem {
+            path: String::new(),
+            message: format!("cannot read the config file: {e}"),
+            position: None,
+        }],
+    })?;
+    parse(path, &text)
+}
+
+/// Parse and check config text; `path` names the file in messages and anchors
+/// relative `ca_file`/`cert`/`key` paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        file: path.to_path_buf(),
+        problems,
+    };
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    let raw: file::FileConfig = match serde_path_to_error::deserialize(deserializer) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let key_path = e.path().to_string();
+            let inner = e.into_inner();
+            let position = inner.location().map(|l| (l.line(), l.column()));
+            return Err(fail(vec![Problem {
+                path: if key_path == "." {
+                    String::new()
+                } else {
+                    key_path
+                },
+                message: clean_serde_message(&inner.to_string()),
+                position,
+            }]));
+        }
+    };
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    validate::validate(raw, base_dir).map_err(|mut problems| {
+        let index = positions::KeyPositions::index(text);
+        for p in &mut problems {
+            p.position = p.position.or_else(|| index.find(&p.path));
+        }
+        fail(problems)
+    })
+}
+
+/// serde_yaml appends " at line X column Y" to its messages; we print the
+/// position ourselves in the `file:line:col` form editors understand.
+fn clean_serde_message(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}

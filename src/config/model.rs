@@ -1,0 +1,179 @@
+//! The validated configuration. Every value here has been checked; types say
+//! what the value is (a `SocketAddr`, a `Duration`, a `HeaderName`), not how it
+//! was spelled in the file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
+use pingora::tls::x509::X509;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub phase: String,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<SocketAddr>,
+    pub server: ServerSettings,
+    pub access_log: AccessLog,
+    pub client_ip: ClientIp,
+    pub dns_refresh: Duration,
+    pub routes: Vec<RouteConfig>,
+    /// Accepted but worth an operator's attention (e.g. `verify: false`).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Pingora server settings; changing them needs `run --upgrade`, not a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+    pub upstream_keepalive_pool_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    On {
+        format: AccessLogFormat,
+        destination: LogDestination,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    Combined,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogDestination {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+/// Where the real client address comes from.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIp {
+    /// Header carrying the client address (its last untrusted entry is used).
+    pub header: Option<HeaderName>,
+    /// Peers allowed to set that header.
+    pub trusted: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    pub sticky: Sticky,
+    pub canary: Option<String>,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// A route's host: `cdn.example.com`, or `*.example.com` (any name below it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored as the suffix with its leading dot: `.example.com`.
+    Wildcard(String),
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// Same client address, same upstream, while weights stay.
+    ClientIp,
+    /// Weighted random per request.
+    None,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderEdits {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Host part of `address`: a DNS name, or an IP literal.
+    pub host: String,
+    pub port: u16,
+    /// Set when `address` is an IP literal: no DNS involved.
+    pub ip: Option<IpAddr>,
+    pub tls: bool,
+    /// Host header sent upstream; `None` keeps the client's.
+    pub host_header: Option<HeaderValue>,
+    /// TLS server name, also the name the certificate must be valid for.
+    pub sni: String,
+    pub verify: bool,
+    pub ca_file: Option<PathBuf>,
+    /// Certificates loaded from `ca_file`: they replace the system roots for this upstream.
+    pub ca: Option<Arc<Box<[X509]>>>,
+    pub weight: u32,
+    pub backup: bool,
+    pub expect_body: Option<String>,
+    pub health_check: Option<HealthCheck>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub expect_status: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(3),
+            read: Duration::from_secs(30),
+            write: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The one place where a proxy failure becomes a status code and a metric label.
+
+use pingora::{Error, ErrorSource, ErrorType};
+
+/// The `kind` label of `cutover_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect = 0,
+    Tls = 1,
+    Timeout = 2,
+    Reset = 3,
+    Other = 4,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::Connect,
+        ErrorKind::Tls,
+        ErrorKind::Timeout,
+        ErrorKind::Reset,
+        ErrorKind::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    pub fn of(e: &Error) -> ErrorKind {
+        use ErrorType::*;
+        match e.etype() {
+            ConnectTimedout | TLSHandshakeTimedout | ReadTimedout | WriteTimedout => {
+                ErrorKind::Timeout
+            }
+            ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError => {
+                ErrorKind::Connect
+            }
+            TLSHandshakeFailure | InvalidCert | HandshakeError | TLSWantX509Lookup => {
+                ErrorKind::Tls
+            }
+            ConnectionClosed | ReadError | WriteError => ErrorKind::Reset,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// What the client is told when proxying fails.
+pub enum Outcome {
+    /// The upstream side failed: count it, answer 502 or 504.
+    Upstream { status: u16, kind: ErrorKind },
+    /// The client side failed or sent garbage: 400, or nothing if the connection is gone.
+    Downstream { status: u16 },
+    /// An explicit HTTP status raised by our own filters.
+    Status(u16),
+    Internal,
+}
+
+pub fn classify(e: &Error) -> Outcome {
+    if let ErrorType::HTTPStatus(code) = e.etype() {
+        return Outcome::Status(*code);
+    }
+    match e.esource() {
+        ErrorSource::Upstream => {
+            let kind = ErrorKind::of(e);
+            let status = if kind == ErrorKind::Timeout { 504 } else { 502 };
+            Outcome::Upstream { status, kind }
+        }
+        ErrorSource::Downstream => match e.etype() {
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                Outcome::Downstream { status: 0 }
+            }
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Outcome::Downstream { status: 408 },
+            _ => Outcome::Downstream { status: 400 },
+        },
+        ErrorSource::Internal | ErrorSource::Unset => Outcome::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_504_other_upstream_failures_502() {
+        let timeout = Error::new_up(ErrorType::ReadTimedout);
+        assert!(matches!(
+            classify(&timeout),
+            Outcome::Upstream { status: 504, kind: ErrorKind::Timeout }
+        ));
+        let cert = Error::new_up(ErrorType::InvalidCert);
+        assert!(matches!(
+            classify(&cert),
+            Outcome::Upstream { status: 502, kind: ErrorKind::Tls }
+        ));
+        let refused = Error::new_up(ErrorType::ConnectRefused);
+        assert!(matches!(
+            classify(&refused),
+            Outcome::Upstream { status: 502, kind: ErrorKind::Connect }
+        ));
+        let gone = Error::new_down(ErrorType::ConnectionClosed);
+        assert!(matches!(classify(&gone), Outcome::Downstream { status: 0 }));
+    }
+}

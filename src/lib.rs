@@ -1,0 +1,19 @@
+//! cutover: a Pingora reverse proxy for zero-downtime CDN distribution migrations.
+//!
+//! Stages, each its own module: the config file is parsed and checked once
+//! ([`config`]) into an immutable model; [`runtime`] joins it with live handles
+//! (DNS, metrics, health) and is swapped whole on reload; the request path
+//! ([`proxy`]) only reads that model.
+
+pub mod admin;
+pub mod client_ip;
+pub mod config;
+pub mod dns;
+pub mod errors;
+pub mod metrics;
+pub mod peer;
+pub mod proxy;
+pub mod routing;
+pub mod runtime;
+pub mod selection;
+pub mod server;

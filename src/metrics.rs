@@ -1,0 +1,238 @@
+//! Prometheus metrics. Label handles are resolved when a runtime model is built
+//! (at start and on reload), so recording a request is a few atomic adds.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+use crate::errors::ErrorKind;
+
+/// The metric families, registered once per process.
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    unmatched: IntCounterVec,
+    rejected: IntCounterVec,
+    client_ip_ignored: IntCounterVec,
+    healthy: IntGaugeVec,
+    weight: IntGaugeVec,
+    response_bytes: IntCounterVec,
+    reloads: IntCounterVec,
+    phase_info: IntGaugeVec,
+    _build_info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "cutover_request_duration_seconds",
+                "Time from request start to the last response byte, by upstream",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0,
+            ]),
+            &["phase", "route", "upstream"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("metric registered once");
+        let build_info = gauge(
+            r,
+            "cutover_build_info",
+            "Always 1; the version label says which cutover is running",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Self {
+            requests: counter(
+                r,
+                "cutover_requests_total",
+                "Requests answered, by upstream and status code",
+                &["phase", "route", "upstream", "code"],
+            ),
+            duration,
+            upstream_errors: counter(
+                r,
+                "cutover_upstream_errors_total",
+                "Failed upstream attempts, by cause (connect, tls, timeout, reset, other)",
+                &["phase", "route", "upstream", "kind"],
+            ),
+            unmatched: counter(
+                r,
+                "cutover_unmatched_requests_total",
+                "Requests for a host no route has (answered 421)",
+                &["phase"],
+            ),
+            rejected: counter(
+                r,
+                "cutover_rejected_requests_total",
+                "Malformed requests answered 4xx before routing, by reason",
+                &["phase", "reason"],
+            ),
+            client_ip_ignored: counter(
+                r,
+                "cutover_client_ip_header_ignored_total",
+                "Client-address headers from trusted peers that did not parse (the peer address was used)",
+                &["phase"],
+            ),
+            healthy: gauge(
+                r,
+                "cutover_upstream_healthy",
+                "1 when the upstream takes traffic, 0 when its health check fails",
+                &["route", "upstream"],
+            ),
+            weight: gauge(
+                r,
+                "cutover_upstream_weight",
+                "Configured weight of the upstream",
+                &["route", "upstream"],
+            ),
+            response_bytes: counter(
+                r,
+                "cutover_response_bytes_total",
+                "Response body bytes sent to clients, by upstream",
+                &["phase", "route", "upstream"],
+            ),
+            reloads: counter(
+                r,
+                "cutover_config_reloads_total",
+                "Config reloads (SIGHUP), by result",
+                &["result"],
+            ),
+            phase_info: gauge(
+                r,
+                "cutover_phase_info",
+                "Always 1 for the phase currently configured",
+                &["phase"],
+            ),
+            _build_info: build_info,
+            registry,
+        }
+    }
+
+    /// Handles for one upstream of one route in one phase.
+    pub fn upstream(&self, phase: &str, route: &str, upstream: &str) -> UpstreamMetrics {
+        let labels = [phase, route, upstream];
+        let errors = ErrorKind::ALL.map(|k| {
+            self.upstream_errors
+                .with_label_values(&[phase, route, upstream, k.label()])
+        });
+        UpstreamMetrics {
+            requests: self.requests.clone(),
+            labels: [phase.to_string(), route.to_string(), upstream.to_string()],
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+            duration: self.duration.with_label_values(&labels),
+            response_bytes: self.response_bytes.with_label_values(&labels),
+            errors,
+            healthy: self.healthy.with_label_values(&[route, upstream]),
+            weight: self.weight.with_label_values(&[route, upstream]),
+        }
+    }
+
+    pub fn phase(&self, phase: &str) -> PhaseMetrics {
+        PhaseMetrics {
+            unmatched: self.unmatched.with_label_values(&[phase]),
+            rejected_bad_host: self.rejected.with_label_values(&[phase, "bad_host"]),
+            rejected_connect: self.rejected.with_label_values(&[phase, "connect_method"]),
+            client_ip_ignored: self.client_ip_ignored.with_label_values(&[phase]),
+        }
+    }
+
+    /// Make `phase` the only phase with `cutover_phase_info` = 1.
+    pub fn set_phase(&self, phase: &str) {
+        self.phase_info.reset();
+        self.phase_info.with_label_values(&[phase]).set(1);
+    }
+
+    /// Forget the per-upstream gauges of a model being replaced, so a removed
+    /// upstream does not linger as "healthy" forever.
+    pub fn clear_upstream_gauges(&self) {
+        self.healthy.reset();
+        self.weight.reset();
+    }
+
+    pub fn reload_result(&self, success: bool) {
+        self.reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// Make both reload results visible as 0 from the start, so alerts on
+    /// `increase(...{result="failure"})` have a series to work with.
+    pub fn init_reload_counters(&self) {
+        for r in ["success", "failure"] {
+            self.reloads.with_label_values(&[r]);
+        }
+    }
+}
+
+/// Status codes 100..=599, each a lazily created counter handle.
+const CODES: usize = 500;
+
+pub struct UpstreamMetrics {
+    requests: IntCounterVec,
+    labels: [String; 3],
+    by_code: [OnceLock<IntCounter>; CODES],
+    pub duration: Histogram,
+    pub response_bytes: IntCounter,
+    errors: [IntCounter; ErrorKind::ALL.len()],
+    pub healthy: IntGauge,
+    pub weight: IntGauge,
+}
+
+impl UpstreamMetrics {
+    /// Count one response; the handle for a code is looked up in the family once,
+    /// then reused lock-free.
+    pub fn count_response(&self, code: u16) {
+        let idx = usize::from(code.clamp(100, 599) - 100);
+        self.by_code[idx]
+            .get_or_init(|| {
+                let mut buf = itoa::Buffer::new();
+                let [p, r, u] = &self.labels;
+                self.requests
+                    .with_label_values(&[p.as_str(), r, u, buf.format(code)])
+            })
+            .inc();
+    }
+
+    pub fn count_error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].inc();
+    }
+}
+
+pub struct PhaseMetrics {
+    pub unmatched: IntCounter,
+    pub rejected_bad_host: IntCounter,
+    pub rejected_connect: IntCounter,
+    pub client_ip_ignored: IntCounter,
+}

@@ -1,0 +1,391 @@
+//! The request path: Pingora's `ProxyHttp` stages as cutover fills them in.
+//!
+//! Each stage only reads the runtime model the request started with; nothing
+//! here parses config, takes a lock, or resolves a name.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderName, HeaderValue, Method};
+use log::{debug, info, warn};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::client_ip::{client_ip, Source};
+use crate::errors::{classify, ErrorKind, Outcome};
+use crate::routing::{normalize_authority, BadAuthority};
+use crate::runtime::{Route, Runtime, Shared, Upstream};
+use crate::selection::{choose, client_point};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+pub struct CutoverProxy {
+    pub shared: Arc<Shared>,
+}
+
+/// Per-request state, carried between the stages.
+pub struct RequestCtx {
+    started: Instant,
+    /// The model this request runs on, fixed at its first stage.
+    runtime: Option<Arc<Runtime>>,
+    route: usize,
+    upstream: Option<usize>,
+    /// Stickiness point: hash of the client address, or random.
+    point: u64,
+    /// The upstream whose connect failed, excluded from the retry.
+    failed: Option<usize>,
+    /// The client's authority as received, for X-Forwarded-Host and the default Host.
+    original_host: Option<HeaderValue>,
+    /// A connect failure already counted in `fail_to_connect`.
+    connect_error_counted: bool,
+}
+
+impl RequestCtx {
+    fn route_and_upstream(&self) -> Option<(&Route, &Upstream)> {
+        let rt = self.runtime.as_ref()?;
+        let route = rt.routes.get(self.route)?;
+        let upstream = route.upstreams.get(self.upstream?)?;
+        Some((route, upstream))
+    }
+}
+
+/// Answer the client directly, with a one-line body saying why.
+async fn reject(session: &mut Session, status: u16, why: &'static str) -> Result<bool> {
+    session
+        .respond_error_with_body(status, Bytes::from_static(why.as_bytes()))
+        .await?;
+    Ok(true)
+}
+
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+#[async_trait]
+impl ProxyHttp for CutoverProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            runtime: None,
+            route: 0,
+            upstream: None,
+            point: 0,
+            failed: None,
+            original_host: None,
+            connect_error_counted: false,
+        }
+    }
+
+    /// Routing. Rejects what must never be forwarded: CONNECT (405), a missing,
+    /// repeated or malformed Host (400), and a host no route owns (421, the
+    /// status CloudFront itself uses for a name it does not serve). An
+    /// absolute-form target (`GET http://host/`) routes by its authority, as
+    /// RFC 9112 §3.2.2 says; the upstream address never comes from the request.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let rt = self.shared.runtime();
+        let req = session.req_header();
+        if req.method == Method::CONNECT {
+            rt.phase.rejected_connect.inc();
+            info!("405 CONNECT {} from {:?}", req.uri, peer_ip(session));
+            return reject(session, 405, "cutover: CONNECT is not supported\n").await;
+        }
+        let authority: HeaderValue = if let Some(a) = req.uri.authority() {
+            match HeaderValue::from_str(a.as_str()) {
+                Ok(v) => v,
+                Err(_) => return bad_host(session, &rt, "unusable authority").await,
+            }
+        } else {
+            let mut hosts = req.headers.get_all(HOST).iter();
+            match (hosts.next(), hosts.next()) {
+                (Some(h), None) => h.clone(),
+                (None, _) => return bad_host(session, &rt, "no Host header").await,
+                (Some(_), Some(_)) => {
+                    return bad_host(session, &rt, "more than one Host header").await
+                }
+            }
+        };
+        let host = match normalize_authority(authority.as_bytes()) {
+            Ok(h) => h,
+            Err(BadAuthority::Empty) => return bad_host(session, &rt, "empty Host").await,
+            Err(BadAuthority::Malformed) => {
+                return bad_host(session, &rt, "malformed Host").await
+            }
+        };
+        let Some(route_idx) = rt.hosts.route_for_host(host.as_str()) else {
+            rt.phase.unmatched.inc();
+            info!(
+                "421 no route for host {:?} from {:?}",
+                host.as_str(),
+                peer_ip(session)
+            );
+            return reject(
+                session,
+                421,
+                "cutover: this host is not served here (no route matches it)\n",
+            )
+            .await;
+        };
+
+        let route = &rt.routes[route_idx];
+        ctx.point = match route.sticky {
+            crate::config::Sticky::None => fastrand::u64(..),
+            crate::config::Sticky::ClientIp => match peer_ip(session) {
+                Some(peer) => {
+                    let (ip, source) = client_ip(&rt.client_ip, peer, &req.headers);
+                    if source == Source::MalformedHeader {
+                        rt.phase.client_ip_ignored.inc();
+                        debug!("ignoring malformed client address header from {peer}");
+                    }
+                    client_point(ip)
+                }
+                None => fastrand::u64(..),
+            },
+        };
+        ctx.route = route_idx;
+        ctx.original_host = Some(authority);
+        ctx.runtime = Some(rt);
+        Ok(false)
+    }
+
+    /// Pick the upstream (excluding one that just failed to connect) and build
+    /// its peer from the config: TLS, SNI, certificate check, timeouts. The
+    /// address is the latest one DNS gave for the configured name.
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let rt = ctx
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
+        let route = &rt.routes[ctx.route];
+        let idx = choose(&route.upstreams, ctx.point, ctx.failed).ok_or_else(|| {
+            Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try")
+        })?;
+        ctx.upstream = Some(idx);
+        ctx.connect_error_counted = false;
+        let upstream = &route.upstreams[idx];
+        match upstream.addresses.pick() {
+            Some(addr) => Ok(upstream.peer.for_address(addr)),
+            None => {
+                let mut e = Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!(
+                        "{}:{} has not resolved to any address yet",
+                        upstream.addresses.host, upstream.addresses.port
+                    ),
+                );
+                e.set_retry(true);
+                Err(e.into_up())
+            }
+        }
+    }
+
+    /// A connect or TLS-handshake failure: nothing was sent, so the request is
+    /// retried once on another eligible upstream (a backup counts).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let kind = ErrorKind::of(&e);
+        let retry_on = ctx.runtime.as_ref().and_then(|rt| {
+            let failed = ctx.upstream?;
+            let route = &rt.routes[ctx.route];
+            let up = &route.upstreams[failed];
+            up.metrics.count_error(kind);
+            let next = if ctx.failed.is_none() {
+                choose(&route.upstreams, ctx.point, Some(failed))
+            } else {
+                None
+            };
+            warn!(
+                "upstream {} failed: route={} upstream={} addr={} kind={} cause={}{}",
+                if next.is_some() { "connect" } else { "connect (no retry left)" },
+                route.name,
+                up.name,
+                peer._address,
+                kind.label(),
+                e,
+                next.map(|n| format!("; retrying on {}", route.upstreams[n].name))
+                    .unwrap_or_default()
+            );
+            next.map(|_| failed)
+        });
+        ctx.connect_error_counted = true;
+        match retry_on {
+            Some(failed) => {
+                ctx.failed = Some(failed);
+                e.set_retry(true);
+            }
+            None => e.set_retry(false),
+        }
+        e
+    }
+
+    /// Host rewrite and forwarding headers. The Host becomes the upstream's
+    /// `host_header` (the name the new distribution owns); X-Forwarded-For gets
+    /// the TCP peer appended; X-Forwarded-Host keeps the name the client asked for.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some((route, upstream)) = ctx.route_and_upstream() else {
+            return Ok(());
+        };
+        // Origin-form upstream, whatever form the client used.
+        if req.uri.authority().is_some() {
+            let pq = req
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "request target", e))?;
+            req.set_uri(pq);
+        }
+        match (&upstream.host_header, &ctx.original_host) {
+            (Some(h), _) | (None, Some(h)) => req.insert_header(HOST, h.clone())?,
+            (None, None) => {}
+        }
+
+        if let Some(peer) = peer_ip(session) {
+            let mut xff = String::new();
+            for v in req.headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(s) = v.to_str() {
+                    xff.push_str(s);
+                    xff.push_str(", ");
+                }
+            }
+            xff.push_str(&peer.to_string());
+            req.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+        }
+        let tls = session
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
+        req.insert_header(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        )?;
+        if let Some(h) = &ctx.original_host {
+            req.insert_header(X_FORWARDED_HOST.clone(), h.clone())?;
+        }
+        for name in &route.request_headers.remove {
+            req.remove_header(name);
+        }
+        for (name, value) in &route.request_headers.set {
+            req.insert_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some((route, _)) = ctx.route_and_upstream() else {
+            return Ok(());
+        };
+        let edits = &route.response_headers;
+        if edits.is_empty() {
+            return Ok(());
+        }
+        for name in &edits.remove {
+            resp.remove_header(name);
+        }
+        for (name, value) in &edits.set {
+            resp.insert_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The one place a failure becomes a status: an upstream timeout is 504,
+    /// any other upstream failure 502, each logged with route, upstream and
+    /// cause and counted by kind.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let status = match classify(e) {
+            Outcome::Upstream { status, kind } => {
+                if let Some((route, up)) = ctx.route_and_upstream() {
+                    if !ctx.connect_error_counted {
+                        up.metrics.count_error(kind);
+                    }
+                    warn!(
+                        "{status} route={} upstream={} kind={} cause={e}",
+                        route.name,
+                        up.name,
+                        kind.label()
+                    );
+                } else {
+                    warn!("{status} cause={e}");
+                }
+                status
+            }
+            Outcome::Status(code) => {
+                if let Some((route, up)) = ctx.route_and_upstream() {
+                    warn!("{code} route={} upstream={} cause={e}", route.name, up.name);
+                }
+                code
+            }
+            Outcome::Downstream { status } => {
+                debug!("client side error ({status}): {e}");
+                status
+            }
+            Outcome::Internal => {
+                warn!("500 internal error: {e}");
+                500
+            }
+        };
+        if status > 0 {
+            if let Err(write_err) = session.respond_error(status).await {
+                debug!("could not send {status} to the client: {write_err}");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// cutover logs every failure itself, with route and upstream, in
+    /// `fail_to_connect`/`fail_to_proxy`; Pingora's own line would repeat it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
+    /// Metrics for every request that reached an upstream decision. A request
+    /// whose client went away before any response counts as 499 (nginx's code
+    /// for "client closed request").
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some((_, up)) = ctx.route_and_upstream() else {
+            return;
+        };
+        let status = session
+            .response_written()
+            .map_or(499, |r| r.status.as_u16());
+        let m = &up.metrics;
+        m.count_response(status);
+        m.duration.observe(ctx.started.elapsed().as_secs_f64());
+        m.response_bytes.inc_by(session.body_bytes_sent() as u64);
+    }
+}
+
+async fn bad_host(session: &mut Session, rt: &Runtime, why: &'static str) -> Result<bool> {
+    rt.phase.rejected_bad_host.inc();
+    info!("400 {why} from {:?}", peer_ip(session));
+    reject(session, 400, "cutover: the request needs exactly one valid Host\n").await
+}

@@ -1,0 +1,204 @@
+//! The model the request path runs on: a validated [`Config`] joined with the
+//! live handles it needs (DNS entries, metric handles, health flags). Built at
+//! start and on every reload, then swapped in whole; a request keeps the
+//! `Arc<Runtime>` it started with, so a reload never changes a request midway.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+
+use crate::config::{ClientIp, Config, HeaderEdits, Sticky, UpstreamConfig};
+use crate::dns::{ResolvedName, Resolver};
+use crate::metrics::{Metrics, PhaseMetrics, UpstreamMetrics};
+use crate::peer::PeerTemplate;
+use crate::routing::HostTable;
+
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub phase: PhaseMetrics,
+    pub hosts: HostTable,
+    pub routes: Vec<Route>,
+    pub client_ip: ClientIp,
+}
+
+pub struct Route {
+    pub name: String,
+    pub sticky: Sticky,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+    pub upstreams: Vec<Upstream>,
+}
+
+pub struct Upstream {
+    pub name: String,
+    pub weight: u32,
+    pub backup: bool,
+    /// Host header to send, `None` = the client's.
+    pub host_header: Option<HeaderValue>,
+    pub addresses: Arc<ResolvedName>,
+    pub peer: PeerTemplate,
+    pub health: Arc<Health>,
+    pub metrics: UpstreamMetrics,
+    pub config: UpstreamConfig,
+}
+
+/// Health of one upstream; shared across reloads while the upstream keeps its
+/// identity (route, name, address, TLS settings).
+#[derive(Debug)]
+pub struct Health {
+    healthy: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            healthy: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Health {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Returns whether the state changed.
+    pub fn set(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+}
+
+/// What makes two upstreams "the same" across a reload, for keeping health state.
+fn identity(route: &str, u: &UpstreamConfig) -> String {
+    format!(
+        "{route}\0{}\0{}:{}\0{}\0{}\0{:?}\0{:?}",
+        u.name, u.host, u.port, u.tls, u.sni, u.host_header, u.health_check
+    )
+}
+
+/// Everything that outlives one runtime model: the process-wide handles a
+/// reload reuses.
+pub struct Shared {
+    pub current: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    pub resolver: Arc<Resolver>,
+    health: std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
+}
+
+impl Shared {
+    pub fn new(config: Config, metrics: Arc<Metrics>, resolver: Arc<Resolver>) -> Arc<Self> {
+        let health = std::sync::Mutex::new(HashMap::new());
+        let first = build(&config, &metrics, &resolver, &health);
+        metrics.init_reload_counters();
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(first),
+            metrics,
+            resolver,
+            health,
+        })
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.current.load_full()
+    }
+
+    /// Build a model for `config` beside the running one and swap it in.
+    /// Names new to this config are resolved before the swap, so the first
+    /// requests to a new upstream have somewhere to go.
+    pub async fn install(&self, config: Config) {
+        let next = build(&config, &self.metrics, &self.resolver, &self.health);
+        self.resolver.refresh(true).await;
+        self.current.store(Arc::new(next));
+    }
+}
+
+fn build(
+    config: &Config,
+    metrics: &Metrics,
+    resolver: &Resolver,
+    health: &std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
+) -> Runtime {
+    let config = Arc::new(config.clone());
+    let phase = config.phase.as_str();
+    metrics.set_phase(phase);
+    metrics.clear_upstream_gauges();
+    let mut health = health.lock().unwrap_or_else(|e| e.into_inner());
+    health.retain(|_, h| h.strong_count() > 0);
+
+    let routes = config
+        .routes
+        .iter()
+        .map(|r| Route {
+            name: r.name.clone(),
+            sticky: r.sticky,
+            request_headers: r.request_headers.clone(),
+            response_headers: r.response_headers.clone(),
+            upstreams: r
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let addresses = match u.ip {
+                        Some(ip) => ResolvedName::fixed(ip, u.port),
+                        None => resolver.entry(&u.host, u.port),
+                    };
+                    let key = identity(&r.name, u);
+                    let h = match health.get(&key).and_then(std::sync::Weak::upgrade) {
+                        Some(h) => h,
+                        None => {
+                            let h = Arc::new(Health::default());
+                            health.insert(key, Arc::downgrade(&h));
+                            h
+                        }
+                    };
+                    let m = metrics.upstream(phase, &r.name, &u.name);
+                    m.weight.set(i64::from(u.weight));
+                    m.healthy.set(i64::from(h.is_healthy()));
+                    Upstream {
+                        name: u.name.clone(),
+                        weight: u.weight,
+                        backup: u.backup,
+                        host_header: u.host_header.clone(),
+                        addresses,
+                        peer: PeerTemplate::new(u),
+                        health: h,
+                        metrics: m,
+                        config: u.clone(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+
+    Runtime {
+        phase: metrics.phase(phase),
+        hosts: HostTable::new(
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i, r.hosts.as_slice())),
+        ),
+        routes,
+        client_ip: config.client_ip.clone(),
+        config,
+    }
+}
+
+impl Runtime {
+    /// Why the proxy is not ready, if it is not: a route none of whose
+    /// upstreams has an address yet.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|r| {
+                !r.upstreams
+                    .iter()
+                    .any(|u| u.addresses.has_addresses() && u.health.is_healthy())
+            })
+            .map(|r| format!("route {}: no healthy upstream with a resolved address", r.name))
+            .collect()
+    }
+}
