@@ -104,16 +104,28 @@ mod tests {
     #[test]
     fn header_believed_only_from_trusted_peers() {
         let h = headers(&["203.0.113.7"]);
-        assert_eq!(client_ip(&settings(), ip("10.1.2.3"), &h), (ip("203.0.113.7"), Source::Header));
-        assert_eq!(client_ip(&settings(), ip("198.51.100.1"), &h), (ip("198.51.100.1"), Source::Peer));
+        assert_eq!(
+            client_ip(&settings(), ip("10.1.2.3"), &h),
+            (ip("203.0.113.7"), Source::Header)
+        );
+        assert_eq!(
+            client_ip(&settings(), ip("198.51.100.1"), &h),
+            (ip("198.51.100.1"), Source::Peer)
+        );
     }
 
     #[test]
     fn rightmost_untrusted_hop_wins() {
         let h = headers(&["1.1.1.1, 203.0.113.7", "10.9.9.9"]);
-        assert_eq!(client_ip(&settings(), ip("10.1.2.3"), &h).0, ip("203.0.113.7"));
+        assert_eq!(
+            client_ip(&settings(), ip("10.1.2.3"), &h).0,
+            ip("203.0.113.7")
+        );
         let all_trusted = headers(&["10.0.0.5, 10.0.0.6"]);
-        assert_eq!(client_ip(&settings(), ip("10.1.2.3"), &all_trusted).0, ip("10.0.0.5"));
+        assert_eq!(
+            client_ip(&settings(), ip("10.1.2.3"), &all_trusted).0,
+            ip("10.0.0.5")
+        );
     }
 
     #[test]

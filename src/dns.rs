@@ -47,7 +47,11 @@ impl ResolvedName {
 
     /// A fixed address: IP literals in the config never go through DNS.
     pub fn fixed(ip: IpAddr, port: u16) -> Arc<Self> {
-        Arc::new(Self::new(ip.to_string(), port, vec![SocketAddr::new(ip, port)]))
+        Arc::new(Self::new(
+            ip.to_string(),
+            port,
+            vec![SocketAddr::new(ip, port)],
+        ))
     }
 
     /// Next address in round-robin order, or `None` if the name never resolved.
@@ -117,7 +121,10 @@ impl Resolver {
                     addrs.sort();
                     addrs.dedup();
                     if *name.addresses() != addrs {
-                        info!("dns: {}:{} now resolves to {:?}", name.host, name.port, addrs);
+                        info!(
+                            "dns: {}:{} now resolves to {:?}",
+                            name.host, name.port, addrs
+                        );
                         name.addrs.store(Arc::new(addrs));
                     }
                 }
@@ -213,10 +220,14 @@ mod tests {
 
     #[test]
     fn hosts_file_format() {
-        let map = parse_hosts("# comment\n127.0.0.1 a.test B.test. # x\n::1 a.test\nnot-an-ip c.test\n");
+        let map =
+            parse_hosts("# comment\n127.0.0.1 a.test B.test. # x\n::1 a.test\nnot-an-ip c.test\n");
         assert_eq!(
             map["a.test"],
-            vec!["127.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]
+            vec![
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
         );
         assert_eq!(map["b.test"], vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
         assert!(!map.contains_key("c.test"));

@@ -52,9 +52,14 @@ impl ErrorKind {
 /// What the client is told when proxying fails.
 pub enum Outcome {
     /// The upstream side failed: count it, answer 502 or 504.
-    Upstream { status: u16, kind: ErrorKind },
+    Upstream {
+        status: u16,
+        kind: ErrorKind,
+    },
     /// The client side failed or sent garbage: 400, or nothing if the connection is gone.
-    Downstream { status: u16 },
+    Downstream {
+        status: u16,
+    },
     /// An explicit HTTP status raised by our own filters.
     Status(u16),
     Internal,
@@ -74,7 +79,9 @@ pub fn classify(e: &Error) -> Outcome {
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                 Outcome::Downstream { status: 0 }
             }
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Outcome::Downstream { status: 408 },
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                Outcome::Downstream { status: 408 }
+            }
             _ => Outcome::Downstream { status: 400 },
         },
         ErrorSource::Internal | ErrorSource::Unset => Outcome::Internal,
@@ -90,17 +97,26 @@ mod tests {
         let timeout = Error::new_up(ErrorType::ReadTimedout);
         assert!(matches!(
             classify(&timeout),
-            Outcome::Upstream { status: 504, kind: ErrorKind::Timeout }
+            Outcome::Upstream {
+                status: 504,
+                kind: ErrorKind::Timeout
+            }
         ));
         let cert = Error::new_up(ErrorType::InvalidCert);
         assert!(matches!(
             classify(&cert),
-            Outcome::Upstream { status: 502, kind: ErrorKind::Tls }
+            Outcome::Upstream {
+                status: 502,
+                kind: ErrorKind::Tls
+            }
         ));
         let refused = Error::new_up(ErrorType::ConnectRefused);
         assert!(matches!(
             classify(&refused),
-            Outcome::Upstream { status: 502, kind: ErrorKind::Connect }
+            Outcome::Upstream {
+                status: 502,
+                kind: ErrorKind::Connect
+            }
         ));
         let gone = Error::new_down(ErrorType::ConnectionClosed);
         assert!(matches!(classify(&gone), Outcome::Downstream { status: 0 }));

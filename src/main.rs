@@ -25,6 +25,8 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
+    /// Offline rehearsal: a two-distribution CDN edge and the proxy on loopback, the DNS-flip trap and the fix side by side
+    Demo,
     /// Parse and validate the config; print a one-line summary or every problem
     Check {
         #[arg(long, default_value = DEFAULT_CONFIG)]
@@ -42,6 +44,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Demo => match cutover::rehearsal::demo::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cutover demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config, upgrade } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,

@@ -92,8 +92,8 @@ impl ProxyHttp for CutoverProxy {
     /// Routing. Rejects what must never be forwarded: CONNECT (405), a missing,
     /// repeated or malformed Host (400), and a host no route owns (421, the
     /// status CloudFront itself uses for a name it does not serve). An
-    /// absolute-form target (`GET http://host/`) routes by its authority, as
-    /// RFC 9112 §3.2.2 says; the upstream address never comes from the request.
+    /// absolute-form target (`GET http://host/`) routes by its authority;
+    /// the upstream address never comes from the request.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let rt = self.shared.runtime();
         let req = session.req_header();
@@ -102,27 +102,31 @@ impl ProxyHttp for CutoverProxy {
             info!("405 CONNECT {} from {:?}", req.uri, peer_ip(session));
             return reject(session, 405, "cutover: CONNECT is not supported\n").await;
         }
-        let authority: HeaderValue = if let Some(a) = req.uri.authority() {
-            match HeaderValue::from_str(a.as_str()) {
-                Ok(v) => v,
-                Err(_) => return bad_host(session, &rt, "unusable authority").await,
-            }
-        } else {
-            let mut hosts = req.headers.get_all(HOST).iter();
-            match (hosts.next(), hosts.next()) {
-                (Some(h), None) => h.clone(),
-                (None, _) => return bad_host(session, &rt, "no Host header").await,
-                (Some(_), Some(_)) => {
-                    return bad_host(session, &rt, "more than one Host header").await
+        // Pingora has already refused a Host that contradicts an absolute-form
+        // target, userinfo, and repeated Host fields (400); what is left is one
+        // authority, from the Host header, the absolute-form target, or HTTP/2's
+        // :authority.
+        let mut hosts = req.headers.get_all(HOST).iter();
+        let authority: HeaderValue = match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => return bad_host(session, &rt, "more than one Host header").await,
+            (Some(h), None) => h.clone(),
+            (None, _) => {
+                let from_target = req
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().as_bytes())
+                    .or_else(|| absolute_form_authority(req.raw_path()));
+                match from_target.map(HeaderValue::from_bytes) {
+                    Some(Ok(v)) => v,
+                    Some(Err(_)) => return bad_host(session, &rt, "unusable authority").await,
+                    None => return bad_host(session, &rt, "no Host header").await,
                 }
             }
         };
         let host = match normalize_authority(authority.as_bytes()) {
             Ok(h) => h,
             Err(BadAuthority::Empty) => return bad_host(session, &rt, "empty Host").await,
-            Err(BadAuthority::Malformed) => {
-                return bad_host(session, &rt, "malformed Host").await
-            }
+            Err(BadAuthority::Malformed) => return bad_host(session, &rt, "malformed Host").await,
         };
         let Some(route_idx) = rt.hosts.route_for_host(host.as_str()) else {
             rt.phase.unmatched.inc();
@@ -163,15 +167,18 @@ impl ProxyHttp for CutoverProxy {
     /// Pick the upstream (excluding one that just failed to connect) and build
     /// its peer from the config: TLS, SNI, certificate check, timeouts. The
     /// address is the latest one DNS gave for the configured name.
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let rt = ctx
             .runtime
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
         let route = &rt.routes[ctx.route];
-        let idx = choose(&route.upstreams, ctx.point, ctx.failed).ok_or_else(|| {
-            Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try")
-        })?;
+        let idx = choose(&route.upstreams, ctx.point, ctx.failed)
+            .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try"))?;
         ctx.upstream = Some(idx);
         ctx.connect_error_counted = false;
         let upstream = &route.upstreams[idx];
@@ -213,7 +220,11 @@ impl ProxyHttp for CutoverProxy {
             };
             warn!(
                 "upstream {} failed: route={} upstream={} addr={} kind={} cause={}{}",
-                if next.is_some() { "connect" } else { "connect (no retry left)" },
+                if next.is_some() {
+                    "connect"
+                } else {
+                    "connect (no retry left)"
+                },
                 route.name,
                 up.name,
                 peer._address,
@@ -247,8 +258,9 @@ impl ProxyHttp for CutoverProxy {
         let Some((route, upstream)) = ctx.route_and_upstream() else {
             return Ok(());
         };
-        // Origin-form upstream, whatever form the client used.
-        if req.uri.authority().is_some() {
+        // Origin-form upstream, whatever form the client used: the authority
+        // the upstream sees is the rewritten Host, nothing else.
+        if absolute_form_authority(req.raw_path()).is_some() || req.uri.authority().is_some() {
             let pq = req
                 .uri
                 .path_and_query()
@@ -273,9 +285,7 @@ impl ProxyHttp for CutoverProxy {
             xff.push_str(&peer.to_string());
             req.insert_header(X_FORWARDED_FOR.clone(), xff)?;
         }
-        let tls = session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         req.insert_header(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(if tls { "https" } else { "http" }),
@@ -317,7 +327,12 @@ impl ProxyHttp for CutoverProxy {
     /// The one place a failure becomes a status: an upstream timeout is 504,
     /// any other upstream failure 502, each logged with route, upstream and
     /// cause and counted by kind.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let status = match classify(e) {
             Outcome::Upstream { status, kind } => {
                 if let Some((route, up)) = ctx.route_and_upstream() {
@@ -384,8 +399,51 @@ impl ProxyHttp for CutoverProxy {
     }
 }
 
+/// The authority of an absolute-form request target (`http://host:port/path`).
+fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+    let scheme_end = target.windows(3).position(|w| w == b"://")?;
+    let scheme = &target[..scheme_end];
+    if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
 async fn bad_host(session: &mut Session, rt: &Runtime, why: &'static str) -> Result<bool> {
     rt.phase.rejected_bad_host.inc();
     info!("400 {why} from {:?}", peer_ip(session));
-    reject(session, 400, "cutover: the request needs exactly one valid Host\n").await
+    reject(
+        session,
+        400,
+        "cutover: the request needs exactly one valid Host\n",
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::absolute_form_authority;
+
+    #[test]
+    fn absolute_form() {
+        assert_eq!(
+            absolute_form_authority(b"http://evil.test/x"),
+            Some(&b"evil.test"[..])
+        );
+        assert_eq!(
+            absolute_form_authority(b"HTTPS://a.test:8443?q"),
+            Some(&b"a.test:8443"[..])
+        );
+        assert_eq!(
+            absolute_form_authority(b"http://a.test"),
+            Some(&b"a.test"[..])
+        );
+        assert_eq!(absolute_form_authority(b"/path?u=http://x/"), None);
+        assert_eq!(absolute_form_authority(b"ftp://a.test/"), None);
+    }
 }

@@ -198,7 +198,12 @@ impl Runtime {
                     .iter()
                     .any(|u| u.addresses.has_addresses() && u.health.is_healthy())
             })
-            .map(|r| format!("route {}: no healthy upstream with a resolved address", r.name))
+            .map(|r| {
+                format!(
+                    "route {}: no healthy upstream with a resolved address",
+                    r.name
+                )
+            })
             .collect()
     }
 }

@@ -143,7 +143,9 @@ mod tests {
     #[test]
     fn shares_follow_weights() {
         let ups = [U(90, false, true), U(10, false, true)];
-        let new = points(10_000).filter(|p| choose(&ups, *p, None) == Some(1)).count();
+        let new = points(10_000)
+            .filter(|p| choose(&ups, *p, None) == Some(1))
+            .count();
         assert!((900..=1100).contains(&new), "new share {new} of 10000");
     }
 

@@ -80,7 +80,11 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         config
             .listeners
             .iter()
-            .map(|l| format!("{}{}", l.address, if l.tls.is_some() { " (tls)" } else { "" }))
+            .map(|l| format!(
+                "{}{}",
+                l.address,
+                if l.tls.is_some() { " (tls)" } else { "" }
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -95,7 +99,11 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_server(config: &Config, shared: &Arc<Shared>, opts: &RunOptions) -> anyhow::Result<Server> {
+fn build_server(
+    config: &Config,
+    shared: &Arc<Shared>,
+    opts: &RunOptions,
+) -> anyhow::Result<Server> {
     let opt = Opt {
         upgrade: opts.upgrade,
         ..Opt::default()
@@ -209,11 +217,7 @@ impl Signals {
                 self.config_path.display()
             );
         }
-        let summary = format!(
-            "phase {:?}, {} route(s)",
-            config.phase,
-            config.routes.len()
-        );
+        let summary = format!("phase {:?}, {} route(s)", config.phase, config.routes.len());
         self.shared.install(config).await;
         metrics.reload_result(true);
         info!("reloaded {}: {summary}", self.config_path.display());

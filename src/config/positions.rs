@@ -13,14 +13,8 @@ pub struct KeyPositions {
 }
 
 enum Frame {
-    Mapping {
-        path: String,
-        key: Option<String>,
-    },
-    Sequence {
-        path: String,
-        next_index: usize,
-    },
+    Mapping { path: String, key: Option<String> },
+    Sequence { path: String, next_index: usize },
 }
 
 #[derive(Default)]
@@ -131,6 +125,9 @@ mod tests {
         assert_eq!(idx.find("phase"), Some((1, 1)));
         assert_eq!(idx.find("routes[0].upstreams[0].sni"), Some((6, 9)));
         // A key that is absent falls back to its parent.
-        assert_eq!(idx.find("routes[0].upstreams[0].weight").map(|p| p.0), Some(5));
+        assert_eq!(
+            idx.find("routes[0].upstreams[0].weight").map(|p| p.0),
+            Some(5)
+        );
     }
 }

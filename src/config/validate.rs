@@ -59,7 +59,9 @@ impl Checker<'_> {
             Err(_) => {
                 self.problem(
                     path,
-                    format!("`{text}` is not an IP:port address (e.g. `0.0.0.0:8080`, `[::]:8443`)"),
+                    format!(
+                        "`{text}` is not an IP:port address (e.g. `0.0.0.0:8080`, `[::]:8443`)"
+                    ),
                 );
                 None
             }
@@ -265,7 +267,9 @@ fn check_access_log(c: &mut Checker, raw: Option<&AccessLogFile>) -> AccessLog {
         Some(AccessLogFile::Switch(s)) => {
             c.problem(
                 "access_log",
-                format!("`{s}` is neither `off` nor a mapping like `{{ format: json, path: stdout }}`"),
+                format!(
+                    "`{s}` is neither `off` nor a mapping like `{{ format: json, path: stdout }}`"
+                ),
             );
             return AccessLog::Off;
         }
@@ -286,7 +290,10 @@ fn check_access_log(c: &mut Checker, raw: Option<&AccessLogFile>) -> AccessLog {
         "stdout" => LogDestination::Stdout,
         "stderr" => LogDestination::Stderr,
         "" => {
-            c.problem("access_log.path", "must be `stdout`, `stderr` or a file path");
+            c.problem(
+                "access_log.path",
+                "must be `stdout`, `stderr` or a file path",
+            );
             LogDestination::Stdout
         }
         file => LogDestination::File(c.base_dir.join(file)),
@@ -369,12 +376,24 @@ fn check_route(c: &mut Checker, path: &str, r: &RouteFile) -> Option<RouteConfig
             );
         }
     }
-    let request_headers = check_header_edits(c, &format!("{path}.request_headers"), &r.request_headers, true);
-    let response_headers =
-        check_header_edits(c, &format!("{path}.response_headers"), &r.response_headers, false);
+    let request_headers = check_header_edits(
+        c,
+        &format!("{path}.request_headers"),
+        &r.request_headers,
+        true,
+    );
+    let response_headers = check_header_edits(
+        c,
+        &format!("{path}.response_headers"),
+        &r.response_headers,
+        false,
+    );
 
     if r.upstreams.is_empty() {
-        c.problem(format!("{path}.upstreams"), "a route needs at least one upstream");
+        c.problem(
+            format!("{path}.upstreams"),
+            "a route needs at least one upstream",
+        );
     }
     let mut names = HashSet::new();
     let mut upstreams = Vec::new();
@@ -465,7 +484,10 @@ fn check_header_edits(
             continue;
         };
         if is_request && n == http::header::HOST {
-            c.problem(key, "set the upstream Host with the upstream's `host_header`");
+            c.problem(
+                key,
+                "set the upstream Host with the upstream's `host_header`",
+            );
             continue;
         }
         match HeaderValue::from_str(value) {
@@ -566,10 +588,7 @@ fn check_upstream(
         (Some(sni), ..) => {
             let s = sni.trim().trim_end_matches('.').to_ascii_lowercase();
             if !is_dns_name(&s) {
-                c.problem(
-                    format!("{path}.sni"),
-                    format!("`{sni}` is not a DNS name"),
-                );
+                c.problem(format!("{path}.sni"), format!("`{sni}` is not a DNS name"));
             }
             s
         }
@@ -621,7 +640,8 @@ fn check_upstream(
         }
     };
     if ca_file.is_some() && !tls {
-        c.warnings.push(format!("{path}.ca_file is ignored: tls is false"));
+        c.warnings
+            .push(format!("{path}.ca_file is ignored: tls is false"));
     }
 
     let weight = check_weight(c, &format!("{path}.weight"), u.weight.as_ref());
@@ -673,9 +693,17 @@ fn check_upstream(
     let t = &u.timeouts;
     let tpath = format!("{path}.timeouts");
     let timeouts = Timeouts {
-        connect: c.duration(&format!("{tpath}.connect"), t.connect.as_deref(), defaults.connect),
+        connect: c.duration(
+            &format!("{tpath}.connect"),
+            t.connect.as_deref(),
+            defaults.connect,
+        ),
         read: c.duration(&format!("{tpath}.read"), t.read.as_deref(), defaults.read),
-        write: c.duration(&format!("{tpath}.write"), t.write.as_deref(), defaults.write),
+        write: c.duration(
+            &format!("{tpath}.write"),
+            t.write.as_deref(),
+            defaults.write,
+        ),
         idle: c.duration(&format!("{tpath}.idle"), t.idle.as_deref(), defaults.idle),
     };
 

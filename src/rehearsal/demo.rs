@@ -1,0 +1,261 @@
+//! `cutover demo`: the CloudFront trap and its fix, offline, on loopback.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::edge::{Distribution, Edge};
+use super::pki::TestCa;
+use crate::probe::{self, Target, TlsTarget};
+
+pub const PUBLIC_NAME: &str = "cdn.example.test";
+pub const NEW_NAME: &str = "cdn-new.example.test";
+pub const OLD_DIST: &str = "d-old.cloudfront.test";
+pub const NEW_DIST: &str = "d-new.cloudfront.test";
+
+/// The two distributions of the rehearsal: the old one still owns the public name.
+pub fn distributions() -> Vec<Distribution> {
+    vec![
+        Distribution::new("d-old", OLD_DIST, &[PUBLIC_NAME], "ok-old-cdn"),
+        Distribution::new("d-new", NEW_DIST, &[NEW_NAME], "ok-new-cdn"),
+    ]
+}
+
+/// Port `preferred` on loopback if free, else any free port.
+fn loopback_port(preferred: u16) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(("127.0.0.1", preferred))
+        .or_else(|_| TcpListener::bind(("127.0.0.1", 0)))
+        .context("no free loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+fn demo_config(
+    dir: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    edge: SocketAddr,
+    ca: &Path,
+) -> String {
+    let port = edge.port();
+    format!(
+        r#"# Written by `cutover demo`: the proxy in front of the rehearsal edge.
+phase: demo
+listeners:
+  - address: {listen}
+admin:
+  address: {admin}
+server:
+  threads: 1
+  grace_period: 1s
+  graceful_shutdown_timeout: 1s
+  upgrade_sock: {dir}/upgrade.sock
+  pid_file: {dir}/cutover.pid
+dns_refresh: 5s
+routes:
+  - name: cdn
+    hosts: [{PUBLIC_NAME}]
+    canary: /ruok
+    upstreams:
+      - name: new-cloudfront
+        address: {NEW_DIST}:{port}
+        host_header: {NEW_NAME}
+        ca_file: {ca}
+        weight: 100
+        expect_body: ok-new-cdn
+      - name: old-cloudfront
+        address: {OLD_DIST}:{port}
+        sni: {PUBLIC_NAME}
+        ca_file: {ca}
+        weight: 0
+        backup: true
+        expect_body: ok-old-cdn
+"#,
+        dir = dir.display(),
+        ca = ca.display(),
+    )
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("cutover-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = TestCa::new("cutover demo CA")?;
+    let ca_path = ca.write_cert(&dir)?;
+
+    let edge_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let edge = edge_rt.block_on(Edge::start("127.0.0.1:0".parse()?, &ca, distributions()))?;
+    let edge_addr = edge.addr();
+
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("127.0.0.1 {OLD_DIST} {NEW_DIST}\n"))?;
+    let listen = loopback_port(8080)?;
+    let admin = loopback_port(9091)?;
+    let config_path = dir.join("cutover.yaml");
+    std::fs::write(
+        &config_path,
+        demo_config(&dir, listen, admin, edge_addr, &ca_path),
+    )?;
+    let config = crate::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let handle = edge_rt.handle().clone();
+    let ca_for_probe = ca_path.clone();
+    let dir_for_probe = dir.clone();
+    let config_for_probe = config_path.clone();
+    std::thread::spawn(move || {
+        let report = handle.block_on(rehearse(listen, admin, edge_addr, &ca_for_probe));
+        match report {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("demo: probing failed: {e:#}"),
+        }
+        println!(
+            "Try it yourself (files in {dir}):\n\
+             \x20 # the DNS flip: the public name at the edge, old distribution answers\n\
+             \x20 curl --cacert {ca} --resolve {PUBLIC_NAME}:{port}:127.0.0.1 https://{PUBLIC_NAME}:{port}/ruok\n\
+             \x20 # through cutover: the new distribution answers\n\
+             \x20 curl -H 'Host: {PUBLIC_NAME}' http://{listen}/ruok\n\
+             \x20 curl http://{admin}/metrics | grep cutover_requests_total\n\
+             \x20 cutover check --config {config}\n\
+             Serving until Ctrl-C.",
+            dir = dir_for_probe.display(),
+            ca = ca_for_probe.display(),
+            port = edge_addr.port(),
+            config = config_for_probe.display(),
+        );
+    });
+
+    let opts = crate::server::RunOptions {
+        config_path,
+        upgrade: false,
+        hosts_file: Some(hosts),
+    };
+    let result = crate::server::run(config, opts);
+    drop(edge);
+    edge_rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn wait_for_listener(addr: SocketAddr) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("cutover did not start listening on {addr}")
+}
+
+struct Row {
+    label: &'static str,
+    how: String,
+    outcome: String,
+    marker: Option<String>,
+}
+
+async fn probe_row(label: &'static str, how: String, target: Target) -> Row {
+    match probe::get(&target, Duration::from_secs(5)).await {
+        Ok(r) => {
+            let dist = r
+                .headers
+                .get("x-edge-distribution")
+                .and_then(|v| v.to_str().ok())
+                .filter(|d| !d.is_empty())
+                .map_or("refused by the edge".to_string(), |d| {
+                    format!("served by {d}")
+                });
+            let body = r.body_text();
+            let first_line = body.lines().next().unwrap_or("").to_string();
+            Row {
+                label,
+                how,
+                outcome: format!("{} {first_line}  ({dist})", r.status.as_u16()),
+                marker: Some(first_line),
+            }
+        }
+        Err(e) => Row {
+            label,
+            how,
+            outcome: format!("failed: {e:#}"),
+            marker: None,
+        },
+    }
+}
+
+/// Ask the same question three ways and say who answered.
+async fn rehearse(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    edge: SocketAddr,
+    ca: &Path,
+) -> anyhow::Result<String> {
+    wait_for_listener(listen).await?;
+    let tls = |sni: &str| {
+        Some(TlsTarget {
+            sni: sni.into(),
+            ca_files: vec![ca.to_path_buf()],
+            verify: true,
+        })
+    };
+    let rows = vec![
+        probe_row(
+            "DNS flip",
+            format!("{PUBLIC_NAME} CNAME {NEW_DIST} -> edge {edge}, SNI+Host {PUBLIC_NAME}"),
+            Target {
+                connect: edge,
+                tls: tls(PUBLIC_NAME),
+                host: PUBLIC_NAME.into(),
+                path: "/ruok".into(),
+            },
+        )
+        .await,
+        probe_row(
+            "Host-only rewrite",
+            format!("SNI {PUBLIC_NAME}, Host {NEW_NAME}"),
+            Target {
+                connect: edge,
+                tls: tls(PUBLIC_NAME),
+                host: NEW_NAME.into(),
+                path: "/ruok".into(),
+            },
+        )
+        .await,
+        probe_row(
+            "cutover",
+            format!("http://{listen} Host {PUBLIC_NAME} -> SNI+Host {NEW_NAME}"),
+            Target {
+                connect: listen,
+                tls: None,
+                host: PUBLIC_NAME.into(),
+                path: "/ruok".into(),
+            },
+        )
+        .await,
+    ];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\ncutover demo: moving {PUBLIC_NAME} from {OLD_DIST} to {NEW_DIST}\n\
+         The edge at {edge} serves both distributions; {OLD_DIST} still owns {PUBLIC_NAME},\n\
+         and CloudFront will not attach it to {NEW_DIST} while it does.\n\n"
+    ));
+    for r in &rows {
+        out.push_str(&format!(
+            "  {:<18} {:<70}\n  {:<18} -> {}\n",
+            r.label, r.how, "", r.outcome
+        ));
+    }
+    let flip_old = rows[0].marker.as_deref() == Some("ok-old-cdn");
+    let proxy_new = rows[2].marker.as_deref() == Some("ok-new-cdn");
+    out.push_str(&format!(
+        "\nverdict: {}\n",
+        if flip_old && proxy_new {
+            "the DNS flip still lands on the OLD distribution (ok-old-cdn); through cutover the NEW one answers (ok-new-cdn)."
+        } else {
+            "UNEXPECTED: the rehearsal did not show the trap and the fix; see the rows above."
+        }
+    ));
+    out.push_str(&format!("metrics: http://{admin}/metrics\n"));
+    Ok(out)
+}

@@ -1,0 +1,424 @@
+//! A CDN edge that behaves like CloudFront where it matters for a migration:
+//! one IP serves several distributions; the TLS certificate is chosen by SNI and
+//! the distribution by the Host header; each distribution answers only for the
+//! names it owns; a request whose SNI and Host belong to different
+//! distributions gets `421 Misdirected Request`.
+//!
+//! It serves `cutover demo` and is the test bed of `tests/`. Paths:
+//! - `/ruok`: the distribution's marker (`ok-old-cdn`, `ok-new-cdn`);
+//! - `/bytes/N`: N bytes of a fixed pattern (byte i = i mod 251), streamed;
+//! - `/echo`: the request body streamed back;
+//! - `/stall`: never answers;
+//! - `/status/N`: an empty response with status N;
+//! - anything else: a line naming the distribution, Host and SNI.
+//!
+//! Every response carries `x-edge-distribution`, `x-edge-host`, `x-edge-sni`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use openssl::pkey::PKey;
+use openssl::ssl::{NameType, Ssl, SslAcceptor, SslAcceptorBuilder, SslContext, SslMethod};
+use openssl::x509::X509;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_openssl::SslStream;
+
+use super::pki::TestCa;
+
+/// One distribution: its own domain (`d-new.cloudfront.test`), the alternate
+/// names it owns, and the marker its `/ruok` answers.
+#[derive(Debug, Clone)]
+pub struct Distribution {
+    pub id: String,
+    pub domain: String,
+    pub aliases: Vec<String>,
+    pub marker: String,
+}
+
+impl Distribution {
+    pub fn new(id: &str, domain: &str, aliases: &[&str], marker: &str) -> Self {
+        Self {
+            id: id.into(),
+            domain: domain.into(),
+            aliases: aliases.iter().map(|s| s.to_string()).collect(),
+            marker: marker.into(),
+        }
+    }
+
+    fn owns(&self, name: &str) -> bool {
+        self.domain == name || self.aliases.iter().any(|a| a == name)
+    }
+}
+
+/// One request the edge answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub sni: Option<String>,
+    pub host: Option<String>,
+    /// The distribution that served it (`None` when refused).
+    pub distribution: Option<String>,
+    pub path: String,
+    pub status: u16,
+    pub x_forwarded_for: Option<String>,
+    pub x_forwarded_proto: Option<String>,
+    pub x_forwarded_host: Option<String>,
+}
+
+/// What `/ruok` answers for one distribution; tests change it to play a
+/// distribution that starts serving the wrong content.
+#[derive(Debug, Clone)]
+struct Canary {
+    body: String,
+    status: u16,
+}
+
+struct State {
+    dists: Vec<Distribution>,
+    canaries: Mutex<Vec<Canary>>,
+    seen: Mutex<Vec<Seen>>,
+    tls_connections: AtomicU64,
+}
+
+pub struct Edge {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Edge {
+    /// Bind `bind` (port 0 for any) and serve until [`Edge::stop`] or drop.
+    pub async fn start(
+        bind: SocketAddr,
+        ca: &TestCa,
+        dists: Vec<Distribution>,
+    ) -> anyhow::Result<Edge> {
+        let acceptor = build_acceptor(ca, &dists)?;
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            canaries: Mutex::new(
+                dists
+                    .iter()
+                    .map(|d| Canary {
+                        body: d.marker.clone(),
+                        status: 200,
+                    })
+                    .collect(),
+            ),
+            dists,
+            seen: Mutex::default(),
+            tls_connections: AtomicU64::new(0),
+        });
+        let task_state = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let state = task_state.clone();
+                tokio::spawn(async move {
+                    let Ok(ssl) = Ssl::new(&acceptor) else { return };
+                    let Ok(mut tls) = SslStream::new(ssl, tcp) else {
+                        return;
+                    };
+                    if Pin::new(&mut tls).accept().await.is_err() {
+                        return;
+                    }
+                    state.tls_connections.fetch_add(1, Ordering::Relaxed);
+                    let sni = tls
+                        .ssl()
+                        .servername(NameType::HOST_NAME)
+                        .map(|s| s.to_ascii_lowercase());
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        let sni = sni.clone();
+                        async move { Ok::<_, Infallible>(handle(&state, sni, req).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Edge { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request answered so far, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn clear_seen(&self) {
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// TLS handshakes completed: with keep-alive this stays far below the request count.
+    pub fn tls_connections(&self) -> u64 {
+        self.state.tls_connections.load(Ordering::Relaxed)
+    }
+
+    /// Make distribution `id` answer `/ruok` with `body` and `status`.
+    pub fn set_canary(&self, id: &str, body: &str, status: u16) {
+        if let Some(i) = self.state.dists.iter().position(|d| d.id == id) {
+            self.state
+                .canaries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())[i] = Canary {
+                body: body.into(),
+                status,
+            };
+        }
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An acceptor presenting a fresh certificate for `names`.
+fn acceptor_for(ca: &TestCa, names: &[&str]) -> anyhow::Result<SslAcceptorBuilder> {
+    let issued = ca.issue(names)?;
+    let cert = X509::from_pem(issued.cert_pem.as_bytes())?;
+    let key = PKey::private_key_from_pem(issued.key_pem.as_bytes())?;
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
+    b.set_certificate(&cert)?;
+    b.set_private_key(&key)?;
+    Ok(b)
+}
+
+fn build_acceptor(ca: &TestCa, dists: &[Distribution]) -> anyhow::Result<SslContext> {
+    let mut per_dist = Vec::new();
+    for d in dists {
+        let mut names: Vec<&str> = vec![d.domain.as_str()];
+        names.extend(d.aliases.iter().map(String::as_str));
+        per_dist.push((d.clone(), acceptor_for(ca, &names)?.build().into_context()));
+    }
+    // Like CloudFront's default `*.cloudfront.net` certificate: what a client
+    // gets with no SNI or an SNI no distribution owns.
+    let default_names: Vec<String> = dists
+        .iter()
+        .filter_map(|d| {
+            d.domain
+                .split_once('.')
+                .map(|(_, rest)| format!("*.{rest}"))
+        })
+        .collect();
+    let default_refs: Vec<&str> = default_names.iter().map(String::as_str).collect();
+    let mut b = acceptor_for(
+        ca,
+        if default_refs.is_empty() {
+            &["edge.invalid"]
+        } else {
+            &default_refs
+        },
+    )?;
+    b.set_servername_callback(move |ssl, _alert| {
+        let name = ssl
+            .servername(NameType::HOST_NAME)
+            .map(str::to_ascii_lowercase);
+        if let Some((_, ctx)) = name.and_then(|n| per_dist.iter().find(|(d, _)| d.owns(&n))) {
+            ssl.set_ssl_context(ctx)
+                .map_err(|_| openssl::ssl::SniError::ALERT_FATAL)?;
+        }
+        Ok(())
+    });
+    Ok(b.build().into_context())
+}
+
+type EdgeBody = BoxBody<Bytes, hyper::Error>;
+
+fn full(text: impl Into<Bytes>) -> EdgeBody {
+    http_body_util::Full::new(text.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn host_of(req: &Request<Incoming>) -> Option<String> {
+    let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    let h = h.rsplit_once(':').map_or(h, |(n, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            n
+        } else {
+            h
+        }
+    });
+    Some(h.trim_end_matches('.').to_ascii_lowercase())
+}
+
+async fn handle(state: &State, sni: Option<String>, req: Request<Incoming>) -> Response<EdgeBody> {
+    let host = host_of(&req);
+    let path = req.uri().path().to_string();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let mut seen = Seen {
+        sni: sni.clone(),
+        host: host.clone(),
+        distribution: None,
+        path: path.clone(),
+        status: 0,
+        x_forwarded_for: header("x-forwarded-for"),
+        x_forwarded_proto: header("x-forwarded-proto"),
+        x_forwarded_host: header("x-forwarded-host"),
+    };
+    let by_host = host
+        .as_deref()
+        .and_then(|h| state.dists.iter().position(|d| d.owns(h)));
+    let by_sni = sni
+        .as_deref()
+        .and_then(|s| state.dists.iter().position(|d| d.owns(s)));
+
+    let (status, body): (u16, EdgeBody) = match (by_host, by_sni) {
+        (None, _) => (
+            403,
+            full("edge: no distribution owns this Host (CloudFront: 403 Bad request)\n"),
+        ),
+        (Some(h), Some(s)) if h != s => (
+            421,
+            full(format!(
+                "edge: 421 Misdirected Request: SNI {} belongs to {}, Host {} to {}\n",
+                sni.as_deref().unwrap_or(""),
+                state.dists[s].id,
+                host.as_deref().unwrap_or(""),
+                state.dists[h].id
+            )),
+        ),
+        (Some(h), _) => {
+            seen.distribution = Some(state.dists[h].id.clone());
+            serve(state, h, &path, req, &sni, &host).await
+        }
+    };
+    seen.status = status;
+    let dist = seen.distribution.clone().unwrap_or_default();
+    state
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(seen);
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-edge-distribution", dist),
+        ("x-edge-host", host.unwrap_or_default()),
+        ("x-edge-sni", sni.unwrap_or_default()),
+    ] {
+        if let Ok(v) = value.parse() {
+            h.insert(name, v);
+        }
+    }
+    resp
+}
+
+async fn serve(
+    state: &State,
+    dist: usize,
+    path: &str,
+    req: Request<Incoming>,
+    sni: &Option<String>,
+    host: &Option<String>,
+) -> (u16, EdgeBody) {
+    if path == "/ruok" {
+        let canary = state.canaries.lock().unwrap_or_else(|e| e.into_inner())[dist].clone();
+        return (canary.status, full(format!("{}\n", canary.body)));
+    }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        return (200, PatternBody { offset: 0, len: n }.boxed());
+    }
+    if path == "/echo" {
+        return (200, req.into_body().boxed());
+    }
+    if path == "/stall" {
+        std::future::pending::<()>().await;
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|n| n.parse::<u16>().ok())
+    {
+        if StatusCode::from_u16(code).is_ok() {
+            return (code, full(""));
+        }
+    }
+    (
+        200,
+        full(format!(
+            "distribution={} host={} sni={} path={path}\n",
+            state.dists[dist].id,
+            host.as_deref().unwrap_or(""),
+            sni.as_deref().unwrap_or("")
+        )),
+    )
+}
+
+/// Byte `i` of a `/bytes/N` body; tests check every byte that comes through.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+struct PatternBody {
+    offset: u64,
+    len: u64,
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        const CHUNK: u64 = 64 * 1024;
+        if self.offset >= self.len {
+            return Poll::Ready(None);
+        }
+        let n = CHUNK.min(self.len - self.offset);
+        let start = self.offset;
+        let chunk: Vec<u8> = (start..start + n).map(pattern_byte).collect();
+        self.offset += n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.len - self.offset)
+    }
+}
