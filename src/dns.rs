@@ -237,18 +237,20 @@ mod tests {
     async fn failed_lookup_keeps_last_good_addresses() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
-        std::fs::write(&hosts, "127.0.0.2 edge.test\n").unwrap();
+        std::fs::write(&hosts, "127.0.0.2 edge.invalid\n").unwrap();
         let resolver = Resolver::new(Some(hosts.clone()));
-        let name = resolver.entry("edge.test", 443);
+        let name = resolver.entry("edge.invalid", 443);
         resolver.refresh(false).await;
         assert_eq!(name.pick(), Some("127.0.0.2:443".parse().unwrap()));
-        std::fs::write(&hosts, "127.0.0.3 edge.test\n").unwrap();
+        std::fs::write(&hosts, "127.0.0.3 edge.invalid\n").unwrap();
         resolver.refresh(false).await;
         assert_eq!(name.pick(), Some("127.0.0.3:443".parse().unwrap()));
-        // The name leaves the hosts file and `.invalid` never resolves (RFC 6761).
+        // Both names leave the hosts file; DNS knows neither (`.invalid` never
+        // resolves, RFC 6761), so edge.invalid keeps its last good address.
         let gone = resolver.entry("nowhere.invalid", 443);
         std::fs::write(&hosts, "").unwrap();
         resolver.refresh(false).await;
         assert_eq!(gone.pick(), None);
+        assert_eq!(name.pick(), Some("127.0.0.3:443".parse().unwrap()));
     }
 }

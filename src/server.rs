@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use log::{error, info, warn};
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::background::background_service;
@@ -111,13 +113,19 @@ fn build_server(
     let mut server = Server::new_with_opt_and_conf(opt, pingora_conf(config));
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    // CONNECT is let through Pingora's own 405 so that `request_filter`
+    // refuses it with a log line and a counter, like every other bad request.
+    let mut server_options = HttpServerOptions::default();
+    server_options.allow_connect_method_proxying = true;
+    let mut proxy = ProxyServiceBuilder::new(
         &server.configuration,
         CutoverProxy {
             shared: shared.clone(),
         },
-        "cutover proxy",
-    );
+    )
+    .name("cutover proxy")
+    .server_options(server_options)
+    .build();
     for l in &config.listeners {
         let addr = l.address.to_string();
         match &l.tls {

@@ -84,13 +84,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             let key_path = e.path().to_string();
             let inner = e.into_inner();
             let position = inner.location().map(|l| (l.line(), l.column()));
+            let message = clean_serde_message(&inner.to_string(), &key_path);
             return Err(fail(vec![Problem {
                 path: if key_path == "." {
                     String::new()
                 } else {
                     key_path
                 },
-                message: clean_serde_message(&inner.to_string()),
+                message,
                 position,
             }]));
         }
@@ -105,11 +106,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     })
 }
 
-/// serde_yaml appends " at line X column Y" to its messages; we print the
-/// position ourselves in the `file:line:col` form editors understand.
-fn clean_serde_message(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message.to_string(),
+/// serde_yaml puts the key path before its messages and " at line X column Y"
+/// after them; we print both ourselves, in the `file:line:col: path:` form
+/// editors understand.
+fn clean_serde_message(message: &str, key_path: &str) -> String {
+    let mut m = match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    if let Some((prefix, rest)) = m.split_once(": ") {
+        if !prefix.contains(' ') && key_path.starts_with(prefix) {
+            m = rest;
+        }
     }
+    m.to_string()
 }

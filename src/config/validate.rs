@@ -130,19 +130,22 @@ pub fn validate(raw: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>
                 format!("route name `{}` is used twice", r.name),
             );
         }
-        if let Some(route) = check_route(&mut c, &path, r) {
-            for (j, host) in route.hosts.iter().enumerate() {
-                if let Some(&other) = host_owner.get(host) {
-                    c.problem(
-                        format!("{path}.hosts[{j}]"),
-                        format!("host `{host}` is already in routes[{other}]: a host belongs to one route"),
-                    );
-                } else {
-                    host_owner.insert(host.clone(), i);
-                }
+        let (hosts, route) = check_route(&mut c, &path, r);
+        // Checked even when the route has other problems, so that one run
+        // reports everything.
+        for (j, host) in hosts {
+            if let Some(&other) = host_owner.get(&host) {
+                c.problem(
+                    format!("{path}.hosts[{j}]"),
+                    format!(
+                        "host `{host}` is already in routes[{other}]: a host belongs to one route"
+                    ),
+                );
+            } else {
+                host_owner.insert(host, i);
             }
-            routes.push(route);
         }
+        routes.extend(route);
     }
 
     if c.problems.is_empty() {
@@ -335,7 +338,13 @@ fn check_client_ip(c: &mut Checker, raw: Option<&ClientIpFile>) -> ClientIp {
     ClientIp { header, trusted }
 }
 
-fn check_route(c: &mut Checker, path: &str, r: &RouteFile) -> Option<RouteConfig> {
+/// The route's valid hosts (with their index in `hosts`), and the route if it
+/// has no problem at all.
+fn check_route(
+    c: &mut Checker,
+    path: &str,
+    r: &RouteFile,
+) -> (Vec<(usize, HostPattern)>, Option<RouteConfig>) {
     let before = c.problems.len();
     if r.name.trim().is_empty() {
         c.problem(format!("{path}.name"), "must not be empty");
@@ -346,14 +355,14 @@ fn check_route(c: &mut Checker, path: &str, r: &RouteFile) -> Option<RouteConfig
             "a route needs at least one host (e.g. `cdn.example.com` or `*.example.com`)",
         );
     }
-    let mut hosts = Vec::new();
+    let mut hosts: Vec<(usize, HostPattern)> = Vec::new();
     for (j, h) in r.hosts.iter().enumerate() {
         match parse_host_pattern(h) {
-            Ok(p) if hosts.contains(&p) => c.problem(
+            Ok(p) if hosts.iter().any(|(_, seen)| *seen == p) => c.problem(
                 format!("{path}.hosts[{j}]"),
                 format!("host `{p}` is listed twice"),
             ),
-            Ok(p) => hosts.push(p),
+            Ok(p) => hosts.push((j, p)),
             Err(why) => c.problem(format!("{path}.hosts[{j}]"), why),
         }
     }
@@ -426,15 +435,16 @@ fn check_route(c: &mut Checker, path: &str, r: &RouteFile) -> Option<RouteConfig
         );
     }
 
-    (c.problems.len() == before).then(|| RouteConfig {
+    let route = (c.problems.len() == before).then(|| RouteConfig {
         name: r.name.trim().to_string(),
-        hosts,
+        hosts: hosts.iter().map(|(_, h)| h.clone()).collect(),
         sticky,
         canary: r.canary.clone(),
         request_headers,
         response_headers,
         upstreams,
-    })
+    });
+    (hosts, route)
 }
 
 /// Lower-case and check a host pattern; `*.` is allowed only as the whole first label.

@@ -75,6 +75,8 @@ pub struct Seen {
     pub x_forwarded_for: Option<String>,
     pub x_forwarded_proto: Option<String>,
     pub x_forwarded_host: Option<String>,
+    pub x_migration: Option<String>,
+    pub cookie: Option<String>,
 }
 
 /// What `/ruok` answers for one distribution; tests change it to play a
@@ -296,6 +298,8 @@ async fn handle(state: &State, sni: Option<String>, req: Request<Incoming>) -> R
         x_forwarded_for: header("x-forwarded-for"),
         x_forwarded_proto: header("x-forwarded-proto"),
         x_forwarded_host: header("x-forwarded-host"),
+        x_migration: header("x-migration"),
+        cookie: header("cookie"),
     };
     let by_host = host
         .as_deref()

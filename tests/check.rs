@@ -1,0 +1,125 @@
+//! `cutover check` on every shipped config and every fixture: valid files exit
+//! 0; each invalid fixture exits 1 and names what its `# expect:` lines say.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no fixtures in {}", dir.display());
+    files
+}
+
+fn check(file: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn shipped_configs_and_valid_fixtures_pass() {
+    let mut files = yaml_files(&root().join("conf"));
+    files.extend(yaml_files(&root().join("tests/config/valid")));
+    for f in files {
+        let (code, stdout, stderr) = check(&f);
+        assert_eq!(code, Some(0), "{}:\n{stdout}{stderr}", f.display());
+        assert!(stdout.contains(": ok: phase"), "{}: {stdout}", f.display());
+        assert_eq!(
+            stdout.lines().count(),
+            1,
+            "one-line summary expected: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn invalid_fixtures_fail_naming_every_problem() {
+    for f in yaml_files(&root().join("tests/config/invalid")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let expected: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "{} has no `# expect:` line",
+            f.display()
+        );
+        let (code, stdout, stderr) = check(&f);
+        assert_eq!(code, Some(1), "{}:\n{stdout}{stderr}", f.display());
+        assert!(
+            stderr.contains(&f.display().to_string()),
+            "message must name the file: {stderr}"
+        );
+        for want in expected {
+            assert!(
+                stderr.contains(want),
+                "{}: expected {want:?} in:\n{stderr}",
+                f.display()
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn every_problem_of_a_file_is_reported_in_one_run() {
+    let f = root().join("tests/config/invalid/many-problems.yaml");
+    let (_, _, stderr) = check(&f);
+    let problems = stderr.lines().filter(|l| l.starts_with("  ")).count();
+    assert_eq!(problems, 18, "{stderr}");
+    assert!(stderr.contains("18 problems"), "{stderr}");
+}
+
+#[test]
+fn missing_file_and_garbage_are_messages_not_panics() {
+    let (code, _, stderr) = check(Path::new("/nonexistent/cutover.yaml"));
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot read the config file"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in [
+        ("empty.yaml", &b""[..]),
+        ("binary.yaml", &[0xff, 0xfe, 0x00, 0x01][..]),
+        ("list.yaml", &b"- a\n- b\n"[..]),
+        ("deep.yaml", "[".repeat(10_000).as_bytes()),
+        ("anchors.yaml", &b"a: &a [*a]\n"[..]),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let (code, _, stderr) = check(&p);
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn run_with_an_invalid_config_exits_1_with_the_message() {
+    let f = root().join("tests/config/invalid/ip-without-sni.yaml");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("routes[0].upstreams[0].sni"), "{stderr}");
+}

@@ -1,0 +1,294 @@
+//! Test bed shared by the integration tests: a throwaway CA, the rehearsal
+//! edge on loopback, and the real `cutover` binary started as a child process
+//! on free ports and stopped by its PID.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cutover::probe::{self, Reply, Target};
+use cutover::rehearsal::demo::{distributions, NEW_DIST, NEW_NAME, OLD_DIST, PUBLIC_NAME};
+use cutover::rehearsal::edge::Edge;
+use cutover::rehearsal::pki::TestCa;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
+
+pub struct Bed {
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub ca_path: PathBuf,
+    pub edge: Edge,
+    pub hosts_file: PathBuf,
+}
+
+impl Bed {
+    /// CA, edge on `127.0.0.1:0`, and a hosts file pointing both distribution names at it.
+    pub async fn start() -> Bed {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(bind: SocketAddr) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("cutover test CA").unwrap();
+        let ca_path = ca.write_cert(dir.path()).unwrap();
+        let edge = Edge::start(bind, &ca, distributions()).await.unwrap();
+        let hosts_file = dir.path().join("hosts");
+        write_hosts(&hosts_file, edge.addr().ip());
+        Bed {
+            dir,
+            ca,
+            ca_path,
+            edge,
+            hosts_file,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The standard migration route: `cdn.example.test` → new distribution,
+    /// Host and SNI rewritten, verified against the test CA. `extra` is
+    /// appended to the upstream (e.g. `timeouts: { read: 1s }`).
+    pub fn config(&self, upstream_extra: &str) -> String {
+        config_yaml(
+            &self.edge.addr(),
+            &self.ca_path,
+            self.dir.path(),
+            &format!(
+                "      - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n        expect_body: ok-new-cdn\n{upstream_extra}",
+                port = self.edge.addr().port(),
+                ca = self.ca_path.display()
+            ),
+        )
+    }
+}
+
+pub fn write_hosts(path: &Path, ip: std::net::IpAddr) {
+    std::fs::write(path, format!("{ip} {OLD_DIST} {NEW_DIST}\n")).unwrap();
+}
+
+/// A config with one route for the public name and the given upstream list.
+pub fn config_yaml(_edge: &SocketAddr, _ca: &Path, dir: &Path, upstreams: &str) -> String {
+    format!(
+        "phase: test\n\
+         listeners:\n  - address: 127.0.0.1:0\n\
+         admin:\n  address: 127.0.0.1:0\n\
+         server:\n  threads: 2\n  grace_period: 1s\n  graceful_shutdown_timeout: 5s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
+         dns_refresh: 1s\n\
+         routes:\n  - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    upstreams:\n{upstreams}",
+        dir = dir.display()
+    )
+}
+
+/// A free loopback port (bound then released; the child binds it next).
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A running `cutover run`.
+pub struct Proxy {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl Proxy {
+    /// Write `yaml` (its `127.0.0.1:0` listener and admin replaced by free
+    /// ports) and start the binary; returns once the listener accepts.
+    pub fn start(dir: &Path, yaml: &str, hosts_file: Option<&Path>) -> Proxy {
+        let listen = free_port();
+        let admin = free_port();
+        let yaml = yaml
+            .replacen("127.0.0.1:0", &listen.to_string(), 1)
+            .replacen("127.0.0.1:0", &admin.to_string(), 1);
+        let config_path = dir.join("cutover.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        Self::start_with(dir, config_path, listen, admin, hosts_file, &[])
+    }
+
+    pub fn start_with(
+        dir: &Path,
+        config_path: PathBuf,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        hosts_file: Option<&Path>,
+        extra_args: &[&str],
+    ) -> Proxy {
+        let log_path = dir.join(format!("cutover-{}.log", listen.port()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(h) = hosts_file {
+            cmd.env("CUTOVER_HOSTS_FILE", h);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut p = Proxy {
+            child,
+            listen,
+            admin,
+            config_path,
+            log_path,
+        };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("cutover exited early ({status}):\n{}", self.log());
+            }
+            if TcpStream::connect(self.listen).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("cutover did not listen on {}:\n{}", self.listen, self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Wait for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// GET `path` through the proxy with `Host: host`.
+    pub async fn get(&self, host: &str, path: &str) -> Reply {
+        probe::get(
+            &Target {
+                connect: self.listen,
+                tls: None,
+                host: host.into(),
+                path: path.into(),
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("GET {host}{path} through cutover: {e:#}\n{}", self.log()))
+    }
+
+    pub async fn metrics(&self) -> String {
+        let r = probe::get(
+            &Target {
+                connect: self.admin,
+                tls: None,
+                host: "localhost".into(),
+                path: "/metrics".into(),
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
+    /// Scrape until `name{labels}` equals `want`, or return the last scrape
+    /// after 5 s. Metrics are recorded when a request's logging stage runs,
+    /// which can be just after the client has read the response.
+    pub async fn metrics_when(&self, name: &str, labels: &[(&str, &str)], want: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await;
+            if sample(&m, name, labels) == Some(want) || Instant::now() > deadline {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Virtual memory high-water mark of the process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Send raw bytes on a fresh connection; return the status line and whole reply.
+pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let text = String::from_utf8_lossy(&reply).to_string();
+    let status = text.lines().next().unwrap_or("").to_string();
+    (status, text)
+}
+
+/// The value of one sample in Prometheus text output, e.g.
+/// `sample(&text, "cutover_requests_total", &[("code","200")])`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Read lines from a child's stdout until one contains `needle` (or EOF).
+pub fn read_until(reader: &mut BufReader<std::process::ChildStdout>, needle: &str) -> String {
+    let mut all = String::new();
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap_or(0) > 0 {
+        all.push_str(&line);
+        if line.contains(needle) {
+            break;
+        }
+        line.clear();
+    }
+    all
+}
