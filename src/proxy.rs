@@ -177,24 +177,37 @@ impl ProxyHttp for CutoverProxy {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
         let route = &rt.routes[ctx.route];
-        let idx = choose(&route.upstreams, ctx.point, ctx.failed)
-            .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try"))?;
-        ctx.upstream = Some(idx);
+        let no_upstream = || Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try");
+        let mut idx = choose(&route.upstreams, ctx.point, ctx.failed).ok_or_else(no_upstream)?;
         ctx.connect_error_counted = false;
+        // A name that has never resolved is a connect failure found here
+        // rather than in Pingora: count it and fail over the same way, once.
+        if !route.upstreams[idx].addresses.has_addresses() && ctx.failed.is_none() {
+            let up = &route.upstreams[idx];
+            up.metrics.count_error(ErrorKind::Connect);
+            warn!(
+                "upstream connect failed: route={} upstream={} kind=connect cause={}:{} has no address yet",
+                route.name, up.name, up.addresses.host, up.addresses.port
+            );
+            ctx.failed = Some(idx);
+            if let Some(other) = choose(&route.upstreams, ctx.point, Some(idx)) {
+                idx = other;
+            } else {
+                ctx.connect_error_counted = true;
+            }
+        }
+        ctx.upstream = Some(idx);
         let upstream = &route.upstreams[idx];
         match upstream.addresses.pick() {
             Some(addr) => Ok(upstream.peer.for_address(addr)),
-            None => {
-                let mut e = Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!(
-                        "{}:{} has not resolved to any address yet",
-                        upstream.addresses.host, upstream.addresses.port
-                    ),
-                );
-                e.set_retry(true);
-                Err(e.into_up())
-            }
+            None => Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!(
+                    "{}:{} has not resolved to any address yet",
+                    upstream.addresses.host, upstream.addresses.port
+                ),
+            )
+            .into_up()),
         }
     }
 

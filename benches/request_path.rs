@@ -1,0 +1,90 @@
+//! Micro-benchmarks of the per-request work that is cutover's own (not Pingora's):
+//! authority normalisation + route match, upstream choice, client address,
+//! metric recording. Run: `cargo bench --bench request_path`.
+
+use std::net::IpAddr;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use cutover::client_ip::client_ip;
+use cutover::config::{ClientIp, HostPattern};
+use cutover::metrics::Metrics;
+use cutover::routing::{normalize_authority, HostTable};
+use cutover::selection::{choose, client_point, Candidate};
+
+struct U(u32, bool);
+impl Candidate for U {
+    fn weight(&self) -> u32 {
+        self.0
+    }
+    fn is_backup(&self) -> bool {
+        self.1
+    }
+    fn is_healthy(&self) -> bool {
+        true
+    }
+}
+
+fn routing(c: &mut Criterion) {
+    let hosts: Vec<Vec<HostPattern>> = (0..50)
+        .map(|i| vec![HostPattern::Exact(format!("cdn{i}.example.com"))])
+        .chain(std::iter::once(vec![HostPattern::Wildcard(
+            ".img.example.com".into(),
+        )]))
+        .collect();
+    let table = HostTable::new(hosts.iter().enumerate().map(|(i, h)| (i, h.as_slice())));
+    c.bench_function("route_for_host exact (Host: CDN7.Example.com:443)", |b| {
+        b.iter(|| {
+            let h = normalize_authority(black_box(b"CDN7.Example.com:443")).unwrap();
+            black_box(table.route_for_host(h.as_str()))
+        })
+    });
+    c.bench_function("route_for_host wildcard (a.b.img.example.com)", |b| {
+        b.iter(|| {
+            let h = normalize_authority(black_box(b"a.b.img.example.com")).unwrap();
+            black_box(table.route_for_host(h.as_str()))
+        })
+    });
+    c.bench_function("route_for_host miss (evil.test)", |b| {
+        b.iter(|| {
+            let h = normalize_authority(black_box(b"evil.test")).unwrap();
+            black_box(table.route_for_host(h.as_str()))
+        })
+    });
+}
+
+fn selection(c: &mut Criterion) {
+    let two = [U(90, false), U(10, false)];
+    let three = [U(50, false), U(50, false), U(0, true)];
+    let ip: IpAddr = "203.0.113.77".parse().unwrap();
+    c.bench_function("choose sticky 90/10 (hash + pick)", |b| {
+        b.iter(|| black_box(choose(&two, client_point(black_box(ip)), None)))
+    });
+    c.bench_function("choose failover (exclude first, backup present)", |b| {
+        b.iter(|| black_box(choose(&three, black_box(0x1234_5678_9abc_def0), Some(0))))
+    });
+    let settings = ClientIp {
+        header: Some(http::HeaderName::from_static("x-forwarded-for")),
+        trusted: vec!["10.0.0.0/8".parse().unwrap()],
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-forwarded-for", "198.51.100.4, 10.1.2.3".parse().unwrap());
+    let peer: IpAddr = "10.0.0.9".parse().unwrap();
+    c.bench_function("client_ip from trusted X-Forwarded-For", |b| {
+        b.iter(|| black_box(client_ip(&settings, black_box(peer), &headers)))
+    });
+}
+
+fn metrics(c: &mut Criterion) {
+    let m = Metrics::new();
+    let up = m.upstream("phase-2", "cdn", "new-cloudfront");
+    c.bench_function("record request (count + histogram + bytes)", |b| {
+        b.iter(|| {
+            up.count_response(black_box(200));
+            up.duration.observe(black_box(0.0042));
+            up.response_bytes.inc_by(black_box(4096));
+        })
+    });
+}
+
+criterion_group!(benches, routing, selection, metrics);
+criterion_main!(benches);
