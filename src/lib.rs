@@ -10,6 +10,7 @@ pub mod client_ip;
 pub mod config;
 pub mod dns;
 pub mod errors;
+pub mod health;
 pub mod metrics;
 pub mod peer;
 pub mod probe;

@@ -18,8 +18,10 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone)]
 pub struct TlsTarget {
     pub sni: String,
-    /// Extra trusted CAs, added to the system roots.
+    /// Trusted CA files.
     pub ca_files: Vec<PathBuf>,
+    /// Also trust the system roots (the proxy does only when no `ca_file` is set).
+    pub system_roots: bool,
     pub verify: bool,
 }
 
@@ -68,6 +70,9 @@ async fn get_inner(target: &Target) -> anyhow::Result<Reply> {
         None => send(TokioIo::new(tcp), req).await?,
         Some(tls) => {
             let mut b = SslConnector::builder(SslMethod::tls_client())?;
+            if !tls.system_roots {
+                b.set_cert_store(openssl::x509::store::X509StoreBuilder::new()?.build());
+            }
             for ca in &tls.ca_files {
                 b.set_ca_file(ca)
                     .with_context(|| format!("loading CA file {}", ca.display()))?;

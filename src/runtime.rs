@@ -4,7 +4,6 @@
 //! `Arc<Runtime>` it started with, so a reload never changes a request midway.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -12,6 +11,7 @@ use http::HeaderValue;
 
 use crate::config::{ClientIp, Config, HeaderEdits, Sticky, UpstreamConfig};
 use crate::dns::{ResolvedName, Resolver};
+use crate::health::Health;
 use crate::metrics::{Metrics, PhaseMetrics, UpstreamMetrics};
 use crate::peer::PeerTemplate;
 use crate::routing::HostTable;
@@ -43,32 +43,6 @@ pub struct Upstream {
     pub health: Arc<Health>,
     pub metrics: UpstreamMetrics,
     pub config: UpstreamConfig,
-}
-
-/// Health of one upstream; shared across reloads while the upstream keeps its
-/// identity (route, name, address, TLS settings).
-#[derive(Debug)]
-pub struct Health {
-    healthy: AtomicBool,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self {
-            healthy: AtomicBool::new(true),
-        }
-    }
-}
-
-impl Health {
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// Returns whether the state changed.
-    pub fn set(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
-    }
 }
 
 /// What makes two upstreams "the same" across a reload, for keeping health state.

@@ -20,6 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::admin::AdminApp;
 use crate::config::{self, Config};
 use crate::dns::{DnsRefresh, Resolver};
+use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::CutoverProxy;
 use crate::runtime::Shared;
@@ -159,6 +160,12 @@ fn build_server(
         server.add_service(svc);
     }
 
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker {
+            shared: shared.clone(),
+        },
+    ));
     server.add_service(background_service(
         "dns refresh",
         DnsRefresh {

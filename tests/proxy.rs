@@ -566,6 +566,7 @@ async fn tls_listener_header_edits_and_verify_false_warning() {
             tls: Some(cutover::probe::TlsTarget {
                 sni: PUBLIC_NAME.into(),
                 ca_files: vec![bed.ca_path.clone()],
+                system_roots: true,
                 verify: true,
             }),
             host: PUBLIC_NAME.into(),

@@ -196,6 +196,7 @@ async fn rehearse(
         Some(TlsTarget {
             sni: sni.into(),
             ca_files: vec![ca.to_path_buf()],
+            system_roots: true,
             verify: true,
         })
     };

@@ -292,3 +292,71 @@ pub fn read_until(reader: &mut BufReader<std::process::ChildStdout>, needle: &st
     }
     all
 }
+
+/// One keep-alive HTTP/1.1 client connection (hyper), for many requests.
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+/// What a test needs from one response.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    /// The edge distribution that served it (`x-edge-distribution`).
+    pub distribution: String,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Client> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Ok(Client { sender })
+    }
+
+    pub async fn get(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Answer> {
+        use http_body_util::BodyExt;
+        self.sender.ready().await?;
+        let mut req = http::Request::get(path).header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .sender
+            .send_request(req.body(http_body_util::Empty::new())?)
+            .await?;
+        let status = resp.status().as_u16();
+        let distribution = resp
+            .headers()
+            .get("x-edge-distribution")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Answer {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+            distribution,
+        })
+    }
+}
+
+/// The client address `i` of a test population: 10.x.y.z, all distinct.
+pub fn client_addr(i: u32) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+}
+
+/// Write a file atomically (temp + rename), as an operator's tooling should,
+/// so a reload never reads half a file.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
