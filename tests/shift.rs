@@ -335,7 +335,7 @@ async fn hundred_reloads_under_load_fail_no_request() {
             let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let path = if i % 10 == 0 { "/bytes/65536" } else { "/ruok" };
+                let path = if i.is_multiple_of(10) { "/bytes/65536" } else { "/ruok" };
                 let xff = client_addr(c * 100_000 + i);
                 match client
                     .get(PUBLIC_NAME, path, &[("x-forwarded-for", &xff)])

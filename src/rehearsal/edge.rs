@@ -8,6 +8,8 @@
 //! - `/ruok`: the distribution's marker (`ok-old-cdn`, `ok-new-cdn`);
 //! - `/bytes/N`: N bytes of a fixed pattern (byte i = i mod 251), streamed;
 //! - `/echo`: the request body streamed back;
+//! - `/upload`: reads the request body as it streams in and answers
+//!   `received=N pattern=ok` when every byte matches the `/bytes` pattern;
 //! - `/stall`: never answers;
 //! - `/status/N`: an empty response with status N;
 //! - anything else: a line naming the distribution, Host and SNI.
@@ -371,6 +373,12 @@ async fn serve(
     if path == "/echo" {
         return (200, req.into_body().boxed());
     }
+    if path == "/upload" {
+        return match check_upload(req.into_body()).await {
+            Ok((n, intact)) => (200, full(format!("received={n} pattern={}\n", if intact { "ok" } else { "bad" }))),
+            Err(e) => (400, full(format!("upload failed: {e}\n"))),
+        };
+    }
     if path == "/stall" {
         std::future::pending::<()>().await;
     }
@@ -391,6 +399,18 @@ async fn serve(
             sni.as_deref().unwrap_or("")
         )),
     )
+}
+
+/// Read a request body as it streams in, checking it against the pattern.
+async fn check_upload(mut body: Incoming) -> Result<(u64, bool), hyper::Error> {
+    let (mut n, mut intact) = (0u64, true);
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            intact &= data.iter().enumerate().all(|(i, b)| *b == pattern_byte(n + i as u64));
+            n += data.len() as u64;
+        }
+    }
+    Ok((n, intact))
 }
 
 /// Byte `i` of a `/bytes/N` body; tests check every byte that comes through.
