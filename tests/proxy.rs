@@ -245,17 +245,24 @@ async fn download_and_check(proxy: &Proxy, len: u64) {
 /// response body. The edge's `/upload` checks every byte as it arrives.
 async fn upload(proxy: &Proxy, path: &str, len: u64) -> String {
     let tcp = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(4);
     tokio::spawn(async move {
         let mut offset = 0u64;
         while offset < len {
             let n = (256 * 1024).min(len - offset);
             let chunk: Vec<u8> = (offset..offset + n).map(pattern_byte).collect();
-            if tx.send(Ok(hyper::body::Frame::data(Bytes::from(chunk)))).await.is_err() {
+            if tx
+                .send(Ok(hyper::body::Frame::data(Bytes::from(chunk))))
+                .await
+                .is_err()
+            {
                 return;
             }
             offset += n;
@@ -294,8 +301,14 @@ async fn large_bodies_stream_through_both_ways() {
     let proxy = Proxy::start(bed.dir.path(), &bed.config(""), Some(&bed.hosts_file));
     download_and_check(&proxy, 1 << 20).await;
     download_and_check(&proxy, 64 << 20).await;
-    assert_eq!(upload(&proxy, "/upload", 1 << 20).await, "received=1048576 pattern=ok");
-    assert_eq!(upload(&proxy, "/upload", 64 << 20).await, "received=67108864 pattern=ok");
+    assert_eq!(
+        upload(&proxy, "/upload", 1 << 20).await,
+        "received=1048576 pattern=ok"
+    );
+    assert_eq!(
+        upload(&proxy, "/upload", 64 << 20).await,
+        "received=67108864 pattern=ok"
+    );
     // Streaming, not buffering: 64 MiB each way never sat in the proxy's memory.
     let peak = proxy.peak_rss_kib();
     assert!(

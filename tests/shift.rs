@@ -335,7 +335,11 @@ async fn hundred_reloads_under_load_fail_no_request() {
             let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let path = if i.is_multiple_of(10) { "/bytes/65536" } else { "/ruok" };
+                let path = if i.is_multiple_of(10) {
+                    "/bytes/65536"
+                } else {
+                    "/ruok"
+                };
                 let xff = client_addr(c * 100_000 + i);
                 match client
                     .get(PUBLIC_NAME, path, &[("x-forwarded-for", &xff)])
@@ -430,6 +434,32 @@ async fn hundred_reloads_under_load_fail_no_request() {
         proxy
             .log()
             .contains("reload failed, keeping the running config"),
+        "{}",
+        proxy.log()
+    );
+    // Pooled upstream connections survived the reloads: at most one per
+    // concurrent client and upstream, not one per reload.
+    let handshakes = bed.edge.tls_connections();
+    assert!(
+        handshakes <= 2 * 6 + 2,
+        "{handshakes} TLS handshakes across 100 reloads"
+    );
+
+    // Server settings cannot change on reload; the log says what to do.
+    let yaml = shift_yaml(&bed, "reload-101", 50, 50, "", "", "127.0.0.0/8")
+        .replace("threads: 2", "threads: 3");
+    reload_with(&proxy, &yaml);
+    proxy
+        .metrics_when(
+            "cutover_config_reloads_total",
+            &[("result", "success")],
+            101.0,
+        )
+        .await;
+    assert!(
+        proxy
+            .log()
+            .contains("take effect only with `cutover run --upgrade`"),
         "{}",
         proxy.log()
     );

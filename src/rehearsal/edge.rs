@@ -375,7 +375,13 @@ async fn serve(
     }
     if path == "/upload" {
         return match check_upload(req.into_body()).await {
-            Ok((n, intact)) => (200, full(format!("received={n} pattern={}\n", if intact { "ok" } else { "bad" }))),
+            Ok((n, intact)) => (
+                200,
+                full(format!(
+                    "received={n} pattern={}\n",
+                    if intact { "ok" } else { "bad" }
+                )),
+            ),
             Err(e) => (400, full(format!("upload failed: {e}\n"))),
         };
     }
@@ -406,7 +412,10 @@ async fn check_upload(mut body: Incoming) -> Result<(u64, bool), hyper::Error> {
     let (mut n, mut intact) = (0u64, true);
     while let Some(frame) = body.frame().await {
         if let Some(data) = frame?.data_ref() {
-            intact &= data.iter().enumerate().all(|(i, b)| *b == pattern_byte(n + i as u64));
+            intact &= data
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern_byte(n + i as u64));
             n += data.len() as u64;
         }
     }
