@@ -5,6 +5,7 @@
 //! (DNS, metrics, health) and is swapped whole on reload; the request path
 //! ([`proxy`]) only reads that model.
 
+pub mod access_log;
 pub mod admin;
 pub mod client_ip;
 pub mod config;
@@ -20,3 +21,4 @@ pub mod routing;
 pub mod runtime;
 pub mod selection;
 pub mod server;
+pub mod verify;

@@ -25,6 +25,17 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
+    /// Probe each route's canary through the public name, the proxy and each upstream; exit 1 unless every path lands where the config says
+    Verify {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The proxy to test (default: the config's first plain listener)
+        #[arg(long)]
+        proxy: Option<std::net::SocketAddr>,
+        /// Send the public name's requests to ADDR:PORT instead of where DNS points (like curl --connect-to)
+        #[arg(long, value_name = "NAME=ADDR:PORT", value_parser = parse_resolve)]
+        resolve: Vec<(String, std::net::SocketAddr)>,
+    },
     /// Offline rehearsal: a two-distribution CDN edge and the proxy on loopback, the DNS-flip trap and the fix side by side
     Demo,
     /// Parse and validate the config; print a one-line summary or every problem
@@ -38,12 +49,22 @@ enum Command {
 const HOSTS_FILE_ENV: &str = "CUTOVER_HOSTS_FILE";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let cli = Cli::parse();
+    // A server logs what it does; one-shot commands only what went wrong.
+    let default_level = match cli.command {
+        Command::Run { .. } | Command::Demo => "info",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .format_timestamp_millis()
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Verify {
+            config,
+            proxy,
+            resolve,
+        } => verify(&config, proxy, resolve),
         Command::Demo => match cutover::rehearsal::demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -72,6 +93,52 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn parse_resolve(s: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not NAME=ADDR:PORT"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}` is not ADDR:PORT (e.g. 192.0.2.10:443)"))?;
+    Ok((name.trim_end_matches('.').to_ascii_lowercase(), addr))
+}
+
+fn verify(
+    path: &std::path::Path,
+    proxy: Option<std::net::SocketAddr>,
+    resolve: Vec<(String, std::net::SocketAddr)>,
+) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = cutover::verify::VerifyOptions {
+        proxy,
+        resolve: resolve.into_iter().collect(),
+        hosts_file: std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cutover verify: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = rt.block_on(cutover::verify::verify(&cfg, &opts));
+    print!("{}", outcome.report);
+    if outcome.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -25,10 +25,20 @@ pub struct Metrics {
     reloads: IntCounterVec,
     phase_info: IntGaugeVec,
     _build_info: IntGaugeVec,
+    pub access_log_dropped: IntCounter,
+    pub access_log_write_errors: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn plain_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
     registry
         .register(Box::new(c.clone()))
         .expect("metric registered once");
@@ -139,6 +149,16 @@ impl Metrics {
                 &["phase"],
             ),
             _build_info: build_info,
+            access_log_dropped: plain_counter(
+                r,
+                "cutover_access_log_dropped_total",
+                "Access-log lines dropped because the writer fell behind",
+            ),
+            access_log_write_errors: plain_counter(
+                r,
+                "cutover_access_log_write_errors_total",
+                "Access-log writes that failed (e.g. disk full)",
+            ),
             registry,
         }
     }

@@ -46,6 +46,10 @@ pub struct RequestCtx {
     original_host: Option<HeaderValue>,
     /// A connect failure already counted in `fail_to_connect`.
     connect_error_counted: bool,
+    /// The client address (after `client_ip` trust), for the access log.
+    client: Option<IpAddr>,
+    /// The upstream address last tried.
+    upstream_addr: Option<std::net::SocketAddr>,
 }
 
 impl RequestCtx {
@@ -86,6 +90,8 @@ impl ProxyHttp for CutoverProxy {
             failed: None,
             original_host: None,
             connect_error_counted: false,
+            client: None,
+            upstream_addr: None,
         }
     }
 
@@ -97,6 +103,19 @@ impl ProxyHttp for CutoverProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let rt = self.shared.runtime();
         let req = session.req_header();
+        let peer = peer_ip(session);
+        let (client, client_source) = match peer {
+            Some(p) => {
+                let (ip, source) = client_ip(&rt.client_ip, p, &req.headers);
+                (Some(ip), source)
+            }
+            None => (None, Source::Peer),
+        };
+        if client_source == Source::MalformedHeader {
+            rt.phase.client_ip_ignored.inc();
+            debug!("ignoring malformed client address header from {peer:?}");
+        }
+        ctx.client = client;
         if req.method == Method::CONNECT {
             rt.phase.rejected_connect.inc();
             info!("405 CONNECT {} from {:?}", req.uri, peer_ip(session));
@@ -146,17 +165,9 @@ impl ProxyHttp for CutoverProxy {
         let route = &rt.routes[route_idx];
         ctx.point = match route.sticky {
             crate::config::Sticky::None => fastrand::u64(..),
-            crate::config::Sticky::ClientIp => match peer_ip(session) {
-                Some(peer) => {
-                    let (ip, source) = client_ip(&rt.client_ip, peer, &req.headers);
-                    if source == Source::MalformedHeader {
-                        rt.phase.client_ip_ignored.inc();
-                        debug!("ignoring malformed client address header from {peer}");
-                    }
-                    client_point(ip)
-                }
-                None => fastrand::u64(..),
-            },
+            crate::config::Sticky::ClientIp => {
+                client.map_or_else(|| fastrand::u64(..), client_point)
+            }
         };
         ctx.route = route_idx;
         ctx.original_host = Some(authority);
@@ -199,7 +210,10 @@ impl ProxyHttp for CutoverProxy {
         ctx.upstream = Some(idx);
         let upstream = &route.upstreams[idx];
         match upstream.addresses.pick() {
-            Some(addr) => Ok(upstream.peer.for_address(addr)),
+            Some(addr) => {
+                ctx.upstream_addr = Some(addr);
+                Ok(upstream.peer.for_address(addr))
+            }
             None => Err(Error::explain(
                 ErrorType::ConnectNoRoute,
                 format!(
@@ -399,16 +413,57 @@ impl ProxyHttp for CutoverProxy {
     /// whose client went away before any response counts as 499 (nginx's code
     /// for "client closed request").
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        let Some((_, up)) = ctx.route_and_upstream() else {
-            return;
-        };
         let status = session
             .response_written()
             .map_or(499, |r| r.status.as_u16());
-        let m = &up.metrics;
-        m.count_response(status);
-        m.duration.observe(ctx.started.elapsed().as_secs_f64());
-        m.response_bytes.inc_by(session.body_bytes_sent() as u64);
+        let elapsed = ctx.started.elapsed();
+        let bytes = session.body_bytes_sent() as u64;
+        let names = ctx.route_and_upstream().map(|(route, up)| {
+            let m = &up.metrics;
+            m.count_response(status);
+            m.duration.observe(elapsed.as_secs_f64());
+            m.response_bytes.inc_by(bytes);
+            (route.name.as_str(), up.name.as_str())
+        });
+        if let Some(log) = &self.shared.access_log {
+            let req = session.req_header();
+            let header = |name: http::header::HeaderName| {
+                req.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+            };
+            let (route, upstream) = names.unwrap_or(("-", "-"));
+            let phase = ctx.runtime.as_ref().map_or_else(
+                || self.shared.runtime().config.phase.clone(),
+                |rt| rt.config.phase.clone(),
+            );
+            log.log(&crate::access_log::Entry {
+                time: std::time::SystemTime::now(),
+                client: ctx.client,
+                method: req.method.as_str(),
+                host: ctx
+                    .original_host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_else(|| header(HOST)),
+                path: std::str::from_utf8(req.raw_path()).unwrap_or("-"),
+                version: match req.version {
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    http::Version::HTTP_2 => "HTTP/2.0",
+                    _ => "HTTP/1.1",
+                },
+                status,
+                route,
+                upstream,
+                upstream_addr: ctx.upstream_addr,
+                duration: elapsed,
+                bytes,
+                phase: &phase,
+                referer: header(http::header::REFERER),
+                user_agent: header(http::header::USER_AGENT),
+            });
+        }
     }
 }
 

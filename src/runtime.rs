@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
+use crate::access_log::AccessLog;
 use crate::config::{ClientIp, Config, HeaderEdits, Sticky, UpstreamConfig};
 use crate::dns::{ResolvedName, Resolver};
 use crate::health::Health;
@@ -59,11 +60,18 @@ pub struct Shared {
     pub current: ArcSwap<Runtime>,
     pub metrics: Arc<Metrics>,
     pub resolver: Arc<Resolver>,
+    /// `None` when `access_log: off`.
+    pub access_log: Option<AccessLog>,
     health: std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
 }
 
 impl Shared {
-    pub fn new(config: Config, metrics: Arc<Metrics>, resolver: Arc<Resolver>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        resolver: Arc<Resolver>,
+        access_log: Option<AccessLog>,
+    ) -> Arc<Self> {
         let health = std::sync::Mutex::new(HashMap::new());
         let first = build(&config, &metrics, &resolver, &health);
         metrics.init_reload_counters();
@@ -71,6 +79,7 @@ impl Shared {
             current: ArcSwap::from_pointee(first),
             metrics,
             resolver,
+            access_log,
             health,
         })
     }

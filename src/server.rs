@@ -17,8 +17,9 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
-use crate::config::{self, Config};
+use crate::config::{self, AccessLog as AccessLogConfig, Config};
 use crate::dns::{DnsRefresh, Resolver};
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
@@ -58,7 +59,22 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::new());
     let resolver = Arc::new(Resolver::new(opts.hosts_file.clone()));
-    let shared = Shared::new(config.clone(), metrics, resolver.clone());
+    let access_log = match &config.access_log {
+        AccessLogConfig::Off => None,
+        AccessLogConfig::On {
+            format,
+            destination,
+        } => Some(
+            AccessLog::start(
+                destination.clone(),
+                *format,
+                metrics.access_log_dropped.clone(),
+                metrics.access_log_write_errors.clone(),
+            )
+            .context("starting the access log")?,
+        ),
+    };
+    let shared = Shared::new(config.clone(), metrics, resolver.clone(), access_log);
 
     // Resolve every upstream name before accepting traffic; a name that does
     // not resolve is logged and retried each refresh, it does not stop startup.
@@ -214,6 +230,10 @@ impl Signals {
     /// Re-read the file; on any problem keep the running model and say why.
     async fn reload(&self) {
         let metrics = &self.shared.metrics;
+        // logrotate's postrotate sends SIGHUP too: reopen whatever the config says.
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
         let config = match config::load(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
@@ -226,12 +246,17 @@ impl Signals {
             warn!("config: {w}");
         }
         let r = &self.running;
-        if config.listeners != r.listeners || config.admin != r.admin || config.server != r.server {
+        if config.listeners != r.listeners
+            || config.admin != r.admin
+            || config.server != r.server
+            || config.access_log != r.access_log
+        {
             warn!(
-                "reload: listeners/admin/server changed in {}; those take effect only with `cutover run --upgrade` (routes, upstreams, weights, phase and headers are reloaded now)",
+                "reload: listeners/admin/server/access_log changed in {}; those take effect only with `cutover run --upgrade` (routes, upstreams, weights, phase and headers are reloaded now)",
                 self.config_path.display()
             );
         }
+
         let summary = format!("phase {:?}, {} route(s)", config.phase, config.routes.len());
         self.shared.install(config).await;
         metrics.reload_result(true);

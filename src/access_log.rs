@@ -1,0 +1,330 @@
+//! Access log: one line per request, `json` or `combined`, to stdout, stderr or
+//! a file. The request path only formats the line and hands it to a bounded
+//! channel with `try_send`; a writer thread does the I/O. When the writer falls
+//! behind (slow disk) lines are dropped and counted, never waited for; a write
+//! error (full disk) is logged once a minute and counted, never fatal.
+//!
+//! Log rotation: the writer notices within a second when its file was moved or
+//! deleted (logrotate without `copytruncate`) and opens a new one at the path;
+//! SIGHUP also reopens it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info};
+use prometheus::IntCounter;
+use serde::Serialize;
+
+use crate::config::{AccessLogFormat, LogDestination};
+
+/// Lines waiting for the writer; beyond this they are dropped.
+const QUEUE: usize = 16 * 1024;
+const CHECK_ROTATION_EVERY: Duration = Duration::from_secs(1);
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+
+enum Message {
+    Line(Vec<u8>),
+    Reopen,
+}
+
+pub struct AccessLog {
+    tx: SyncSender<Message>,
+    format: AccessLogFormat,
+    dropped: IntCounter,
+}
+
+/// What one access-log line says.
+pub struct Entry<'a> {
+    pub time: SystemTime,
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub version: &'a str,
+    pub status: u16,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub upstream_addr: Option<SocketAddr>,
+    pub duration: Duration,
+    pub bytes: u64,
+    pub phase: &'a str,
+    pub referer: &'a str,
+    pub user_agent: &'a str,
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    time: String,
+    client: Option<IpAddr>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    status: u16,
+    route: &'a str,
+    upstream: &'a str,
+    upstream_addr: Option<SocketAddr>,
+    duration: f64,
+    bytes: u64,
+    phase: &'a str,
+}
+
+impl AccessLog {
+    pub fn start(
+        destination: LogDestination,
+        format: AccessLogFormat,
+        dropped: IntCounter,
+        write_errors: IntCounter,
+    ) -> io::Result<AccessLog> {
+        let sink = Sink::open(destination)?;
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_loop(sink, rx, write_errors))?;
+        Ok(AccessLog {
+            tx,
+            format,
+            dropped,
+        })
+    }
+
+    pub fn log(&self, e: &Entry) {
+        let mut line = Vec::with_capacity(256);
+        match self.format {
+            AccessLogFormat::Json => {
+                let json = JsonLine {
+                    time: humantime::format_rfc3339_millis(e.time).to_string(),
+                    client: e.client,
+                    method: e.method,
+                    host: e.host,
+                    path: e.path,
+                    status: e.status,
+                    route: e.route,
+                    upstream: e.upstream,
+                    upstream_addr: e.upstream_addr,
+                    duration: e.duration.as_secs_f64(),
+                    bytes: e.bytes,
+                    phase: e.phase,
+                };
+                if serde_json::to_writer(&mut line, &json).is_err() {
+                    return;
+                }
+            }
+            AccessLogFormat::Combined => {
+                let client = e.client.map_or("-".to_string(), |c| c.to_string());
+                let _ = write!(
+                    line,
+                    "{client} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\"",
+                    combined_time(e.time),
+                    escape(e.method),
+                    escape(e.path),
+                    e.version,
+                    e.status,
+                    e.bytes,
+                    escape(or_dash(e.referer)),
+                    escape(or_dash(e.user_agent)),
+                );
+            }
+        }
+        line.push(b'\n');
+        match self.tx.try_send(Message::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    /// Reopen the file (after logrotate); a no-op for stdout/stderr.
+    pub fn reopen(&self) {
+        let _ = self.tx.try_send(Message::Reopen);
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// Quotes, backslashes and control bytes as `\xHH`, as nginx does.
+fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s
+        .bytes()
+        .any(|b| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f)
+    {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '"' | '\\' | '\x00'..='\x1f' | '\x7f' => out.push_str(&format!("\\x{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// `10/Oct/2000:13:55:36 +0000`, from the RFC 3339 form humantime gives.
+fn combined_time(t: SystemTime) -> String {
+    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2000-10-10T13:55:36Z
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = s
+        .get(5..7)
+        .and_then(|m| m.parse::<usize>().ok())
+        .and_then(|m| MONTHS.get(m.wrapping_sub(1)))
+        .copied()
+        .unwrap_or("Jan");
+    format!(
+        "{}/{month}/{}:{} +0000",
+        s.get(8..10).unwrap_or("01"),
+        s.get(0..4).unwrap_or("1970"),
+        s.get(11..19).unwrap_or("00:00:00")
+    )
+}
+
+enum Sink {
+    Stdout,
+    Stderr,
+    File {
+        path: PathBuf,
+        file: io::BufWriter<File>,
+        identity: (u64, u64),
+    },
+}
+
+fn open_append(path: &Path) -> io::Result<(File, (u64, u64))> {
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, (meta.dev(), meta.ino())))
+}
+
+impl Sink {
+    fn open(destination: LogDestination) -> io::Result<Sink> {
+        Ok(match destination {
+            LogDestination::Stdout => Sink::Stdout,
+            LogDestination::Stderr => Sink::Stderr,
+            LogDestination::File(path) => {
+                let (file, identity) = open_append(&path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("access log {}: {e}", path.display()))
+                })?;
+                Sink::File {
+                    path,
+                    file: io::BufWriter::with_capacity(64 * 1024, file),
+                    identity,
+                }
+            }
+        })
+    }
+
+    fn write(&mut self, line: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Stdout => io::stdout().lock().write_all(line),
+            Sink::Stderr => io::stderr().lock().write_all(line),
+            Sink::File { file, .. } => file.write_all(line),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stdout => io::stdout().flush(),
+            Sink::Stderr => Ok(()),
+            Sink::File { file, .. } => file.flush(),
+        }
+    }
+
+    /// Reopen when forced, or when the path no longer names the open file.
+    fn maybe_reopen(&mut self, force: bool) -> io::Result<()> {
+        let Sink::File {
+            path,
+            file,
+            identity,
+        } = self
+        else {
+            return Ok(());
+        };
+        let moved = match std::fs::metadata(&*path) {
+            Ok(meta) => (meta.dev(), meta.ino()) != *identity,
+            Err(_) => true,
+        };
+        if force || moved {
+            let _ = file.flush();
+            let (fresh, id) = open_append(path)?;
+            *file = io::BufWriter::with_capacity(64 * 1024, fresh);
+            *identity = id;
+            info!("access log reopened: {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+fn write_loop(mut sink: Sink, rx: Receiver<Message>, write_errors: IntCounter) {
+    let mut last_rotation_check = Instant::now();
+    let mut last_error_log: Option<Instant> = None;
+    let mut report = |e: io::Error| {
+        write_errors.inc();
+        if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+            error!(
+                "access log: {e} (lines are being lost; repeated errors are logged once a minute)"
+            );
+            last_error_log = Some(Instant::now());
+        }
+    };
+    loop {
+        let first = match rx.recv_timeout(CHECK_ROTATION_EVERY) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = sink.flush();
+                return;
+            }
+        };
+        // Write everything queued, then flush once.
+        let mut force_reopen = false;
+        for msg in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
+            match msg {
+                Message::Line(line) => {
+                    if let Err(e) = sink.write(&line) {
+                        report(e);
+                    }
+                }
+                Message::Reopen => force_reopen = true,
+            }
+        }
+        if let Err(e) = sink.flush() {
+            report(e);
+        }
+        if force_reopen || last_rotation_check.elapsed() >= CHECK_ROTATION_EVERY {
+            last_rotation_check = Instant::now();
+            if let Err(e) = sink.maybe_reopen(force_reopen) {
+                report(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combined_time_format() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(971_186_136);
+        assert_eq!(combined_time(t), "10/Oct/2000:13:55:36 +0000");
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape("plain/path?q=1"), "plain/path?q=1");
+        assert_eq!(escape("a\"b\\c\n"), "a\\x22b\\x5Cc\\x0A");
+    }
+}
