@@ -1,8 +1,11 @@
 //! Access log: one line per request, `json` or `combined`, to stdout, stderr or
-//! a file. The request path only formats the line and hands it to a bounded
-//! channel with `try_send`; a writer thread does the I/O. When the writer falls
-//! behind (slow disk) lines are dropped and counted, never waited for; a write
-//! error (full disk) is logged once a minute and counted, never fatal.
+//! a file. The request path only formats the line and appends it to a shared
+//! in-memory batch (a short critical section, never held across an await); a
+//! writer thread swaps the batch out every few milliseconds and does the I/O,
+//! so there is no per-request syscall or thread wake-up. When the writer falls
+//! behind (slow disk) and the batch is full, lines are dropped and counted,
+//! never waited for; a write error (full disk) is logged once a minute and
+//! counted, never fatal.
 //!
 //! Log rotation: the writer notices within a second when its file was moved or
 //! deleted (logrotate without `copytruncate`) and opens a new one at the path;
@@ -13,7 +16,8 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info};
@@ -22,20 +26,26 @@ use serde::Serialize;
 
 use crate::config::{AccessLogFormat, LogDestination};
 
-/// Lines waiting for the writer; beyond this they are dropped.
-const QUEUE: usize = 16 * 1024;
+/// Bytes waiting for the writer; beyond this, lines are dropped.
+const MAX_PENDING: usize = 8 << 20;
+/// How long a line may wait before it is written.
+const WRITE_EVERY: Duration = Duration::from_millis(20);
 const CHECK_ROTATION_EVERY: Duration = Duration::from_secs(1);
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
-enum Message {
-    Line(Vec<u8>),
-    Reopen,
+/// What the request path shares with the writer thread.
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Vec<u8>>,
+    reopen: AtomicBool,
+    stop: AtomicBool,
 }
 
 pub struct AccessLog {
-    tx: SyncSender<Message>,
+    shared: Arc<Shared>,
     format: AccessLogFormat,
     dropped: IntCounter,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What one access-log line says.
@@ -81,14 +91,16 @@ impl AccessLog {
         write_errors: IntCounter,
     ) -> io::Result<AccessLog> {
         let sink = Sink::open(destination)?;
-        let (tx, rx) = sync_channel(QUEUE);
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared::default());
+        let for_writer = shared.clone();
+        let writer = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(sink, rx, write_errors))?;
+            .spawn(move || write_loop(sink, &for_writer, write_errors))?;
         Ok(AccessLog {
-            tx,
+            shared,
             format,
             dropped,
+            writer: Some(writer),
         })
     }
 
@@ -131,15 +143,32 @@ impl AccessLog {
             }
         }
         line.push(b'\n');
-        match self.tx.try_send(Message::Line(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if pending.len() + line.len() > MAX_PENDING {
+            drop(pending);
+            self.dropped.inc();
+            return;
         }
+        pending.extend_from_slice(&line);
     }
 
     /// Reopen the file (after logrotate); a no-op for stdout/stderr.
     pub fn reopen(&self) {
-        let _ = self.tx.try_send(Message::Reopen);
+        self.shared.reopen.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for AccessLog {
+    /// Write what is pending before the process exits.
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
     }
 }
 
@@ -264,7 +293,7 @@ impl Sink {
     }
 }
 
-fn write_loop(mut sink: Sink, rx: Receiver<Message>, write_errors: IntCounter) {
+fn write_loop(mut sink: Sink, shared: &Shared, write_errors: IntCounter) {
     let mut last_rotation_check = Instant::now();
     let mut last_error_log: Option<Instant> = None;
     let mut report = |e: io::Error| {
@@ -276,36 +305,30 @@ fn write_loop(mut sink: Sink, rx: Receiver<Message>, write_errors: IntCounter) {
             last_error_log = Some(Instant::now());
         }
     };
+    // Swapped with the shared batch, so neither side allocates in steady state.
+    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
-        let first = match rx.recv_timeout(CHECK_ROTATION_EVERY) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = sink.flush();
-                return;
-            }
-        };
-        // Write everything queued, then flush once.
-        let mut force_reopen = false;
-        for msg in first
-            .into_iter()
-            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        let stopping = shared.stop.load(Ordering::Relaxed);
+        if !stopping {
+            std::thread::sleep(WRITE_EVERY);
+        }
         {
-            match msg {
-                Message::Line(line) => {
-                    if let Err(e) = sink.write(&line) {
-                        report(e);
-                    }
-                }
-                Message::Reopen => force_reopen = true,
+            let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *pending, &mut batch);
+        }
+        if !batch.is_empty() {
+            if let Err(e) = sink.write(&batch).and_then(|()| sink.flush()) {
+                report(e);
             }
+            batch.clear();
         }
-        if let Err(e) = sink.flush() {
-            report(e);
+        if stopping {
+            return;
         }
-        if force_reopen || last_rotation_check.elapsed() >= CHECK_ROTATION_EVERY {
+        let force = shared.reopen.swap(false, Ordering::Relaxed);
+        if force || last_rotation_check.elapsed() >= CHECK_ROTATION_EVERY {
             last_rotation_check = Instant::now();
-            if let Err(e) = sink.maybe_reopen(force_reopen) {
+            if let Err(e) = sink.maybe_reopen(force) {
                 report(e);
             }
         }

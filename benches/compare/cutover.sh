@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# cutover.sh -- benchmark cutover against nginx and HAProxy doing the same job, on this machine.
+#
+#   sudo benches/compare/cutover.sh              # setup (apt, CA, configs), build, then run.sh
+#   ACCESS_LOG=json benches/compare/cutover.sh   # same, cutover writing a JSON access log to a file
+#   ROUNDS=1 DURATION=5 PEERS=nginx benches/compare/cutover.sh   # quicker; all run.sh knobs apply
+#
+# The job: plain HTTP in for cdn.example.test, Host rewritten to cdn-new.example.test, TLS to the
+# origin (127.0.0.1:19443) with SNI cdn-new.example.test and a verified certificate, upstream
+# keep-alive, one worker thread/process each, access logs off. cutover runs as `cutover=18084`
+# next to the peers; see README.md in this folder for the harness, and run.sh for its knobs.
+#
+# To compare against your own upstream instead, edit the generated $BENCH_DIR/conf/cutover.yaml
+# (address, sni, host_header, ca_file) and start cutover with it; run.sh takes any NAME=PORT.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+. "$HERE/common.sh"
+
+CUTOVER_PORT=${CUTOVER_PORT:-18084}
+CUTOVER_ADMIN=${CUTOVER_ADMIN:-18094}
+ACCESS_LOG=${ACCESS_LOG:-off}          # off | json
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/cutover-target}
+
+[ -f "$CONF_DIR/origin-bench.conf" ] || "$HERE/setup.sh"
+(cd "$REPO" && cargo build --release --locked)
+BIN=$CARGO_TARGET_DIR/release/cutover
+
+case $ACCESS_LOG in
+  off) access="access_log: off" ;;
+  json) access="access_log: { format: json, path: $LOG_DIR/cutover-access.log }" ;;
+  *) die "ACCESS_LOG must be off or json" ;;
+esac
+cat >"$CONF_DIR/cutover.yaml" <<YAML
+phase: bench
+listeners:
+  - address: 127.0.0.1:$CUTOVER_PORT
+admin:
+  address: 127.0.0.1:$CUTOVER_ADMIN
+server:
+  threads: 1
+  grace_period: 1s
+  graceful_shutdown_timeout: 1s
+  upgrade_sock: $BENCH_DIR/tmp/cutover-upgrade.sock
+  pid_file: $BENCH_DIR/tmp/cutover.pid
+  upstream_keepalive_pool_size: 1024
+$access
+routes:
+  - name: cdn
+    hosts: [$FRONT_HOST]
+    sticky: none
+    upstreams:
+      - name: origin
+        address: 127.0.0.1:$ORIGIN_PORT
+        host_header: $UP_HOST
+        sni: $UP_HOST
+        ca_file: $CERT_DIR/ca.crt
+        timeouts: { idle: 300s }
+YAML
+"$BIN" check --config "$CONF_DIR/cutover.yaml"
+
+# Not in $PID_DIR: run.sh's stop_all must not stop it between scenarios.
+CUTOVER_PID=
+stop_cutover() { [ -n "$CUTOVER_PID" ] && kill -INT "$CUTOVER_PID" 2>/dev/null; wait "$CUTOVER_PID" 2>/dev/null || true; }
+trap stop_cutover EXIT
+mkdir -p "$LOG_DIR"
+taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" run --config "$CONF_DIR/cutover.yaml" >>"$LOG_DIR/cutover.out" 2>&1 &
+CUTOVER_PID=$!
+wait_port "$CUTOVER_PORT" || die "cutover did not start; see $LOG_DIR/cutover.out"
+log "cutover pid $CUTOVER_PID on 127.0.0.1:$CUTOVER_PORT (access log: $ACCESS_LOG)"
+
+"$HERE/run.sh" "cutover=$CUTOVER_PORT" "$@"
