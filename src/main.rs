@@ -84,6 +84,7 @@ fn main() -> ExitCode {
                 config_path: config,
                 upgrade,
                 hosts_file: std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from),
+                exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/cutover")),
             };
             match cutover::server::run(cfg, opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ pub struct Metrics {
     weight: IntGaugeVec,
     response_bytes: IntCounterVec,
     reloads: IntCounterVec,
+    upgrades: IntCounterVec,
     phase_info: IntGaugeVec,
     _build_info: IntGaugeVec,
     pub access_log_dropped: IntCounter,
@@ -142,6 +143,12 @@ impl Metrics {
                 "Config reloads (SIGHUP), by result",
                 &["result"],
             ),
+            upgrades: counter(
+                r,
+                "cutover_binary_upgrades_total",
+                "In-place binary upgrades (SIGUSR2), by result (started, failure)",
+                &["result"],
+            ),
             phase_info: gauge(
                 r,
                 "cutover_phase_info",
@@ -210,11 +217,20 @@ impl Metrics {
             .inc();
     }
 
+    pub fn upgrade_result(&self, started: bool) {
+        self.upgrades
+            .with_label_values(&[if started { "started" } else { "failure" }])
+            .inc();
+    }
+
     /// Make both reload results visible as 0 from the start, so alerts on
     /// `increase(...{result="failure"})` have a series to work with.
     pub fn init_reload_counters(&self) {
         for r in ["success", "failure"] {
             self.reloads.with_label_values(&[r]);
+        }
+        for r in ["started", "failure"] {
+            self.upgrades.with_label_values(&[r]);
         }
     }
 }

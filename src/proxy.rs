@@ -331,10 +331,17 @@ impl ProxyHttp for CutoverProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            session.set_keepalive(None);
+        }
         let Some((route, _)) = ctx.route_and_upstream() else {
             return Ok(());
         };

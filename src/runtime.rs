@@ -62,6 +62,11 @@ pub struct Shared {
     pub resolver: Arc<Resolver>,
     /// `None` when `access_log: off`.
     pub access_log: Option<AccessLog>,
+    /// Set just before this process stops accepting (SIGTERM, SIGQUIT,
+    /// SIGUSR2): responses then carry `Connection: close`, so keep-alive
+    /// clients move to a fresh connection instead of having an idle one
+    /// closed under them when Pingora drains.
+    pub draining: std::sync::atomic::AtomicBool,
     health: std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
 }
 
@@ -80,6 +85,7 @@ impl Shared {
             metrics,
             resolver,
             access_log,
+            draining: std::sync::atomic::AtomicBool::new(false),
             health,
         })
     }

@@ -1,30 +1,29 @@
-//! Assemble and run the Pingora server: proxy listeners, admin listener, DNS
-//! refresh, and the signal handling that adds SIGHUP reload to Pingora's
-//! SIGTERM (drain), SIGINT (stop now) and SIGQUIT (hand sockets to `run --upgrade`).
+//! Assemble and run the Pingora server: proxy listeners, admin listener,
+//! health checks, DNS refresh; signals are handled in [`crate::signals`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use async_trait::async_trait;
-use log::{error, info, warn};
+use log::{info, warn};
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::access_log::AccessLog;
 use crate::admin::AdminApp;
-use crate::config::{self, AccessLog as AccessLogConfig, Config};
+use crate::config::{AccessLog as AccessLogConfig, Config};
 use crate::dns::{DnsRefresh, Resolver};
+use crate::drain::DrainingApp;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::CutoverProxy;
 use crate::runtime::Shared;
+use crate::signals::Signals;
 
 pub struct RunOptions {
     /// Re-read on SIGHUP.
@@ -33,6 +32,9 @@ pub struct RunOptions {
     pub upgrade: bool,
     /// Names resolved before DNS (see [`crate::dns`]).
     pub hosts_file: Option<PathBuf>,
+    /// The binary to start for an in-place upgrade (SIGUSR2): the path this
+    /// process was started from, which a package upgrade has replaced.
+    pub exe: PathBuf,
 }
 
 fn whole_seconds(d: std::time::Duration) -> u64 {
@@ -107,15 +109,48 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let pid_file = PidFile::write(&config.server.pid_file);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             shared,
             config_path: opts.config_path,
             running: config,
+            exe: opts.exe,
         }),
     });
+    drop(pid_file);
     info!("cutover stopped");
     Ok(())
+}
+
+/// The PID file, for `systemctl` (PIDFile=) and for operators sending
+/// SIGQUIT/SIGUSR2. A successor writes its own PID over ours during a binary
+/// upgrade; we remove the file at exit only while it still names us.
+struct PidFile {
+    path: PathBuf,
+}
+
+impl PidFile {
+    fn write(path: &str) -> Option<PidFile> {
+        let path = PathBuf::from(path);
+        match std::fs::write(&path, format!("{}\n", std::process::id())) {
+            Ok(()) => Some(PidFile { path }),
+            Err(e) => {
+                warn!("cannot write the pid file {}: {e}", path.display());
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.path)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn build_server(
@@ -134,15 +169,21 @@ fn build_server(
     // refuses it with a log line and a counter, like every other bad request.
     let mut server_options = HttpServerOptions::default();
     server_options.allow_connect_method_proxying = true;
-    let mut proxy = ProxyServiceBuilder::new(
+    let mut http = pingora::proxy::http_proxy(
         &server.configuration,
         CutoverProxy {
             shared: shared.clone(),
         },
-    )
-    .name("cutover proxy")
-    .server_options(server_options)
-    .build();
+    );
+    http.server_options = Some(server_options);
+    let mut proxy = Service::new(
+        "cutover proxy".to_string(),
+        DrainingApp {
+            inner: Arc::new(http),
+            shared: shared.clone(),
+            notice: (config.server.grace_period / 2).min(std::time::Duration::from_secs(1)),
+        },
+    );
     for l in &config.listeners {
         let addr = l.address.to_string();
         match &l.tls {
@@ -190,76 +231,4 @@ fn build_server(
         },
     ));
     Ok(server)
-}
-
-/// Pingora's shutdown signals, plus SIGHUP = reload, which Pingora lacks.
-struct Signals {
-    shared: Arc<Shared>,
-    config_path: PathBuf,
-    /// The config whose listeners/admin/server settings this process runs with.
-    running: Config,
-}
-
-#[async_trait]
-impl ShutdownSignalWatch for Signals {
-    async fn recv(&self) -> ShutdownSignal {
-        let (mut quit, mut term, mut int, mut hup) = match (
-            signal(SignalKind::quit()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(q), Ok(t), Ok(i), Ok(h)) => (q, t, i, h),
-            _ => {
-                error!("cannot install signal handlers; stopping");
-                return ShutdownSignal::FastShutdown;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
-                _ = term.recv() => return ShutdownSignal::GracefulTerminate,
-                _ = int.recv() => return ShutdownSignal::FastShutdown,
-                _ = hup.recv() => self.reload().await,
-            }
-        }
-    }
-}
-
-impl Signals {
-    /// Re-read the file; on any problem keep the running model and say why.
-    async fn reload(&self) {
-        let metrics = &self.shared.metrics;
-        // logrotate's postrotate sends SIGHUP too: reopen whatever the config says.
-        if let Some(log) = &self.shared.access_log {
-            log.reopen();
-        }
-        let config = match config::load(&self.config_path) {
-            Ok(c) => c,
-            Err(e) => {
-                metrics.reload_result(false);
-                error!("reload failed, keeping the running config. {e}");
-                return;
-            }
-        };
-        for w in &config.warnings {
-            warn!("config: {w}");
-        }
-        let r = &self.running;
-        if config.listeners != r.listeners
-            || config.admin != r.admin
-            || config.server != r.server
-            || config.access_log != r.access_log
-        {
-            warn!(
-                "reload: listeners/admin/server/access_log changed in {}; those take effect only with `cutover run --upgrade` (routes, upstreams, weights, phase and headers are reloaded now)",
-                self.config_path.display()
-            );
-        }
-
-        let summary = format!("phase {:?}, {} route(s)", config.phase, config.routes.len());
-        self.shared.install(config).await;
-        metrics.reload_result(true);
-        info!("reloaded {}: {summary}", self.config_path.display());
-    }
 }

@@ -131,6 +131,7 @@ pub fn run() -> anyhow::Result<()> {
         config_path,
         upgrade: false,
         hosts_file: Some(hosts),
+        exe: std::env::current_exe()?,
     };
     let result = crate::server::run(config, opts);
     drop(edge);

@@ -11,6 +11,7 @@
 //! - `/upload`: reads the request body as it streams in and answers
 //!   `received=N pattern=ok` when every byte matches the `/bytes` pattern;
 //! - `/stall`: never answers;
+//! - `/slow/MS`: answers the marker after MS milliseconds;
 //! - `/status/N`: an empty response with status N;
 //! - anything else: a line naming the distribution, Host and SNI.
 //!
@@ -94,6 +95,8 @@ struct State {
     canaries: Mutex<Vec<Canary>>,
     seen: Mutex<Vec<Seen>>,
     tls_connections: AtomicU64,
+    /// Requests received, counted on arrival (`seen` records them when answered).
+    arrived: AtomicU64,
 }
 
 pub struct Edge {
@@ -125,6 +128,7 @@ impl Edge {
             dists,
             seen: Mutex::default(),
             tls_connections: AtomicU64::new(0),
+            arrived: AtomicU64::new(0),
         });
         let task_state = state.clone();
         let task = tokio::spawn(async move {
@@ -181,6 +185,11 @@ impl Edge {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Requests received so far, including those still being answered.
+    pub fn arrived(&self) -> u64 {
+        self.state.arrived.load(Ordering::Relaxed)
     }
 
     /// TLS handshakes completed: with keep-alive this stays far below the request count.
@@ -283,6 +292,7 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
 }
 
 async fn handle(state: &State, sni: Option<String>, req: Request<Incoming>) -> Response<EdgeBody> {
+    state.arrived.fetch_add(1, Ordering::Relaxed);
     let host = host_of(&req);
     let path = req.uri().path().to_string();
     let header = |name: &str| {
@@ -387,6 +397,13 @@ async fn serve(
     }
     if path == "/stall" {
         std::future::pending::<()>().await;
+    }
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return (200, full(format!("{}\n", state.dists[dist].marker)));
     }
     if let Some(code) = path
         .strip_prefix("/status/")

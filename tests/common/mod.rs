@@ -295,7 +295,11 @@ pub fn read_until(reader: &mut BufReader<std::process::ChildStdout>, needle: &st
 
 /// One keep-alive HTTP/1.1 client connection (hyper), for many requests.
 pub struct Client {
+    addr: SocketAddr,
     sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    /// The server answered `Connection: close`: the next request reconnects,
+    /// as any HTTP/1.1 client does.
+    server_closed: bool,
 }
 
 /// What a test needs from one response.
@@ -313,7 +317,11 @@ impl Client {
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        Ok(Client { sender })
+        Ok(Client {
+            addr,
+            sender,
+            server_closed: false,
+        })
     }
 
     pub async fn get(
@@ -323,6 +331,9 @@ impl Client {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Answer> {
         use http_body_util::BodyExt;
+        if self.server_closed {
+            *self = Client::connect(self.addr).await?;
+        }
         self.sender.ready().await?;
         let mut req = http::Request::get(path).header("host", host);
         for (k, v) in headers {
@@ -333,6 +344,10 @@ impl Client {
             .send_request(req.body(http_body_util::Empty::new())?)
             .await?;
         let status = resp.status().as_u16();
+        self.server_closed = resp
+            .headers()
+            .get(http::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let distribution = resp
             .headers()
             .get("x-edge-distribution")
