@@ -86,5 +86,55 @@ fn metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, selection, metrics);
+/// The upstream request rewrite: Host plus the three X-Forwarded-* headers on
+/// a Pingora request header, with header names given as `HeaderName` (what
+/// cutover did first) and as titled `&'static str` (what it does now).
+fn header_rewrite(c: &mut Criterion) {
+    use pingora::http::RequestHeader;
+    let host = http::HeaderValue::from_static("cdn-new.example.test");
+    let original = http::HeaderValue::from_static("cdn.example.test");
+    let fresh = || {
+        let mut req = RequestHeader::build("GET", b"/ruok", None).unwrap();
+        req.insert_header("Host", "cdn.example.test").unwrap();
+        req
+    };
+    c.bench_function("header rewrite, HeaderName names", |b| {
+        b.iter_batched(
+            fresh,
+            |mut req| {
+                req.insert_header(http::header::HOST, host.clone()).unwrap();
+                req.insert_header(
+                    http::HeaderName::from_static("x-forwarded-for"),
+                    "127.0.0.1",
+                )
+                .unwrap();
+                req.insert_header(http::HeaderName::from_static("x-forwarded-proto"), "http")
+                    .unwrap();
+                req.insert_header(
+                    http::HeaderName::from_static("x-forwarded-host"),
+                    original.clone(),
+                )
+                .unwrap();
+                req
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("header rewrite, titled &'static str names", |b| {
+        b.iter_batched(
+            fresh,
+            |mut req| {
+                req.insert_header(http::header::HOST, host.clone()).unwrap();
+                req.insert_header("X-Forwarded-For", "127.0.0.1").unwrap();
+                req.insert_header("X-Forwarded-Proto", "http").unwrap();
+                req.insert_header("X-Forwarded-Host", original.clone())
+                    .unwrap();
+                req
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, routing, selection, metrics, header_rewrite);
 criterion_main!(benches);

@@ -24,8 +24,11 @@ use crate::runtime::{Route, Runtime, Shared, Upstream};
 use crate::selection::{choose, client_point};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Headers we add, as `&'static str` in their usual case: Pingora then keeps
+/// the case without allocating a titled copy of the name.
+const XFF_NAME: &str = "X-Forwarded-For";
+const XFP_NAME: &str = "X-Forwarded-Proto";
+const XFH_NAME: &str = "X-Forwarded-Host";
 
 pub struct CutoverProxy {
     pub shared: Arc<Shared>,
@@ -296,29 +299,35 @@ impl ProxyHttp for CutoverProxy {
                 .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "request target", e))?;
             req.set_uri(pq);
         }
+        // Without `host_header` the client's Host goes through unchanged; a
+        // Host-less absolute-form request gets its target's authority.
         match (&upstream.host_header, &ctx.original_host) {
-            (Some(h), _) | (None, Some(h)) => req.insert_header(HOST, h.clone())?,
-            (None, None) => {}
+            (Some(h), _) => req.insert_header(HOST, h.clone())?,
+            (None, Some(h)) if !req.headers.contains_key(HOST) => {
+                req.insert_header(HOST, h.clone())?
+            }
+            _ => {}
         }
 
         if let Some(peer) = peer_ip(session) {
-            let mut xff = String::new();
+            use std::fmt::Write as _;
+            let mut xff = String::with_capacity(48);
             for v in req.headers.get_all(&X_FORWARDED_FOR) {
                 if let Ok(s) = v.to_str() {
                     xff.push_str(s);
                     xff.push_str(", ");
                 }
             }
-            xff.push_str(&peer.to_string());
-            req.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+            let _ = write!(xff, "{peer}");
+            req.insert_header(XFF_NAME, xff)?;
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         req.insert_header(
-            X_FORWARDED_PROTO.clone(),
+            XFP_NAME,
             HeaderValue::from_static(if tls { "https" } else { "http" }),
         )?;
         if let Some(h) = &ctx.original_host {
-            req.insert_header(X_FORWARDED_HOST.clone(), h.clone())?;
+            req.insert_header(XFH_NAME, h.clone())?;
         }
         for name in &route.request_headers.remove {
             req.remove_header(name);

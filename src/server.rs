@@ -50,6 +50,7 @@ fn pingora_conf(config: &Config) -> ServerConf {
         upgrade_sock: s.upgrade_sock.clone(),
         pid_file: s.pid_file.clone(),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        work_stealing: s.work_stealing,
         ..ServerConf::default()
     }
 }

@@ -54,6 +54,7 @@ pub struct ServerFile {
     pub upgrade_sock: Option<String>,
     pub pid_file: Option<String>,
     pub upstream_keepalive_pool_size: Option<usize>,
+    pub work_stealing: Option<bool>,
 }
 
 /// `access_log: off`, or `{ format: json, path: stdout }`.
