@@ -83,6 +83,11 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 impl ProxyHttp for CutoverProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default adds a (disabled) response
+    /// compression module whose filters still run, and allocate, on every
+    /// request. cutover passes bodies through as the origin encoded them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),

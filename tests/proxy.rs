@@ -53,14 +53,31 @@ async fn host_is_rewritten_and_new_distribution_answers() {
 async fn upstream_connections_are_reused() {
     let bed = Bed::start().await;
     let proxy = Proxy::start(bed.dir.path(), &bed.config(""), Some(&bed.hosts_file));
+    // One keep-alive client: a handful of upstream TLS connections carry
+    // everything. (Pingora returns an upstream connection to the pool just
+    // after the response, so the next request sometimes finds it still out.)
+    let mut client = Client::connect(proxy.listen).await.unwrap();
+    for _ in 0..200 {
+        assert_eq!(
+            client.get(PUBLIC_NAME, "/ruok", &[]).await.unwrap().status,
+            200
+        );
+    }
+    let handshakes = bed.edge.tls_connections();
+    assert!(
+        handshakes <= 5,
+        "{handshakes} TLS connections for 200 keep-alive requests"
+    );
+    // A new client connection per request, spread over the proxy's threads:
+    // still pooled upstream. (A request can start before the previous one's
+    // upstream connection is back in the pool, so a few extra are normal.)
     for _ in 0..200 {
         assert_eq!(proxy.get(PUBLIC_NAME, "/ruok").await.status, 200);
     }
-    // One client connection per request here, but the upstream side is pooled.
     let handshakes = bed.edge.tls_connections();
     assert!(
-        handshakes <= 2,
-        "{handshakes} TLS connections for 200 requests"
+        handshakes <= 20,
+        "{handshakes} TLS connections for 400 requests"
     );
 }
 

@@ -44,6 +44,7 @@ server:
   upgrade_sock: $BENCH_DIR/tmp/cutover-upgrade.sock
   pid_file: $BENCH_DIR/tmp/cutover.pid
   upstream_keepalive_pool_size: 1024
+  work_stealing: false          # one thread: a plain current-thread runtime
 $access
 routes:
   - name: cdn

@@ -46,8 +46,8 @@ pub struct ServerSettings {
     pub upgrade_sock: String,
     pub pid_file: String,
     pub upstream_keepalive_pool_size: usize,
-    /// Pingora's work-stealing runtime; off = one single-threaded runtime per
-    /// thread, each connection staying on its thread (like nginx workers).
+    /// Pingora's work-stealing runtime (the default); off = one single-threaded
+    /// runtime per thread, each connection staying on its thread.
     pub work_stealing: bool,
 }
 

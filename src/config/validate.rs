@@ -260,7 +260,7 @@ fn check_server(c: &mut Checker, raw: &ServerFile) -> ServerSettings {
             .clone()
             .unwrap_or_else(|| DEFAULT_PID_FILE.into()),
         upstream_keepalive_pool_size,
-        work_stealing: raw.work_stealing.unwrap_or(false),
+        work_stealing: raw.work_stealing.unwrap_or(true),
     }
 }
 
