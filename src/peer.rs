@@ -45,8 +45,4 @@ impl PeerTemplate {
         peer._address = pingora::protocols::l4::socket::SocketAddr::Inet(addr);
         peer
     }
-
-    pub fn sni(&self) -> &str {
-        &self.peer.sni
-    }
 }

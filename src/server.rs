@@ -86,9 +86,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         .build()
         .context("starting the startup runtime")?;
     startup.block_on(async {
-        // Installing a handler now means SIGHUP never kills the process, even
-        // before the server's own signal loop is running.
+        // Installing handlers now means SIGHUP/SIGUSR2 never kill the process
+        // (their default action), even before the server's signal loop runs.
         let _ = signal(SignalKind::hangup());
+        let _ = signal(SignalKind::user_defined2());
         resolver.refresh(false).await;
     });
     drop(startup);

@@ -179,14 +179,6 @@ impl Edge {
             .clone()
     }
 
-    pub fn clear_seen(&self) {
-        self.state
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-    }
-
     /// Requests received so far, including those still being answered.
     pub fn arrived(&self) -> u64 {
         self.state.arrived.load(Ordering::Relaxed)
