@@ -107,6 +107,15 @@ async fn metrics_count_known_traffic_exactly() {
     assert_eq!(proxy.get("unknown.example.test", "/").await.status, 421);
     assert_eq!(proxy.get("broken.example.test", "/").await.status, 502);
 
+    // Requests are counted when their logging stage runs, just after the
+    // client has its answer: wait for the last one.
+    proxy
+        .metrics_when(
+            "cutover_requests_total",
+            &[("route", "broken"), ("code", "502")],
+            1.0,
+        )
+        .await;
     let text = proxy
         .metrics_when(
             "cutover_request_duration_seconds_count",
@@ -273,6 +282,18 @@ async fn healthz_and_readyz() {
     assert_eq!(unready.get(PUBLIC_NAME, "/ruok").await.status, 502);
 }
 
+/// The file's lines once one contains `needle` (or after 10 s).
+fn wait_for_line_with(path: &std::path::Path, needle: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = wait_for_lines(path, 1);
+        if lines.iter().any(|l| l.contains(needle)) || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -353,7 +374,7 @@ async fn json_access_log_survives_rotation() {
         .get(PUBLIC_NAME, "/after-rotation", &[])
         .await
         .unwrap();
-    let lines = wait_for_lines(&log, 1);
+    let lines = wait_for_line_with(&log, "/after-rotation");
     assert!(
         lines.iter().any(|l| l.contains("/after-rotation")),
         "{lines:?}"
