@@ -155,7 +155,8 @@ impl Proxy {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("cutover exited early ({status}):\n{}", self.log());
             }
-            if TcpStream::connect(self.listen).is_ok() {
+            // The admin listener is a separate Pingora service: wait for both.
+            if TcpStream::connect(self.listen).is_ok() && TcpStream::connect(self.admin).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
