@@ -136,6 +136,8 @@ pub fn run() -> anyhow::Result<()> {
     let result = crate::server::run(config, opts);
     drop(edge);
     edge_rt.shutdown_timeout(Duration::from_secs(1));
+    // The rehearsal's CA, config and hosts file are throwaway.
+    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
