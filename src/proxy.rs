@@ -455,10 +455,8 @@ impl ProxyHttp for CutoverProxy {
                     .unwrap_or("")
             };
             let (route, upstream) = names.unwrap_or(("-", "-"));
-            let phase = ctx.runtime.as_ref().map_or_else(
-                || self.shared.runtime().config.phase.clone(),
-                |rt| rt.config.phase.clone(),
-            );
+            // The model this request ran on (a refused request never took one).
+            let rt = ctx.runtime.clone().unwrap_or_else(|| self.shared.runtime());
             log.log(&crate::access_log::Entry {
                 time: std::time::SystemTime::now(),
                 client: ctx.client,
@@ -480,7 +478,7 @@ impl ProxyHttp for CutoverProxy {
                 upstream_addr: ctx.upstream_addr,
                 duration: elapsed,
                 bytes,
-                phase: &phase,
+                phase: &rt.config.phase,
                 referer: header(http::header::REFERER),
                 user_agent: header(http::header::USER_AGENT),
             });

@@ -282,6 +282,14 @@ async fn healthz_and_readyz() {
     assert_eq!(unready.get(PUBLIC_NAME, "/ruok").await.status, 502);
 }
 
+/// The standard test config with an access log in `format` written to `path`.
+fn with_access_log(bed: &Bed, format: &str, path: &str) -> String {
+    bed.config("").replace(
+        "dns_refresh: 1s\n",
+        &format!("dns_refresh: 1s\naccess_log: {{ format: {format}, path: {path} }}\n"),
+    )
+}
+
 /// The file's lines once one contains `needle` (or after 10 s).
 fn wait_for_line_with(path: &std::path::Path, needle: &str) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -313,13 +321,7 @@ fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
 async fn json_access_log_survives_rotation() {
     let bed = Bed::start().await;
     let log = bed.path("access.log");
-    let yaml = bed.config("").replace(
-        "dns_refresh: 1s\n",
-        &format!(
-            "dns_refresh: 1s\naccess_log: {{ format: json, path: {} }}\n",
-            log.display()
-        ),
-    );
+    let yaml = with_access_log(&bed, "json", &log.display().to_string());
     let proxy = Proxy::start(bed.dir.path(), &yaml, Some(&bed.hosts_file));
     let mut client = Client::connect(proxy.listen).await.unwrap();
     client
@@ -398,13 +400,7 @@ async fn json_access_log_survives_rotation() {
 async fn combined_access_log_and_a_full_disk() {
     let bed = Bed::start().await;
     let log = bed.path("combined.log");
-    let yaml = bed.config("").replace(
-        "dns_refresh: 1s\n",
-        &format!(
-            "dns_refresh: 1s\naccess_log: {{ format: combined, path: {} }}\n",
-            log.display()
-        ),
-    );
+    let yaml = with_access_log(&bed, "combined", &log.display().to_string());
     let proxy = Proxy::start(bed.dir.path(), &yaml, Some(&bed.hosts_file));
     let mut client = Client::connect(proxy.listen).await.unwrap();
     client
@@ -429,10 +425,7 @@ async fn combined_access_log_and_a_full_disk() {
     );
 
     // /dev/full: every write fails with ENOSPC. Logged and counted; requests unaffected.
-    let yaml = bed.config("").replace(
-        "dns_refresh: 1s\n",
-        "dns_refresh: 1s\naccess_log: { format: json, path: /dev/full }\n",
-    );
+    let yaml = with_access_log(&bed, "json", "/dev/full");
     let dir = bed.path("full");
     std::fs::create_dir_all(&dir).unwrap();
     let full = Proxy::start(&dir, &yaml, Some(&bed.hosts_file));

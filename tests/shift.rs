@@ -253,7 +253,8 @@ async fn connect_failures_fail_over_to_the_backup() {
     let bed = Bed::start().await;
     let closed = free_port(); // bound and released: nothing listens there now
     let port = bed.edge.addr().port();
-    let yaml = shift_yaml(
+    // New at weight 100, old as a weight-0 backup.
+    let phase3 = shift_yaml(
         &bed,
         "phase-3",
         100,
@@ -261,8 +262,8 @@ async fn connect_failures_fail_over_to_the_backup() {
         "",
         "        backup: true\n",
         "127.0.0.0/8",
-    )
-    .replace(
+    );
+    let yaml = phase3.replace(
         &format!("address: {NEW_DIST}:{port}"),
         &format!("address: {closed}\n        sni: {NEW_NAME}"),
     );
@@ -296,16 +297,7 @@ async fn connect_failures_fail_over_to_the_backup() {
     );
 
     // A name that never resolves fails over the same way.
-    let yaml = shift_yaml(
-        &bed,
-        "phase-3",
-        100,
-        0,
-        "",
-        "        backup: true\n",
-        "127.0.0.0/8",
-    )
-    .replace(
+    let yaml = phase3.replace(
         &format!("address: {NEW_DIST}:{port}"),
         "address: nowhere.invalid:443",
     );
