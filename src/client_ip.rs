@@ -34,21 +34,35 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 pub fn client_ip(settings: &ClientIp, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, Source) {
+    match &settings.header {
+        Some(name) => client_ip_from(
+            settings,
+            peer,
+            headers.get_all(name).iter().map(|v| v.as_bytes()),
+        ),
+        None => (canonical(peer), Source::Peer),
+    }
+}
+
+/// [`client_ip`] over the values of the configured header, in order, however
+/// the caller holds them.
+pub fn client_ip_from<'a>(
+    settings: &ClientIp,
+    peer: IpAddr,
+    values: impl Iterator<Item = &'a [u8]>,
+) -> (IpAddr, Source) {
     let peer = canonical(peer);
-    let Some(name) = &settings.header else {
-        return (peer, Source::Peer);
-    };
-    if !trusted(&settings.trusted, peer) {
+    if settings.header.is_none() || !trusted(&settings.trusted, peer) {
         return (peer, Source::Peer);
     }
-    let mut values = headers.get_all(name).iter().peekable();
+    let mut values = values.peekable();
     if values.peek().is_none() {
         return (peer, Source::Peer);
     }
     // All header lines form one list, in order.
     let mut hops: Vec<IpAddr> = Vec::new();
     for v in values {
-        let Ok(text) = v.to_str() else {
+        let Ok(text) = std::str::from_utf8(v) else {
             return (peer, Source::MalformedHeader);
         };
         for item in text.split(',') {

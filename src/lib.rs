@@ -3,15 +3,18 @@
 //! Stages, each its own module: the config file is parsed and checked once
 //! ([`config`]) into an immutable model; [`runtime`] joins it with live handles
 //! (DNS, metrics, health) and is swapped whole on reload; the request path
-//! ([`proxy`]) only reads that model.
+//! ([`fast_path`] for the common request, [`proxy`] for everything else) only
+//! reads that model.
 
 pub mod access_log;
+pub mod chunked;
 pub mod admin;
 pub mod client_ip;
 pub mod config;
 pub mod dns;
 pub mod drain;
 pub mod errors;
+pub mod fast_path;
 pub mod health;
 pub mod metrics;
 pub mod peer;

@@ -264,6 +264,13 @@ impl UpstreamMetrics {
             .inc();
     }
 
+    /// One finished request: its status, duration and response body bytes.
+    pub fn record(&self, status: u16, elapsed: std::time::Duration, bytes: u64) {
+        self.count_response(status);
+        self.duration.observe(elapsed.as_secs_f64());
+        self.response_bytes.inc_by(bytes);
+    }
+
     pub fn count_error(&self, kind: ErrorKind) {
         self.errors[kind as usize].inc();
     }

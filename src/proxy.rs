@@ -242,33 +242,11 @@ impl ProxyHttp for CutoverProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let kind = ErrorKind::of(&e);
         let retry_on = ctx.runtime.as_ref().and_then(|rt| {
             let failed = ctx.upstream?;
             let route = &rt.routes[ctx.route];
-            let up = &route.upstreams[failed];
-            up.metrics.count_error(kind);
-            let next = if ctx.failed.is_none() {
-                choose(&route.upstreams, ctx.point, Some(failed))
-            } else {
-                None
-            };
-            warn!(
-                "upstream {} failed: route={} upstream={} addr={} kind={} cause={}{}",
-                if next.is_some() {
-                    "connect"
-                } else {
-                    "connect (no retry left)"
-                },
-                route.name,
-                up.name,
-                peer._address,
-                kind.label(),
-                e,
-                next.map(|n| format!("; retrying on {}", route.upstreams[n].name))
-                    .unwrap_or_default()
-            );
-            next.map(|_| failed)
+            let first = ctx.failed.is_none();
+            connect_failed(route, failed, ctx.point, first, &peer._address, &e).map(|_| failed)
         });
         ctx.connect_error_counted = true;
         match retry_on {
@@ -440,10 +418,7 @@ impl ProxyHttp for CutoverProxy {
         let elapsed = ctx.started.elapsed();
         let bytes = session.body_bytes_sent() as u64;
         let names = ctx.route_and_upstream().map(|(route, up)| {
-            let m = &up.metrics;
-            m.count_response(status);
-            m.duration.observe(elapsed.as_secs_f64());
-            m.response_bytes.inc_by(bytes);
+            up.metrics.record(status, elapsed, bytes);
             (route.name.as_str(), up.name.as_str())
         });
         if let Some(log) = &self.shared.access_log {
@@ -484,6 +459,40 @@ impl ProxyHttp for CutoverProxy {
             });
         }
     }
+}
+
+/// Count and log a connect or TLS-handshake failure; the upstream to retry on,
+/// if this was the first failure and another eligible one exists.
+pub(crate) fn connect_failed(
+    route: &Route,
+    failed: usize,
+    point: u64,
+    first: bool,
+    addr: &dyn std::fmt::Display,
+    e: &Error,
+) -> Option<usize> {
+    let kind = ErrorKind::of(e);
+    let up = &route.upstreams[failed];
+    up.metrics.count_error(kind);
+    let next = if first {
+        choose(&route.upstreams, point, Some(failed))
+    } else {
+        None
+    };
+    warn!(
+        "upstream {} failed: route={} upstream={} addr={addr} kind={} cause={e}{}",
+        if next.is_some() {
+            "connect"
+        } else {
+            "connect (no retry left)"
+        },
+        route.name,
+        up.name,
+        kind.label(),
+        next.map(|n| format!("; retrying on {}", route.upstreams[n].name))
+            .unwrap_or_default()
+    );
+    next
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`).

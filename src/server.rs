@@ -19,6 +19,7 @@ use crate::admin::AdminApp;
 use crate::config::{AccessLog as AccessLogConfig, Config};
 use crate::dns::{DnsRefresh, Resolver};
 use crate::drain::DrainingApp;
+use crate::fast_path::FastPath;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
 use crate::proxy::CutoverProxy;
@@ -181,7 +182,11 @@ fn build_server(
     let mut proxy = Service::new(
         "cutover proxy".to_string(),
         DrainingApp {
-            inner: Arc::new(http),
+            inner: Arc::new(FastPath::new(
+                Arc::new(http),
+                shared.clone(),
+                &server.configuration,
+            )),
             shared: shared.clone(),
             notice: (config.server.grace_period / 2).min(std::time::Duration::from_secs(1)),
         },

@@ -1,0 +1,902 @@
+//! The common request, forwarded without Pingora's general HTTP machinery.
+//!
+//! Why: under wrk, Pingora's proxy loop cost about 135,000 instructions per
+//! request (a ~9 KiB future moved on every request, ~90 allocations, request
+//! header clones, and a pool round trip with an idle-watch task per
+//! request), twice nginx's CPU for the same job. This module serves the
+//! request a CDN migration is made of — HTTP/1.1 `GET`/`HEAD` without a body,
+//! on a plain-HTTP listener, with one Host that a route owns — with one parse
+//! of the head, one write upstream and one write to the client, and keeps the
+//! upstream connection with the client connection between its requests.
+//!
+//! Everything else — other methods, request bodies, HTTP/1.0, `Upgrade`,
+//! `Expect`, absolute-form targets, a missing or unknown Host, anything
+//! malformed, TLS listeners — is handed, bytes untouched, to the Pingora
+//! proxy ([`crate::proxy::CutoverProxy`]) for the rest of the connection, so
+//! each unusual case has exactly one implementation. Both paths share the
+//! runtime model, upstream selection, failover, metrics and access log.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use log::{debug, warn};
+use pingora::apps::ServerApp;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::time::fast_timeout::fast_timeout;
+use pingora::upstreams::peer::Peer;
+use pingora::{Error, ErrorType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::chunked::ChunkedEnd;
+use crate::client_ip::{client_ip_from, Source};
+use crate::errors::ErrorKind;
+use crate::proxy::connect_failed;
+use crate::routing::normalize_authority;
+use crate::config::HeaderEdits;
+use crate::runtime::{Route, Runtime, Shared, Upstream};
+use crate::selection::{choose, client_point};
+
+/// Larger request heads go to Pingora, whose limit is higher.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_REQUEST_HEADERS: usize = 64;
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// How long a client connection may wait for its next request: Pingora's
+/// default for HTTP/1 keep-alive, so both paths behave alike.
+const CLIENT_IDLE: Duration = Duration::from_secs(60);
+const READ_CHUNK: usize = 16 * 1024;
+/// How long an idle client keeps its upstream connection before it goes back
+/// to the shared pool (where Pingora watches it for the idle timeout).
+const HOLD_UPSTREAM: Duration = Duration::from_secs(1);
+
+pub struct FastPath<A> {
+    /// The Pingora proxy that serves whatever this module hands over.
+    pub pingora: Arc<A>,
+    shared: Arc<Shared>,
+    connector: TransportConnector,
+    closing: AtomicBool,
+    close_idle: Notify,
+}
+
+impl<A> FastPath<A> {
+    pub fn new(pingora: Arc<A>, shared: Arc<Shared>, conf: &ServerConf) -> Self {
+        Self {
+            pingora,
+            shared,
+            connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
+            closing: AtomicBool::new(false),
+            close_idle: Notify::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // Only a plain TCP stream can be rewound for the handover.
+        if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
+            return self.pingora.process_new(stream, shutdown).await;
+        }
+        let mut conn = Conn {
+            peer: stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())),
+            stream,
+            buf: Vec::with_capacity(4096),
+            out: Vec::with_capacity(4096),
+            resp: Vec::with_capacity(READ_CHUNK),
+            held: None,
+        };
+        let handover = self.serve(&mut conn, shutdown).await;
+        if let Some(held) = conn.held.take() {
+            held.release(&self.connector);
+        }
+        if !handover {
+            return None;
+        }
+        let mut stream = conn.stream;
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        l4.rewind(&conn.buf);
+        stream = l4;
+        self.pingora.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.close_idle.notify_waiters();
+        self.pingora.cleanup().await;
+    }
+}
+
+/// One client connection's state, kept across its requests.
+struct Conn {
+    stream: Stream,
+    peer: Option<IpAddr>,
+    /// Bytes read from the client and not yet served.
+    buf: Vec<u8>,
+    /// The head being sent (upstream request, then client response).
+    out: Vec<u8>,
+    /// Bytes read from the upstream.
+    resp: Vec<u8>,
+    /// The upstream connection the last request used, while it stays usable.
+    held: Option<Held>,
+}
+
+/// An upstream connection kept between a client's requests: the next request
+/// to the same upstream address, on the same model, uses it without a pool
+/// round trip.
+struct Held {
+    runtime: Arc<Runtime>,
+    route: usize,
+    upstream: usize,
+    addr: SocketAddr,
+    reuse_hash: u64,
+    idle: Duration,
+    stream: Stream,
+}
+
+impl Held {
+    fn release(self, connector: &TransportConnector) {
+        connector.release_stream(self.stream, self.reuse_hash, Some(self.idle));
+    }
+
+    fn serves(&self, rt: &Arc<Runtime>, route: usize, upstream: usize, addr: SocketAddr) -> bool {
+        Arc::ptr_eq(&self.runtime, rt)
+            && self.route == route
+            && self.upstream == upstream
+            && self.addr == addr
+    }
+}
+
+/// What the client asked for, as far as forwarding needs it.
+struct Ask<'b> {
+    head: bool,
+    host: &'b [u8],
+    path: &'b [u8],
+    client_close: bool,
+}
+
+/// How the upstream's response body is delimited.
+enum Framing {
+    None,
+    Length(u64),
+    Chunked(ChunkedEnd),
+    /// Until the upstream closes: the client connection closes after it too.
+    Close,
+}
+
+/// What one forwarded request came to, for metrics and the access log.
+struct Done {
+    status: u16,
+    bytes: u64,
+    keep_client: bool,
+}
+
+enum Step {
+    /// Served; go on with the next request if the client connection stays.
+    Served { keep_client: bool },
+    /// Not for the fast path: hand the connection, unread, to Pingora.
+    Handover,
+}
+
+impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
+    /// Serve requests until the connection ends (`false`) or one must go to
+    /// Pingora (`true`, with the unserved bytes still in `conn.buf`).
+    async fn serve(&self, conn: &mut Conn, shutdown: &ShutdownWatch) -> bool {
+        loop {
+            let Some(head_end) = self.read_head(conn).await else {
+                return false;
+            };
+            match self.one_request(conn, head_end, shutdown).await {
+                Step::Served { keep_client: true } => {
+                    if conn.buf.len() == head_end {
+                        conn.buf.clear();
+                    } else {
+                        conn.buf.drain(..head_end);
+                    }
+                }
+                Step::Served { keep_client: false } => {
+                    let _ = conn.stream.shutdown().await;
+                    return false;
+                }
+                Step::Handover => return true,
+            }
+        }
+    }
+
+    /// Read until `conn.buf` holds a whole request head; its length, or `None`
+    /// when the connection ended or went idle too long. A head that is too
+    /// large or never ends is handed over as it is (Pingora answers it).
+    async fn read_head(&self, conn: &mut Conn) -> Option<usize> {
+        loop {
+            if let Some(end) = head_end(&conn.buf) {
+                return Some(end);
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Some(conn.buf.len());
+            }
+            if conn.buf.is_empty() {
+                // Between requests. The upstream connection stays with this
+                // client for a moment (a busy client's next request reuses
+                // it without a pool round trip), then goes back to the
+                // shared pool rather than sit idle here.
+                let wait = if conn.held.is_some() { HOLD_UPSTREAM } else { CLIENT_IDLE };
+                let mut closed = pin!(self.close_idle.notified());
+                closed.as_mut().enable();
+                if self.closing.load(Ordering::Acquire) {
+                    return None;
+                }
+                conn.buf.reserve(4096);
+                tokio::select! {
+                    r = fast_timeout(wait, conn.stream.read_buf(&mut conn.buf)) => match r {
+                        Ok(Ok(n)) if n > 0 => continue,
+                        Err(_) if conn.held.is_some() => {
+                            if let Some(held) = conn.held.take() {
+                                held.release(&self.connector);
+                            }
+                            continue;
+                        }
+                        _ => return None,
+                    },
+                    _ = closed => return None,
+                }
+            }
+            conn.buf.reserve(4096);
+            match fast_timeout(CLIENT_IDLE, conn.stream.read_buf(&mut conn.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                // A partial head the client abandoned: nothing to answer.
+                _ => return None,
+            }
+        }
+    }
+
+    async fn one_request(&self, conn: &mut Conn, head_end: usize, shutdown: &ShutdownWatch) -> Step {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let buf = std::mem::take(&mut conn.buf);
+        let step = match req.parse(&buf[..head_end]) {
+            Ok(httparse::Status::Complete(n)) if n == head_end => {
+                self.forward(conn, &req, shutdown).await
+            }
+            _ => Step::Handover,
+        };
+        conn.buf = buf;
+        step
+    }
+
+    async fn forward(
+        &self,
+        conn: &mut Conn,
+        req: &httparse::Request<'_, '_>,
+        shutdown: &ShutdownWatch,
+    ) -> Step {
+        let started = Instant::now();
+        let Some(ask) = eligible(req) else {
+            return Step::Handover;
+        };
+        let rt = self.shared.runtime();
+        let Some(route_idx) = normalize_authority(ask.host)
+            .ok()
+            .and_then(|h| rt.hosts.route_for_host(h.as_str()))
+        else {
+            return Step::Handover;
+        };
+        let route = &rt.routes[route_idx];
+        let client = conn.peer.map(|peer| {
+            let values = header_values(req, rt.client_ip.header.as_ref().map(|h| h.as_str()));
+            let (ip, source) = client_ip_from(&rt.client_ip, peer, values);
+            if source == Source::MalformedHeader {
+                rt.phase.client_ip_ignored.inc();
+                debug!("ignoring malformed client address header from {peer}");
+            }
+            ip
+        });
+        let point = match route.sticky {
+            crate::config::Sticky::None => fastrand::u64(..),
+            crate::config::Sticky::ClientIp => client.map_or_else(|| fastrand::u64(..), client_point),
+        };
+        let Some(mut idx) = choose(&route.upstreams, point, None) else {
+            return Step::Handover;
+        };
+        let closing = self.shared.draining.load(Ordering::Relaxed) || *shutdown.borrow();
+
+        let mut first_attempt = true;
+        let mut tried;
+        let outcome = loop {
+            let up = &route.upstreams[idx];
+            tried = up.addresses.pick();
+            let Some(addr) = tried else {
+                // Never resolved: a connect failure, failed over like one.
+                let e = Error::explain(ErrorType::ConnectNoRoute, "the name has no address yet");
+                let shown = format!("{}:{}", up.addresses.host, up.addresses.port);
+                match connect_failed(route, idx, point, first_attempt, &shown, &e) {
+                    Some(next) => {
+                        first_attempt = false;
+                        idx = next;
+                        continue;
+                    }
+                    None => break Err((ErrorKind::Connect, e.to_string(), true)),
+                }
+            };
+            let upstream_stream = match conn.held.take() {
+                Some(h) if h.serves(&rt, route_idx, idx, addr) => Ok((h.stream, true, h.reuse_hash)),
+                other => {
+                    if let Some(h) = other {
+                        h.release(&self.connector);
+                    }
+                    let peer = up.peer.for_address(addr);
+                    let hash = peer.reuse_hash();
+                    self.connector
+                        .get_stream(&*peer)
+                        .await
+                        .map(|(s, reused)| (s, reused, hash))
+                }
+            };
+            let (ups, reused, reuse_hash) = match upstream_stream {
+                Ok(s) => s,
+                Err(e) => match connect_failed(route, idx, point, first_attempt, &addr, &e) {
+                    Some(next) => {
+                        first_attempt = false;
+                        idx = next;
+                        continue;
+                    }
+                    None => {
+                        let kind = ErrorKind::of(&e);
+                        break Err((kind, e.to_string(), true));
+                    }
+                },
+            };
+            build_request(&mut conn.out, req, &ask, route, up, conn.peer);
+            let exchanged = self
+                .exchange(conn, ups, reused, &ask, route, up, addr, closing)
+                .await;
+            match exchanged {
+                Ok((done, reusable)) => {
+                    if let Some(stream) = reusable {
+                        conn.held = Some(Held {
+                            runtime: rt.clone(),
+                            route: route_idx,
+                            upstream: idx,
+                            addr,
+                            reuse_hash,
+                            idle: up.config.timeouts.idle,
+                            stream,
+                        });
+                    }
+                    break Ok(done);
+                }
+                Err(failure) => break Err(failure),
+            }
+        };
+
+        let up = &route.upstreams[idx];
+        let (status, bytes, keep_client) = match outcome {
+            Ok(done) => (done.status, done.bytes, done.keep_client),
+            Err((kind, cause, counted)) => {
+                let status = if kind == ErrorKind::Timeout { 504 } else { 502 };
+                if !counted {
+                    up.metrics.count_error(kind);
+                }
+                warn!(
+                    "{status} route={} upstream={} kind={} cause={cause}",
+                    route.name,
+                    up.name,
+                    kind.label()
+                );
+                let status = if write_error(&mut conn.stream, status).await { status } else { 499 };
+                (status, 0, false)
+            }
+        };
+        let elapsed = started.elapsed();
+        up.metrics.record(status, elapsed, bytes);
+        if let Some(log) = &self.shared.access_log {
+            log.log(&crate::access_log::Entry {
+                time: std::time::SystemTime::now(),
+                client,
+                method: req.method.unwrap_or("-"),
+                host: std::str::from_utf8(ask.host).unwrap_or("-"),
+                path: std::str::from_utf8(ask.path).unwrap_or("-"),
+                version: "HTTP/1.1",
+                status,
+                route: &route.name,
+                upstream: &up.name,
+                upstream_addr: tried,
+                duration: elapsed,
+                bytes,
+                phase: &rt.config.phase,
+                referer: header_str(req, "referer"),
+                user_agent: header_str(req, "user-agent"),
+            });
+        }
+        Step::Served { keep_client }
+    }
+
+    /// Send the request in `conn.out` and relay the response. On success, the
+    /// upstream stream comes back if it can serve another request. A reused
+    /// connection that the upstream closed while idle gets one fresh retry:
+    /// the request is a GET or HEAD, so sending it twice is safe.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        conn: &mut Conn,
+        mut ups: Stream,
+        mut reused: bool,
+        ask: &Ask<'_>,
+        route: &Route,
+        up: &Upstream,
+        addr: SocketAddr,
+        closing: bool,
+    ) -> Result<(Done, Option<Stream>), (ErrorKind, String, bool)> {
+        let t = &up.config.timeouts;
+        let fail = |kind: ErrorKind, cause: String| Err((kind, cause, false));
+        let mut end = loop {
+            conn.resp.clear();
+            let sent = match fast_timeout(t.write, async {
+                ups.write_all(&conn.out).await?;
+                ups.flush().await
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => return fail(ErrorKind::Timeout, "writing the request timed out".into()),
+            };
+            let head = match sent {
+                Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
+                Err(e) => Err(HeadError::Io(e)),
+            };
+            match head {
+                Ok(end) => break end,
+                Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
+                    debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
+                    reused = false;
+                    let peer = up.peer.for_address(addr);
+                    ups = match self.connector.new_stream(&*peer).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let kind = ErrorKind::of(&e);
+                            up.metrics.count_error(kind);
+                            return Err((kind, e.to_string(), true));
+                        }
+                    };
+                }
+                Err(e) => return fail(e.kind(), e.to_string()),
+            }
+        };
+        let (status, head_len, framing, upstream_keep) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&conn.resp[..end]) {
+                Ok(httparse::Status::Complete(_)) => {}
+                _ => return fail(ErrorKind::Other, "malformed response head".into()),
+            }
+            let status = resp.code.unwrap_or(0);
+            if status == 101 || !(100..=599).contains(&status) {
+                return fail(ErrorKind::Other, format!("unusable status {status}"));
+            }
+            if status < 200 {
+                // Informational (100, 103): not forwarded; the final response
+                // follows on the same connection.
+                conn.resp.drain(..end);
+                end = match read_response_head(&mut ups, &mut conn.resp, t.read).await {
+                    Ok(end) => end,
+                    Err(e) => return fail(e.kind(), e.to_string()),
+                };
+                continue;
+            }
+            let Some((framing, keep)) = response_framing(&resp, ask.head) else {
+                return fail(ErrorKind::Other, "conflicting Content-Length".into());
+            };
+            build_response_head(&mut conn.out, &resp, route, &framing, closing || ask.client_close);
+            break (status, end, framing, keep);
+        };
+
+        // The head, plus what body arrived with it, in one write.
+        let keep_client = !(closing || ask.client_close || matches!(framing, Framing::Close));
+        let mut framing = framing;
+        let mut body_bytes = 0u64;
+        let (take, mut finished, mut clean) = body_part(&mut framing, &conn.resp[head_len..]);
+        let Some(take) = take else {
+            return fail(ErrorKind::Other, "malformed chunked body".into());
+        };
+        conn.out.extend_from_slice(&conn.resp[head_len..head_len + take]);
+        body_bytes += take as u64;
+        let done = |bytes, keep_client| Done { status, bytes, keep_client };
+        if let Err(e) = conn.stream.write_all(&conn.out).await {
+            debug!("client went away before the response head: {e}");
+            let gone = Done {
+                status: 499,
+                bytes: 0,
+                keep_client: false,
+            };
+            return Ok((gone, None));
+        }
+        while !finished {
+            conn.resp.clear();
+            conn.resp.reserve(READ_CHUNK);
+            let n = match fast_timeout(t.read, ups.read_buf(&mut conn.resp)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    up.metrics.count_error(ErrorKind::Reset);
+                    warn!("upstream {} failed mid-body: {e}", up.name);
+                    return Ok((done(body_bytes, false), None));
+                }
+                Err(_) => {
+                    up.metrics.count_error(ErrorKind::Timeout);
+                    warn!("upstream {} timed out mid-body", up.name);
+                    return Ok((done(body_bytes, false), None));
+                }
+            };
+            if n == 0 {
+                if matches!(framing, Framing::Close) {
+                    clean = false;
+                    break;
+                }
+                up.metrics.count_error(ErrorKind::Reset);
+                warn!("upstream {} closed the connection mid-body", up.name);
+                return Ok((done(body_bytes, false), None));
+            }
+            let (take, end, tidy) = body_part(&mut framing, &conn.resp);
+            let Some(take) = take else {
+                up.metrics.count_error(ErrorKind::Other);
+                warn!("upstream {} sent a malformed chunked body", up.name);
+                return Ok((done(body_bytes, false), None));
+            };
+            finished = end;
+            clean = tidy;
+            if conn.stream.write_all(&conn.resp[..take]).await.is_err() {
+                return Ok((done(body_bytes, false), None));
+            }
+            body_bytes += take as u64;
+        }
+        if conn.stream.flush().await.is_err() {
+            return Ok((done(body_bytes, false), None));
+        }
+        let reusable = (upstream_keep && clean).then_some(ups);
+        Ok((done(body_bytes, keep_client), reusable))
+    }
+}
+
+/// The request line and headers the fast path forwards, or `None` when the
+/// request is not one it serves.
+fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let head = match req.method? {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return None,
+    };
+    let path = req.path?.as_bytes();
+    if !path.starts_with(b"/") {
+        return None;
+    }
+    let mut host = None;
+    let mut client_close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            if host.replace(h.value).is_some() {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if h.value.trim_ascii() != b"0" {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    client_close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                    return None;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return None;
+        }
+    }
+    Some(Ask {
+        head,
+        host: host?,
+        path,
+        client_close,
+    })
+}
+
+/// Headers a proxy never forwards as they are: hop-by-hop ones, and the ones
+/// cutover writes itself.
+fn replaced_upstream(name: &str, route: &Route) -> bool {
+    [
+            "host",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "content-length",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+        || edited(&route.request_headers, name)
+}
+
+/// Whether the route removes or sets the header `name`.
+fn edited(edits: &HeaderEdits, name: &str) -> bool {
+    !edits.is_empty()
+        && edits
+            .remove
+            .iter()
+            .chain(edits.set.iter().map(|(n, _)| n))
+            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+}
+
+/// The upstream request, as the Pingora path would send it: origin-form
+/// target, Host rewritten to the upstream's `host_header`, forwarding headers
+/// and the route's edits.
+fn build_request(
+    out: &mut Vec<u8>,
+    req: &httparse::Request<'_, '_>,
+    ask: &Ask<'_>,
+    route: &Route,
+    up: &Upstream,
+    peer: Option<IpAddr>,
+) {
+    out.clear();
+    out.extend_from_slice(if ask.head { b"HEAD " } else { b"GET " });
+    out.extend_from_slice(ask.path);
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(up.host_header.as_ref().map_or(ask.host, |h| h.as_bytes()));
+    out.extend_from_slice(b"\r\n");
+    let edits = &route.request_headers;
+    let mut xff_seen = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("x-forwarded-for") && !edited(edits, "x-forwarded-for") {
+            out.extend_from_slice(if xff_seen { b", " } else { b"X-Forwarded-For: " });
+            out.extend_from_slice(h.value.trim_ascii());
+            xff_seen = true;
+        }
+    }
+    if let Some(peer) = peer.filter(|_| !edited(edits, "x-forwarded-for")) {
+        use std::io::Write as _;
+        out.extend_from_slice(if xff_seen { b", " } else { b"X-Forwarded-For: " });
+        let _ = write!(out, "{peer}");
+        xff_seen = true;
+    }
+    if xff_seen {
+        out.extend_from_slice(b"\r\n");
+    }
+    if !edited(edits, "x-forwarded-proto") {
+        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    }
+    if !edited(edits, "x-forwarded-host") {
+        push_header(out, b"X-Forwarded-Host", ask.host);
+    }
+    for h in req.headers.iter() {
+        if !replaced_upstream(h.name, route) {
+            push_header(out, h.name.as_bytes(), h.value);
+        }
+    }
+    for (name, value) in &route.request_headers.set {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The response head for the client: the upstream's, minus hop-by-hop
+/// headers, with the route's edits, and `Connection: close` when this is the
+/// connection's last response.
+fn build_response_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    route: &Route,
+    framing: &Framing,
+    close: bool,
+) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = itoa::Buffer::new();
+    out.extend_from_slice(code.format(resp.code.unwrap_or(502)).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let edits = &route.response_headers;
+    let chunked = matches!(framing, Framing::Chunked(_));
+    for h in resp.headers.iter() {
+        let n = h.name;
+        let hop = n.eq_ignore_ascii_case("connection")
+            || n.eq_ignore_ascii_case("keep-alive")
+            || n.eq_ignore_ascii_case("proxy-connection")
+            // With chunked framing a Content-Length is wrong; never pass both.
+            || (chunked && n.eq_ignore_ascii_case("content-length"));
+        if !hop && !edited(edits, n) {
+            push_header(out, n.as_bytes(), h.value);
+        }
+    }
+    for (name, value) in &edits.set {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if close || matches!(framing, Framing::Close) {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the body is delimited, and whether the upstream connection may be
+/// reused after it; `None` for contradictory Content-Length values.
+fn response_framing(resp: &httparse::Response<'_, '_>, head_request: bool) -> Option<(Framing, bool)> {
+    let status = resp.code.unwrap_or(0);
+    let mut keep = resp.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_coding = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v: u64 = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+            if length.is_some_and(|l| l != v) {
+                return None;
+            }
+            length = Some(v);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii();
+            chunked = last.eq_ignore_ascii_case(b"chunked");
+            other_coding = !chunked;
+        } else if h.name.eq_ignore_ascii_case("connection")
+            && h.value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        {
+            keep = false;
+        }
+    }
+    let framing = if head_request || status == 204 || status == 304 {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked(ChunkedEnd::default())
+    } else if other_coding {
+        Framing::Close
+    } else {
+        match length {
+            Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if matches!(framing, Framing::Close) {
+        keep = false;
+    }
+    Some((framing, keep))
+}
+
+/// How much of `bytes` belongs to the body (`None`: malformed), whether the
+/// body is complete, and whether nothing followed it (the connection can be
+/// reused).
+fn body_part(framing: &mut Framing, bytes: &[u8]) -> (Option<usize>, bool, bool) {
+    match framing {
+        Framing::None => (Some(0), true, bytes.is_empty()),
+        Framing::Length(left) => {
+            let take = (*left).min(bytes.len() as u64);
+            *left -= take;
+            let take = take as usize;
+            (Some(take), *left == 0, take == bytes.len())
+        }
+        Framing::Chunked(c) => match c.feed(bytes) {
+            Ok(Some(end)) => (Some(end), true, end == bytes.len()),
+            Ok(None) => (Some(bytes.len()), false, true),
+            Err(_) => (None, true, false),
+        },
+        Framing::Close => (Some(bytes.len()), false, false),
+    }
+}
+
+enum HeadError {
+    Io(std::io::Error),
+    Timeout,
+    TooLarge,
+}
+
+impl HeadError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            HeadError::Io(_) => ErrorKind::Reset,
+            HeadError::Timeout => ErrorKind::Timeout,
+            HeadError::TooLarge => ErrorKind::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::Io(e) => write!(f, "reading the response head: {e}"),
+            HeadError::Timeout => f.write_str("no response head within the read timeout"),
+            HeadError::TooLarge => f.write_str("response head too large"),
+        }
+    }
+}
+
+/// Read until `buf` holds a whole response head; its length.
+async fn read_response_head(
+    ups: &mut Stream,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<usize, HeadError> {
+    loop {
+        if let Some(end) = head_end(buf) {
+            return Ok(end);
+        }
+        if buf.len() >= MAX_HEAD * 4 {
+            return Err(HeadError::TooLarge);
+        }
+        buf.reserve(READ_CHUNK);
+        match fast_timeout(timeout, ups.read_buf(buf)).await {
+            Err(_) => return Err(HeadError::Timeout),
+            Ok(Err(e)) => return Err(HeadError::Io(e)),
+            Ok(Ok(0)) => {
+                return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The length of the head at the start of `buf`, once it is complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    // A bare-LF head is rare; look for it only when CRLF found nothing.
+    crlf.or_else(|| buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2))
+}
+
+fn header_values<'a>(
+    req: &'a httparse::Request<'_, '_>,
+    name: Option<&'a str>,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    req.headers
+        .iter()
+        .filter(move |h| name.is_some_and(|n| h.name.eq_ignore_ascii_case(n)))
+        .map(|h| h.value)
+}
+
+fn header_str<'a>(req: &'a httparse::Request<'_, '_>, name: &str) -> &'a str {
+    req.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .unwrap_or("")
+}
+
+/// Tell the client the proxying failed; `false` if it is gone.
+async fn write_error(stream: &mut Stream, status: u16) -> bool {
+    let head: &[u8] = match status {
+        504 => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
+        _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
+    };
+    let sent = stream.write_all(head).await.is_ok() && stream.flush().await.is_ok();
+    if !sent {
+        debug!("could not send {status} to the client");
+    }
+    sent
+}
