@@ -87,6 +87,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
     ) -> Option<Stream> {
         // Only a plain TCP stream can be rewound for the handover.
         if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
+            self.shared.metrics.handed_over.inc();
             return self.pingora.process_new(stream, shutdown).await;
         }
         let mut conn = Conn {
@@ -106,6 +107,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         if !handover {
             return None;
         }
+        self.shared.metrics.handed_over.inc();
         let mut stream = conn.stream;
         let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
         l4.rewind(&conn.buf);
@@ -220,6 +222,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     /// when the connection ended or went idle too long. A head that is too
     /// large or never ends is handed over as it is (Pingora answers it).
     async fn read_head(&self, conn: &mut Conn) -> Option<usize> {
+        // A started head must be complete within CLIENT_IDLE in all (like
+        // nginx's client_header_timeout), not per read: a client trickling
+        // one byte at a time cannot hold the connection open forever.
+        let mut head_deadline: Option<Instant> = None;
         loop {
             if let Some(end) = head_end(&conn.buf) {
                 return Some(end);
@@ -253,8 +259,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     _ = closed => return None,
                 }
             }
+            let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + CLIENT_IDLE);
+            let left = deadline.saturating_duration_since(Instant::now());
             conn.buf.reserve(4096);
-            match fast_timeout(CLIENT_IDLE, conn.stream.read_buf(&mut conn.buf)).await {
+            match fast_timeout(left, conn.stream.read_buf(&mut conn.buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 // A partial head the client abandoned: nothing to answer.
                 _ => return None,

@@ -28,6 +28,8 @@ pub struct Metrics {
     _build_info: IntGaugeVec,
     pub access_log_dropped: IntCounter,
     pub access_log_write_errors: IntCounter,
+    /// Client connections the fast path handed to Pingora's general path.
+    pub handed_over: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -88,6 +90,12 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Self {
+            handed_over: plain_counter(
+                r,
+                "cutover_connections_handed_over_total",
+                "Client connections passed from the fast path to the general proxy path \
+                 (request bodies, HTTP/1.0, upgrades, TLS listeners, unusual or refused requests)",
+            ),
             requests: counter(
                 r,
                 "cutover_requests_total",
