@@ -7,12 +7,21 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Hex digits of a chunk size; `digits` counts them (a bound against overflow).
-    Size { size: u64, digits: u8 },
+    Size {
+        size: u64,
+        digits: u8,
+    },
     /// After the size: chunk extensions, ignored up to the line end.
-    Extension { size: u64 },
+    Extension {
+        size: u64,
+    },
     /// The LF of the size line.
-    SizeLf { size: u64 },
-    Data { left: u64 },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
@@ -124,7 +133,8 @@ mod tests {
 
     #[test]
     fn finds_the_end_in_one_piece_or_byte_by_byte() {
-        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let body =
+            b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
         let end = body.len() - 4;
         assert_eq!(end_of(&[body]), Ok(Some(end)));
         let bytes: Vec<&[u8]> = body.chunks(1).collect();

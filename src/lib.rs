@@ -7,8 +7,8 @@
 //! reads that model.
 
 pub mod access_log;
-pub mod chunked;
 pub mod admin;
+pub mod chunked;
 pub mod client_ip;
 pub mod config;
 pub mod dns;

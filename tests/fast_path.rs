@@ -71,7 +71,10 @@ fn script(method: &str, path: &str, head: &str) -> (Vec<Vec<u8>>, After) {
             parts.push(b"0\r\n\r\n".to_vec());
             (parts, After::KeepOpen)
         }
-        "/close-delimited" => (one("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close"), After::Close),
+        "/close-delimited" => (
+            one("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close"),
+            After::Close,
+        ),
         "/early-hints" => (
             vec![
                 b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n".to_vec(),
@@ -79,11 +82,23 @@ fn script(method: &str, path: &str, head: &str) -> (Vec<Vec<u8>>, After) {
             ],
             After::KeepOpen,
         ),
-        "/upstream-close" => (one("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"), After::Close),
+        "/upstream-close" => (
+            one("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"),
+            After::Close,
+        ),
         // Closes without saying so: the next request on this connection would fail.
-        "/drop-idle" => (one("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ndropped"), After::Close),
-        "/head" if method == "HEAD" => (one("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"), After::KeepOpen),
-        "/no-content" => (one("HTTP/1.1 204 No Content\r\nX-Empty: yes\r\n\r\n"), After::KeepOpen),
+        "/drop-idle" => (
+            one("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ndropped"),
+            After::Close,
+        ),
+        "/head" if method == "HEAD" => (
+            one("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),
+            After::KeepOpen,
+        ),
+        "/no-content" => (
+            one("HTTP/1.1 204 No Content\r\nX-Empty: yes\r\n\r\n"),
+            After::KeepOpen,
+        ),
         "/edits" => (
             one("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Drop-Me: 1\r\nX-Keep: 1\r\n\r\nok"),
             After::KeepOpen,
@@ -216,7 +231,11 @@ async fn setup(route_extra: &str) -> Setup {
     );
     let mut yaml = config_yaml(&origin.addr, &ca_path, dir.path(), &upstreams);
     if !route_extra.is_empty() {
-        yaml = yaml.replacen("    upstreams:\n", &format!("{route_extra}    upstreams:\n"), 1);
+        yaml = yaml.replacen(
+            "    upstreams:\n",
+            &format!("{route_extra}    upstreams:\n"),
+            1,
+        );
     }
     let proxy = Proxy::start(dir.path(), &yaml, None);
     Setup {
@@ -240,9 +259,10 @@ struct Got {
 impl Conn {
     async fn open(addr: SocketAddr) -> Conn {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         Conn { sender }
     }
@@ -282,10 +302,20 @@ async fn every_framing_passes_through_one_keep_alive_connection() {
     let head = text(&r.body).to_ascii_lowercase();
     assert!(head.starts_with("get / http/1.1\r\n"), "{head}");
     assert!(head.contains(&format!("host: {ORIGIN_NAME}\r\n")), "{head}");
-    assert!(head.contains("x-forwarded-for: 192.0.2.7, 127.0.0.1\r\n"), "{head}");
+    assert!(
+        head.contains("x-forwarded-for: 192.0.2.7, 127.0.0.1\r\n"),
+        "{head}"
+    );
     assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
-    assert!(head.contains(&format!("x-forwarded-host: {PUBLIC_NAME}\r\n")), "{head}");
-    assert_eq!(head.matches("host: ").count(), 2, "one Host, one X-Forwarded-Host: {head}");
+    assert!(
+        head.contains(&format!("x-forwarded-host: {PUBLIC_NAME}\r\n")),
+        "{head}"
+    );
+    assert_eq!(
+        head.matches("host: ").count(),
+        2,
+        "one Host, one X-Forwarded-Host: {head}"
+    );
 
     let r = c.send("GET", "/chunked", "").await;
     assert_eq!((r.status, text(&r.body)), (200, "hello world"));
@@ -306,7 +336,11 @@ async fn every_framing_passes_through_one_keep_alive_connection() {
     let r = c.send("GET", "/big-chunked", "").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len() as u64, BIG);
-    assert!(r.body.iter().enumerate().all(|(i, &b)| b == pattern_byte(i as u64)));
+    assert!(r
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern_byte(i as u64)));
 
     // Everything so far went over the one upstream connection the client
     // connection held on to.
@@ -319,10 +353,21 @@ async fn every_framing_passes_through_one_keep_alive_connection() {
     assert_eq!(r.headers.get("connection").unwrap(), "close");
 
     let labels = [("upstream", "scripted"), ("code", "200")];
-    let m = s.proxy.metrics_when("cutover_requests_total", &labels, 6.0).await;
-    assert_eq!(sample(&m, "cutover_requests_total", &labels), Some(6.0), "{m}");
+    let m = s
+        .proxy
+        .metrics_when("cutover_requests_total", &labels, 6.0)
+        .await;
+    assert_eq!(
+        sample(&m, "cutover_requests_total", &labels),
+        Some(6.0),
+        "{m}"
+    );
     // All of it on the fast path.
-    assert_eq!(sample(&m, "cutover_connections_handed_over_total", &[]), Some(0.0), "{m}");
+    assert_eq!(
+        sample(&m, "cutover_connections_handed_over_total", &[]),
+        Some(0.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,13 +376,22 @@ async fn an_upstream_connection_closed_while_idle_is_replaced_without_an_error()
     let mut c = Conn::open(s.proxy.listen).await;
     for _ in 0..3 {
         let r = c.send("GET", "/drop-idle", "").await;
-        assert_eq!((r.status, text(&r.body)), (200, "dropped"), "{}", s.proxy.log());
+        assert_eq!(
+            (r.status, text(&r.body)),
+            (200, "dropped"),
+            "{}",
+            s.proxy.log()
+        );
     }
     let r = c.send("GET", "/upstream-close", "").await;
     assert_eq!((r.status, text(&r.body)), (200, "ok"));
     let r = c.send("GET", "/", "").await;
     assert_eq!(r.status, 200);
-    assert_eq!(s.origin.heads().len(), 5, "each request reached the origin once");
+    assert_eq!(
+        s.origin.heads().len(),
+        5,
+        "each request reached the origin once"
+    );
     let m = s.proxy.metrics().await;
     for kind in ["connect", "tls", "timeout", "reset", "other"] {
         assert_eq!(
@@ -359,7 +413,11 @@ async fn unusual_requests_are_handed_to_pingora_mid_connection() {
     // A body: Pingora's path takes the connection from here on.
     let r = c.send("POST", "/", "field=value").await;
     assert_eq!(r.status, 200, "{}", s.proxy.log());
-    assert!(text(&r.body).starts_with("POST / HTTP/1.1\r\n"), "{}", text(&r.body));
+    assert!(
+        text(&r.body).starts_with("POST / HTTP/1.1\r\n"),
+        "{}",
+        text(&r.body)
+    );
     let r = c.send("GET", "/chunked", "").await;
     assert_eq!((r.status, text(&r.body)), (200, "hello world"));
     assert_eq!(handed_over(&s.proxy.metrics().await), Some(1.0));
@@ -369,14 +427,21 @@ async fn unusual_requests_are_handed_to_pingora_mid_connection() {
     let req = |path: &str, extra: &str| {
         format!("GET {path} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n{extra}\r\n")
     };
-    let both = format!("{}{}", req("/first", ""), req("/second", "Connection: close\r\n"));
+    let both = format!(
+        "{}{}",
+        req("/first", ""),
+        req("/second", "Connection: close\r\n")
+    );
     let (status, reply) = raw_request(s.proxy.listen, both.as_bytes());
     assert!(status.starts_with("HTTP/1.1 200"), "{reply}");
     let first = reply.find("GET /first").expect("first answered");
     let second = reply.find("GET /second").expect("second answered");
     assert!(first < second, "{reply}");
     assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
-    assert!(reply.to_ascii_lowercase().contains("connection: close"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
 
     // HTTP/1.0 and a missing Host take Pingora's path too, with its answers.
     let (status, _) = raw_request(
@@ -426,6 +491,16 @@ async fn garbage_from_the_upstream_is_a_502_and_the_proxy_keeps_serving() {
         .proxy
         .metrics_when("cutover_upstream_errors_total", &labels, 1.0)
         .await;
-    assert_eq!(sample(&m, "cutover_upstream_errors_total", &labels), Some(1.0), "{m}");
-    assert!(s.proxy.log().contains("502 route=cdn upstream=scripted kind=other"), "{}", s.proxy.log());
+    assert_eq!(
+        sample(&m, "cutover_upstream_errors_total", &labels),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        s.proxy
+            .log()
+            .contains("502 route=cdn upstream=scripted kind=other"),
+        "{}",
+        s.proxy.log()
+    );
 }
