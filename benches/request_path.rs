@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request work that is cutover's own (not Pingora's):
 //! authority normalisation + route match, upstream choice, client address,
-//! metric recording. Run: `cargo bench --bench request_path`.
+//! metric recording, and the fast path's head handling as a whole.
+//! Run: `cargo bench --bench request_path`.
 
 use std::net::IpAddr;
 
@@ -136,5 +137,62 @@ fn header_rewrite(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, selection, metrics, header_rewrite);
+/// The fast path's whole per-request work apart from I/O: parse the client's
+/// head (as wrk sends it), check it, route it, choose the upstream, write the
+/// upstream request; then parse the upstream's response head and write the
+/// client's.
+fn fast_path(c: &mut Criterion) {
+    use cutover::runtime::Shared;
+    let yaml = "phase: bench\nlisteners:\n  - address: 127.0.0.1:8080\nroutes:\n  - name: cdn\n    hosts: [cdn.example.test]\n    upstreams:\n      - name: new\n        address: 127.0.0.1:443\n        sni: cdn-new.example.test\n        host_header: cdn-new.example.test\n";
+    let config = cutover::config::parse(std::path::Path::new("bench.yaml"), yaml).unwrap();
+    let shared = Shared::new(
+        config,
+        std::sync::Arc::new(Metrics::new()),
+        std::sync::Arc::new(cutover::dns::Resolver::new(None)),
+        None,
+    );
+    let rt = shared.runtime();
+    let request = b"GET /ruok HTTP/1.1\r\nHost: cdn.example.test\r\n\r\n";
+    let browser = b"GET /assets/app.js?v=3 HTTP/1.1\r\nHost: cdn.example.test\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0\r\nAccept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\nReferer: https://www.example.test/\r\nConnection: keep-alive\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 28 Nov 2026 08:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: keep-alive\r\n\r\n";
+    let mut out = Vec::with_capacity(4096);
+    c.bench_function("fast path request head (wrk request)", |b| {
+        b.iter(|| {
+            assert!(cutover::fast_path::prepare_request(
+                black_box(request),
+                &rt,
+                Some("127.0.0.1"),
+                &mut out
+            ))
+        })
+    });
+    c.bench_function("fast path request head (browser request, 8 headers)", |b| {
+        b.iter(|| {
+            assert!(cutover::fast_path::prepare_request(
+                black_box(browser),
+                &rt,
+                Some("127.0.0.1"),
+                &mut out
+            ))
+        })
+    });
+    c.bench_function("fast path response head (6 headers)", |b| {
+        b.iter(|| {
+            assert!(cutover::fast_path::prepare_response(
+                black_box(response),
+                &rt.routes[0],
+                &mut out
+            ))
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    routing,
+    selection,
+    metrics,
+    header_rewrite,
+    fast_path
+);
 criterion_main!(benches);
