@@ -103,8 +103,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             peer_text: peer.map(|p| p.to_string()),
             stream,
             buf: Vec::with_capacity(4096),
-            out: Vec::with_capacity(4096),
-            resp: Vec::with_capacity(READ_CHUNK),
+            out: Vec::new(),
+            resp: Vec::new(),
             held: None,
         };
         let handover = self.serve(&mut conn, shutdown).await;
@@ -252,19 +252,25 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 } else {
                     CLIENT_IDLE
                 };
-                let mut closed = pin!(self.close_idle.notified());
-                closed.as_mut().enable();
+                // A `Notified` sees every `notify_waiters` made after it was
+                // created, polled or not; it is polled (and takes the Notify's
+                // lock) only when the read has to wait, thanks to `biased`.
+                let closed = self.close_idle.notified();
                 if self.closing.load(Ordering::Acquire) {
                     return None;
                 }
                 conn.buf.reserve(4096);
                 tokio::select! {
+                    biased;
                     r = timeout(wait, conn.stream.read_buf(&mut conn.buf)) => match r {
                         Ok(Ok(n)) if n > 0 => continue,
                         Err(_) if conn.held.is_some() => {
                             if let Some(held) = conn.held.take() {
                                 held.release(&self.connector);
                             }
+                            // An idle client keeps only its read buffer.
+                            conn.out = Vec::new();
+                            conn.resp = Vec::new();
                             continue;
                         }
                         _ => return None,
@@ -573,7 +579,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 bytes: 0,
                 keep_client: false,
             };
-            return Ok((gone, None));
+            // The whole response was read: the upstream connection is fine,
+            // keep it (a client giving up must not cost a TLS handshake).
+            let reusable = finished && clean && upstream_keep && !upstream_eof;
+            return Ok((gone, reusable.then_some(ups)));
         }
         while !finished {
             if upstream_eof {
@@ -627,6 +636,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         }
         if conn.stream.flush().await.is_err() {
             return Ok((done(body_bytes, false), None));
+        }
+        // A large body grew the buffer; do not keep 64 KiB per idle client.
+        if conn.resp.capacity() > 2 * READ_CHUNK {
+            conn.resp = Vec::with_capacity(READ_CHUNK);
         }
         let reusable = (upstream_keep && clean && !upstream_eof).then_some(ups);
         Ok((done(body_bytes, keep_client), reusable))
@@ -794,6 +807,7 @@ fn build_request(
     peer: Option<&str>,
 ) {
     out.clear();
+    out.reserve(2048);
     out.extend_from_slice(if ask.head { b"HEAD " } else { b"GET " });
     out.extend_from_slice(ask.path);
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");

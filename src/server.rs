@@ -8,6 +8,8 @@ use anyhow::Context;
 use log::{info, warn};
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -194,7 +196,12 @@ fn build_server(
     for l in &config.listeners {
         let addr = l.address.to_string();
         match &l.tls {
-            None => proxy.add_tcp(&addr),
+            // No L4 read buffer: the fast path reads into its own, and
+            // Pingora's default (64 KiB per connection, allocated at accept)
+            // would be most of the memory an idle keep-alive client costs.
+            None => proxy.add_listener(
+                ListenerConfig::tcp(addr.clone()).l4_buffer(L4BufferSettings::default().read(0)),
+            ),
             Some(tls) => {
                 let settings = TlsSettings::intermediate(
                     &tls.cert.to_string_lossy(),
