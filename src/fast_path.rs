@@ -68,6 +68,7 @@ pub struct FastPath<A> {
     shared: Arc<Shared>,
     connector: TransportConnector,
     closing: AtomicBool,
+    open: crate::memory::OpenConnections,
     close_idle: Notify,
 }
 
@@ -78,6 +79,7 @@ impl<A> FastPath<A> {
             shared,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
             closing: AtomicBool::new(false),
+            open: crate::memory::OpenConnections::default(),
             close_idle: Notify::new(),
         }
     }
@@ -90,6 +92,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = self.open.open();
         // Only a plain TCP stream can be rewound for the handover.
         if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
             self.shared.metrics.handed_over.inc();

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod errors;
 pub mod fast_path;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod peer;
 pub mod probe;
