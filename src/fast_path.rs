@@ -35,7 +35,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
@@ -61,6 +61,10 @@ const BODY_BATCH: usize = 64 * 1024;
 /// How long an idle client keeps its upstream connection before it goes back
 /// to the shared pool (where Pingora watches it for the idle timeout).
 const HOLD_UPSTREAM: Duration = Duration::from_secs(1);
+/// A held upstream connection idle longer than this is checked before reuse.
+const PROBE_IDLE_AFTER: Duration = Duration::from_millis(50);
+/// How long a write to the client may wait (nginx's `send_timeout` default).
+const CLIENT_SEND: Duration = Duration::from_secs(60);
 
 pub struct FastPath<A> {
     /// The Pingora proxy that serves whatever this module hands over.
@@ -159,9 +163,31 @@ struct Held {
     reuse_hash: u64,
     idle: Duration,
     stream: Stream,
+    /// When it was last used, and whether its last response had no body
+    /// (HEAD, 204, 304): see `usable`.
+    since: Instant,
+    bodiless: bool,
 }
 
 impl Held {
+    /// Whether nothing arrived on it since its last response. An upstream
+    /// that sends a body after a HEAD/204/304 answer, or a 408 before
+    /// closing an idle connection, would otherwise have those bytes read as
+    /// the next request's response. Checking costs a syscall (a read that
+    /// returns EAGAIN), so it is done only for those two cases.
+    fn usable(&mut self) -> bool {
+        if !self.bodiless && self.since.elapsed() < PROBE_IDLE_AFTER {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
     fn release(self, connector: &TransportConnector) {
         connector.release_stream(self.stream, self.reuse_hash, Some(self.idle));
     }
@@ -222,7 +248,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                 }
                 Step::Served { keep_client: false } => {
-                    let _ = conn.stream.shutdown().await;
+                    let _ = to_client(conn.stream.shutdown()).await;
                     return false;
                 }
                 Step::Handover => return true,
@@ -358,14 +384,15 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     None => break Err((ErrorKind::Connect, e.to_string(), true)),
                 }
             };
-            let upstream_stream = match conn.held.take() {
-                Some(h) if h.serves(&rt, route_idx, idx, addr) => {
-                    Ok((h.stream, true, h.reuse_hash))
-                }
-                other => {
-                    if let Some(h) = other {
-                        h.release(&self.connector);
-                    }
+            let mut held = conn.held.take();
+            if let Some(other) = held.take_if(|h| !h.serves(&rt, route_idx, idx, addr)) {
+                other.release(&self.connector);
+            }
+            // Something arrived on it, or it closed: not reusable.
+            drop(held.take_if(|h| !h.usable()));
+            let upstream_stream = match held {
+                Some(h) => Ok((h.stream, true, h.reuse_hash)),
+                None => {
                     let peer = up.peer.for_address(addr);
                     let hash = peer.reuse_hash();
                     self.connector
@@ -406,6 +433,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 .await;
             match exchanged {
                 Ok((done, reusable)) => {
+                    let bodiless = ask.head || done.status == 204 || done.status == 304;
                     if let Some(stream) = reusable {
                         conn.held = Some(Held {
                             runtime: rt.clone(),
@@ -415,6 +443,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                             reuse_hash,
                             idle: up.config.timeouts.idle,
                             stream,
+                            since: Instant::now(),
+                            bodiless,
                         });
                     }
                     break Ok(done);
@@ -559,7 +589,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let mut upstream_eof = false;
         if !matches!(framing, Framing::None) {
             let want = head_len + batch_size(&framing);
-            upstream_eof = matches!(read_available(&mut ups, &mut conn.resp, want), Ok(true));
+            upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
         }
         let keep_client = !(closing || ask.client_close || matches!(framing, Framing::Close));
         let mut framing = framing;
@@ -575,7 +605,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             bytes,
             keep_client,
         };
-        if let Err(e) = write_head_and_body(&mut conn.stream, &mut conn.out, first_body).await {
+        if let Err(e) = to_client(write_head_and_body(
+            &mut conn.stream,
+            &mut conn.out,
+            first_body,
+        ))
+        .await
+        {
             debug!("client went away before the response head: {e}");
             let gone = Done {
                 status: 499,
@@ -623,7 +659,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             }
             // Whatever else is already there goes out in the same client write.
             let want = batch_size(&framing);
-            upstream_eof = matches!(read_available(&mut ups, &mut conn.resp, want), Ok(true));
+            upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
             let (take, end, tidy) = body_part(&mut framing, &conn.resp);
             let Some(take) = take else {
                 up.metrics.count_error(ErrorKind::Other);
@@ -632,12 +668,15 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             };
             finished = end;
             clean = tidy;
-            if conn.stream.write_all(&conn.resp[..take]).await.is_err() {
+            if to_client(conn.stream.write_all(&conn.resp[..take]))
+                .await
+                .is_err()
+            {
                 return Ok((done(body_bytes, false), None));
             }
             body_bytes += take as u64;
         }
-        if conn.stream.flush().await.is_err() {
+        if to_client(conn.stream.flush()).await.is_err() {
             return Ok((done(body_bytes, false), None));
         }
         // A large body grew the buffer; do not keep 64 KiB per idle client.
@@ -883,14 +922,17 @@ fn build_response_head(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let edits = &route.response_headers;
-    let chunked = matches!(framing, Framing::Chunked(_));
+    // With any Transfer-Encoding a Content-Length is wrong (RFC 9112 6.1).
+    let coded = resp
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
     for h in resp.headers.iter() {
         let n = h.name;
         let hop = n.eq_ignore_ascii_case("connection")
             || n.eq_ignore_ascii_case("keep-alive")
             || n.eq_ignore_ascii_case("proxy-connection")
-            // With chunked framing a Content-Length is wrong; never pass both.
-            || (chunked && n.eq_ignore_ascii_case("content-length"));
+            || (coded && n.eq_ignore_ascii_case("content-length"));
         if !hop && !edited(edits, n) {
             push_header(out, n.as_bytes(), h.value);
         }
@@ -1117,13 +1159,27 @@ fn header_str<'a>(req: &'a httparse::Request<'_, '_>, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
+/// A write to the client, bounded like nginx's `send_timeout`: a client that
+/// stops reading must not hold its task, buffers and upstream connection.
+async fn to_client<T>(write: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    match timeout(CLIENT_SEND, write).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
 /// Tell the client the proxying failed; `false` if it is gone.
 async fn write_error(stream: &mut Stream, status: u16) -> bool {
     let head: &[u8] = match status {
         504 => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
         _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
     };
-    let sent = stream.write_all(head).await.is_ok() && stream.flush().await.is_ok();
+    let sent = to_client(async {
+        stream.write_all(head).await?;
+        stream.flush().await
+    })
+    .await
+    .is_ok();
     if !sent {
         debug!("could not send {status} to the client");
     }

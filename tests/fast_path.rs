@@ -31,6 +31,8 @@ struct ScriptedOrigin {
     addr: SocketAddr,
     heads: Arc<Mutex<Vec<String>>>,
     connections: Arc<AtomicU64>,
+    /// Signalled once the bogus body after a HEAD answer (`/late-body`) is sent.
+    late: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -91,6 +93,10 @@ fn script(method: &str, path: &str, head: &str) -> (Vec<Vec<u8>>, After) {
             one("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ndropped"),
             After::Close,
         ),
+        "/late-body" if method == "HEAD" => (
+            one("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            After::KeepOpen,
+        ),
         "/head" if method == "HEAD" => (
             one("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"),
             After::KeepOpen,
@@ -127,7 +133,8 @@ impl ScriptedOrigin {
         let addr = listener.local_addr().unwrap();
         let heads = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicU64::new(0));
-        let (h, c) = (heads.clone(), connections.clone());
+        let late = Arc::new(tokio::sync::Notify::new());
+        let (h, c, l) = (heads.clone(), connections.clone(), late.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -136,12 +143,13 @@ impl ScriptedOrigin {
                 c.fetch_add(1, Ordering::SeqCst);
                 let ssl = Ssl::new(acceptor.context()).unwrap();
                 let heads = h.clone();
+                let late = l.clone();
                 tokio::spawn(async move {
                     let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
                     if std::pin::Pin::new(&mut tls).accept().await.is_err() {
                         return;
                     }
-                    serve_scripted(tls, heads).await;
+                    serve_scripted(tls, heads, late).await;
                 });
             }
         });
@@ -149,6 +157,7 @@ impl ScriptedOrigin {
             addr,
             heads,
             connections,
+            late,
             task,
         }
     }
@@ -161,6 +170,7 @@ impl ScriptedOrigin {
 async fn serve_scripted(
     mut tls: tokio_openssl::SslStream<tokio::net::TcpStream>,
     heads: Arc<Mutex<Vec<String>>>,
+    late: Arc<tokio::sync::Notify>,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -205,6 +215,13 @@ async fn serve_scripted(
             // Separate TLS records, often separate reads on the proxy side.
             let _ = tls.flush().await;
             tokio::task::yield_now().await;
+        }
+        if path == "/late-body" {
+            // A broken origin: a body after a HEAD answer, in a later record.
+            if tls.write_all(b"hello").await.is_err() || tls.flush().await.is_err() {
+                return;
+            }
+            late.notify_one();
         }
         if let After::Close = after {
             let _ = tls.shutdown().await;
@@ -503,4 +520,26 @@ async fn garbage_from_the_upstream_is_a_502_and_the_proxy_keeps_serving() {
         "{}",
         s.proxy.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_a_bodiless_answer_are_never_read_as_the_next_response() {
+    let s = setup("").await;
+    let mut c = Conn::open(s.proxy.listen).await;
+    let r = c.send("HEAD", "/late-body", "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.origin.late.notified())
+        .await
+        .expect("origin sent its late bytes");
+    // The held upstream connection has "hello" waiting on it: it must not
+    // carry the next request.
+    let r = c.send("GET", "/", "").await;
+    assert_eq!(r.status, 200, "{}", s.proxy.log());
+    assert!(
+        text(&r.body).starts_with("GET / HTTP/1.1\r\n"),
+        "{}",
+        text(&r.body)
+    );
+    assert_eq!(s.origin.connections.load(Ordering::SeqCst), 2);
 }
