@@ -649,13 +649,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 }
             };
             if n == 0 {
-                if matches!(framing, Framing::Close) {
-                    clean = false;
-                    break;
-                }
-                up.metrics.count_error(ErrorKind::Reset);
-                warn!("upstream {} closed the connection mid-body", up.name);
-                return Ok((done(body_bytes, false), None));
+                // Handled with the other end-of-stream case at the loop's top.
+                upstream_eof = true;
+                continue;
             }
             // Whatever else is already there goes out in the same client write.
             let want = batch_size(&framing);
