@@ -17,9 +17,7 @@ use cutover::rehearsal::demo::PUBLIC_NAME;
 use cutover::rehearsal::edge::pattern_byte;
 use cutover::rehearsal::pki::TestCa;
 use http_body_util::{BodyExt, Full};
-use openssl::pkey::PKey;
-use openssl::ssl::{Ssl, SslAcceptor, SslMethod};
-use openssl::x509::X509;
+use openssl::ssl::Ssl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ORIGIN_NAME: &str = "origin.example.test";
@@ -122,13 +120,7 @@ fn script(method: &str, path: &str, head: &str) -> (Vec<Vec<u8>>, After) {
 
 impl ScriptedOrigin {
     async fn start(ca: &TestCa) -> ScriptedOrigin {
-        let issued = ca.issue(&[ORIGIN_NAME]).unwrap();
-        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
-        b.set_certificate(&X509::from_pem(issued.cert_pem.as_bytes()).unwrap())
-            .unwrap();
-        b.set_private_key(&PKey::private_key_from_pem(issued.key_pem.as_bytes()).unwrap())
-            .unwrap();
-        let acceptor = b.build();
+        let acceptor = tls_acceptor(ca, ORIGIN_NAME);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let heads = Arc::new(Mutex::new(Vec::new()));

@@ -5,3 +5,4 @@
 pub mod demo;
 pub mod edge;
 pub mod pki;
+pub mod strict;

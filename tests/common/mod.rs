@@ -15,6 +15,8 @@ use cutover::rehearsal::demo::{distributions, NEW_DIST, NEW_NAME, OLD_DIST, PUBL
 use cutover::rehearsal::edge::Edge;
 use cutover::rehearsal::pki::TestCa;
 
+pub mod strict_origin;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
 
 pub struct Bed {
@@ -85,6 +87,20 @@ pub fn config_yaml(_edge: &SocketAddr, _ca: &Path, dir: &Path, upstreams: &str) 
     )
 }
 
+/// A TLS server context with a certificate for `name` issued by `ca`.
+pub fn tls_acceptor(ca: &TestCa, name: &str) -> openssl::ssl::SslAcceptor {
+    use openssl::ssl::{SslAcceptor, SslMethod};
+    let issued = ca.issue(&[name]).unwrap();
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    b.set_certificate(&openssl::x509::X509::from_pem(issued.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    b.set_private_key(
+        &openssl::pkey::PKey::private_key_from_pem(issued.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    b.build()
+}
+
 /// A free loopback port (bound then released; the child binds it next).
 pub fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -131,7 +147,10 @@ impl Proxy {
             .arg("--config")
             .arg(&config_path)
             .args(extra_args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("CUTOVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(h) = hosts_file {
