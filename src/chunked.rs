@@ -1,8 +1,21 @@
-//! Where a chunked body ends, found without decoding it.
+//! Where a chunked body ends, found without decoding it, strictly.
 //!
-//! The fast path forwards a chunked response byte for byte; it only needs to
-//! know when the last chunk and the trailers are over, to reuse the upstream
-//! connection and to answer the client's next request.
+//! The fast path forwards a chunked response's chunks byte for byte, so
+//! every byte it forwards must read the same way to any parser behind it.
+//! The scanner therefore accepts the RFC 9112 grammar only: chunk sizes of
+//! hex digits, extensions as `;name[=token|"quoted"]` with whitespace only
+//! around `;` and `=`, CRLF line ends (no bare CR or LF, anywhere), and
+//! trailer lines with CRLF ends. Anything else is [`Malformed`]: the caller
+//! answers 502, or cuts the response if its head already went out.
+//!
+//! Trailer fields are not forwarded (the Pingora path drops them too): when
+//! a body has some, the scanner reports that the forwarded part ends after
+//! the last-chunk line, and the caller writes the final CRLF itself.
+
+/// Longest chunk-size line (size and extensions) accepted, as Pingora.
+const MAX_SIZE_LINE: u32 = 4096;
+/// Longest trailer section accepted.
+const MAX_TRAILERS: u32 = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -11,8 +24,36 @@ enum State {
         size: u64,
         digits: u8,
     },
-    /// After the size: chunk extensions, ignored up to the line end.
-    Extension {
+    /// Whitespace after the size: only a `;` may follow.
+    SizeBws {
+        size: u64,
+    },
+    /// After `;`: optional whitespace, then a name.
+    ExtStart {
+        size: u64,
+    },
+    ExtName {
+        size: u64,
+    },
+    /// After a name: whitespace, `=`, `;` or the line end.
+    ExtAfterName {
+        size: u64,
+    },
+    /// After `=`: whitespace, then a token or a quoted string.
+    ExtValueStart {
+        size: u64,
+    },
+    ExtToken {
+        size: u64,
+    },
+    ExtQuoted {
+        size: u64,
+    },
+    ExtQuotedPair {
+        size: u64,
+    },
+    /// After a value: whitespace, `;` or the line end.
+    ExtAfterValue {
         size: u64,
     },
     /// The LF of the size line.
@@ -27,6 +68,7 @@ enum State {
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
     TrailerLine,
+    TrailerLf,
     EndLf,
     Done,
 }
@@ -34,84 +76,174 @@ enum State {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed;
 
+/// What one [`ChunkedEnd::feed`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Scanned {
+    /// How many of the fed bytes (a prefix) are forwarded as they are.
+    pub relay: usize,
+    /// `Some(n)`: the body (trailers included) ends after `bytes[..n]`.
+    pub end: Option<usize>,
+    /// The body ended and its trailers were dropped: the caller ends the
+    /// forwarded body with a CRLF of its own.
+    pub terminator: bool,
+}
+
 #[derive(Debug)]
 pub struct ChunkedEnd {
     state: State,
+    /// Bytes of the current size line, or of the trailer section.
+    line: u32,
+    /// A trailer field was seen (and dropped).
+    trailers: bool,
 }
 
 impl Default for ChunkedEnd {
     fn default() -> Self {
         Self {
             state: State::Size { size: 0, digits: 0 },
+            line: 0,
+            trailers: false,
         }
     }
+}
+
+fn tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A byte allowed inside a quoted string or after a backslash there
+/// (HTAB, SP, VCHAR, obs-text): no control bytes, so never a line end.
+fn quoted_ok(b: u8) -> bool {
+    b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
 impl ChunkedEnd {
-    /// Feed the next bytes of the body. `Ok(Some(n))`: the body ends after
-    /// `bytes[..n]`; `Ok(None)`: all of `bytes` belongs to it and more follows.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, Malformed> {
+    /// Feed the next bytes of the body.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Scanned, Malformed> {
+        use State::*;
         let mut i = 0;
+        let mut relay = 0;
         while i < bytes.len() {
             let b = bytes[i];
-            self.state = match self.state {
-                State::Size { size, digits } => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 15 => {
-                        let d = (b as char).to_digit(16).unwrap_or(0);
-                        State::Size {
-                            size: size * 16 + u64::from(d),
-                            digits: digits + 1,
-                        }
+            if let Data { left } = self.state {
+                let take = left.min((bytes.len() - i) as u64);
+                i += take as usize;
+                relay = i;
+                self.state = if take == left {
+                    DataCr
+                } else {
+                    Data { left: left - take }
+                };
+                continue;
+            }
+            let before = self.state;
+            match before {
+                Size { .. }
+                | SizeBws { .. }
+                | ExtStart { .. }
+                | ExtName { .. }
+                | ExtAfterName { .. }
+                | ExtValueStart { .. }
+                | ExtToken { .. }
+                | ExtQuoted { .. }
+                | ExtQuotedPair { .. }
+                | ExtAfterValue { .. } => {
+                    self.line += 1;
+                    if self.line > MAX_SIZE_LINE {
+                        return Err(Malformed);
                     }
-                    _ if digits == 0 => return Err(Malformed),
-                    b'\r' => State::SizeLf { size },
-                    b'\n' => after_size(size),
-                    b';' | b' ' | b'\t' => State::Extension { size },
-                    _ => return Err(Malformed),
-                },
-                State::Extension { size } => match b {
-                    b'\r' => State::SizeLf { size },
-                    b'\n' => after_size(size),
-                    _ => State::Extension { size },
-                },
-                State::SizeLf { size } if b == b'\n' => after_size(size),
-                State::Data { left } => {
-                    let take = left.min((bytes.len() - i) as u64);
-                    i += take as usize;
-                    self.state = if take == left {
-                        State::DataCr
-                    } else {
-                        State::Data { left: left - take }
-                    };
-                    continue;
                 }
-                State::DataCr if b == b'\r' => State::DataLf,
-                State::DataCr | State::DataLf if b == b'\n' => State::Size { size: 0, digits: 0 },
-                State::TrailerStart => match b {
-                    b'\r' => State::EndLf,
-                    b'\n' => State::Done,
-                    _ => State::TrailerLine,
-                },
-                State::TrailerLine if b == b'\n' => State::TrailerStart,
-                State::TrailerLine => State::TrailerLine,
-                State::EndLf if b == b'\n' => State::Done,
-                State::Done => return Ok(Some(i)),
+                TrailerStart | TrailerLine | TrailerLf | EndLf => {
+                    self.line += 1;
+                    if self.line > MAX_TRAILERS {
+                        return Err(Malformed);
+                    }
+                }
+                _ => {}
+            }
+            self.state = match (before, b) {
+                (Size { size, digits }, b) if b.is_ascii_hexdigit() => {
+                    if digits >= 15 {
+                        return Err(Malformed);
+                    }
+                    let d = (b as char).to_digit(16).unwrap_or(0);
+                    Size {
+                        size: size * 16 + u64::from(d),
+                        digits: digits + 1,
+                    }
+                }
+                (Size { digits: 0, .. }, _) => return Err(Malformed),
+                (Size { size, .. }, b'\r') => SizeLf { size },
+                (Size { size, .. }, b' ' | b'\t') => SizeBws { size },
+                (Size { size, .. } | SizeBws { size }, b';') => ExtStart { size },
+                (SizeBws { size }, b' ' | b'\t') => SizeBws { size },
+                (ExtStart { size }, b' ' | b'\t') => ExtStart { size },
+                (ExtStart { size } | ExtName { size }, b) if tchar(b) => ExtName { size },
+                (ExtName { size } | ExtAfterName { size }, b' ' | b'\t') => ExtAfterName { size },
+                (ExtName { size } | ExtAfterName { size }, b'=') => ExtValueStart { size },
+                (ExtValueStart { size }, b' ' | b'\t') => ExtValueStart { size },
+                (ExtValueStart { size }, b'"') => ExtQuoted { size },
+                (ExtValueStart { size } | ExtToken { size }, b) if tchar(b) => ExtToken { size },
+                (ExtQuoted { size }, b'"') => ExtAfterValue { size },
+                (ExtQuoted { size }, b'\\') => ExtQuotedPair { size },
+                (ExtQuoted { size }, b) if quoted_ok(b) => ExtQuoted { size },
+                (ExtQuotedPair { size }, b) if quoted_ok(b) => ExtQuoted { size },
+                (ExtToken { size } | ExtAfterValue { size }, b' ' | b'\t') => {
+                    ExtAfterValue { size }
+                }
+                (
+                    ExtName { size }
+                    | ExtAfterName { size }
+                    | ExtToken { size }
+                    | ExtAfterValue { size },
+                    b';',
+                ) => ExtStart { size },
+                (
+                    ExtName { size }
+                    | ExtAfterName { size }
+                    | ExtToken { size }
+                    | ExtAfterValue { size },
+                    b'\r',
+                ) => SizeLf { size },
+                (SizeLf { size }, b'\n') => {
+                    self.line = 0;
+                    if size == 0 {
+                        TrailerStart
+                    } else {
+                        Data { left: size }
+                    }
+                }
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size { size: 0, digits: 0 },
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart | TrailerLine, b) if b != b'\r' && b != b'\n' => {
+                    self.trailers = true;
+                    TrailerLine
+                }
+                (TrailerLine, b'\r') => TrailerLf,
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => Done,
                 _ => return Err(Malformed),
             };
             i += 1;
-            if self.state == State::Done {
-                return Ok(Some(i));
+            // Everything up to the trailer section is forwarded, and the
+            // final CRLF too when there were no trailers: a prefix.
+            if !self.trailers {
+                relay = i;
+            }
+            if self.state == Done {
+                return Ok(Scanned {
+                    relay,
+                    end: Some(i),
+                    terminator: self.trailers,
+                });
             }
         }
-        Ok(None)
-    }
-}
-
-fn after_size(size: u64) -> State {
-    if size == 0 {
-        State::TrailerStart
-    } else {
-        State::Data { left: size }
+        Ok(Scanned {
+            relay,
+            end: None,
+            terminator: false,
+        })
     }
 }
 
@@ -119,37 +251,98 @@ fn after_size(size: u64) -> State {
 mod tests {
     use super::*;
 
-    fn end_of(parts: &[&[u8]]) -> Result<Option<usize>, Malformed> {
+    /// Feed `parts` in order; the forwarded bytes and where the body ended.
+    fn scan(parts: &[&[u8]]) -> Result<(Vec<u8>, Option<usize>), Malformed> {
         let mut c = ChunkedEnd::default();
         let mut offset = 0;
+        let mut relayed = Vec::new();
         for p in parts {
-            if let Some(n) = c.feed(p)? {
-                return Ok(Some(offset + n));
+            let s = c.feed(p)?;
+            relayed.extend_from_slice(&p[..s.relay]);
+            if let Some(n) = s.end {
+                if s.terminator {
+                    relayed.extend_from_slice(b"\r\n");
+                }
+                return Ok((relayed, Some(offset + n)));
             }
             offset += p.len();
         }
-        Ok(None)
+        Ok((relayed, None))
     }
 
     #[test]
     fn finds_the_end_in_one_piece_or_byte_by_byte() {
         let body =
-            b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+            b"5\r\nhello\r\n1a;ext=1;q=\"a \\\" b\"\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\nNEXT";
         let end = body.len() - 4;
-        assert_eq!(end_of(&[body]), Ok(Some(end)));
+        // The trailer is dropped; the body still ends in a CRLF.
+        let mut relayed = body[..end - b"X-T: 1\r\n\r\n".len()].to_vec();
+        relayed.extend_from_slice(b"\r\n");
+        assert_eq!(scan(&[body]), Ok((relayed.clone(), Some(end))));
         let bytes: Vec<&[u8]> = body.chunks(1).collect();
-        assert_eq!(end_of(&bytes), Ok(Some(end)));
-        assert_eq!(end_of(&[&body[..10], &body[10..]]), Ok(Some(end)));
+        assert_eq!(scan(&bytes), Ok((relayed.to_vec(), Some(end))));
+        for split in 1..body.len() {
+            assert_eq!(
+                scan(&[&body[..split], &body[split..]]),
+                Ok((relayed.to_vec(), Some(end))),
+                "split at {split}"
+            );
+        }
     }
 
     #[test]
-    fn incomplete_and_malformed_bodies() {
-        assert_eq!(end_of(&[b"5\r\nhel"]), Ok(None));
-        assert_eq!(end_of(&[b"0\r\n"]), Ok(None));
-        assert_eq!(end_of(&[b"0\r\n\r\n"]), Ok(Some(5)));
-        assert_eq!(end_of(&[b"0\n\n"]), Ok(Some(3)));
-        assert_eq!(end_of(&[b"zz\r\n"]), Err(Malformed));
-        assert_eq!(end_of(&[b"2\r\nabX"]), Err(Malformed));
-        assert_eq!(end_of(&[b"ffffffffffffffffff\r\n"]), Err(Malformed));
+    fn incomplete_bodies() {
+        assert_eq!(scan(&[b"5\r\nhel"]), Ok((b"5\r\nhel".to_vec(), None)));
+        assert_eq!(scan(&[b"0\r\n"]), Ok((b"0\r\n".to_vec(), None)));
+        // Without trailers the whole body is forwarded as it came.
+        assert_eq!(scan(&[b"0\r\n\r\n"]), Ok((b"0\r\n\r\n".to_vec(), Some(5))));
+        assert_eq!(
+            scan(&[b"0\r\n\r", b"\n"]),
+            Ok((b"0\r\n\r\n".to_vec(), Some(5)))
+        );
+        assert_eq!(
+            scan(&[b"0\r\nA: 1\r", b"\n\r\n"]),
+            Ok((b"0\r\n\r\n".to_vec(), Some(11)))
+        );
+        assert_eq!(
+            scan(&[b"5 ;a = b\r\nhello\r\n0\r\n\r\n"]).map(|r| r.1),
+            Ok(Some(22))
+        );
+    }
+
+    #[test]
+    fn refuses_what_two_parsers_could_read_differently() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"2\r\nabX",
+            b"ffffffffffffffff\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5\t\r\nhello\r\n0\r\n\r\n",
+            b"5;\nhello\r\n",
+            b"5;\r\nhello\r\n",
+            b"5;a=\r\nhello\r\n",
+            b"5;a=\"b\r\nhello\r\n",
+            b"5;a\x00\r\nhello\r\n",
+            b"5;a b\r\nhello\r\n",
+            b"\r\n",
+            b"-5\r\n",
+            b"0x5\r\n",
+            b"5\r\nhello\r\n0\r\nX: 1\nY: 2\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n\r\r\n",
+        ] {
+            assert_eq!(
+                scan(&[bad]),
+                Err(Malformed),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Junk trailer lines are dropped, not refused (as Pingora does).
+        assert!(scan(&[b"0\r\njunk\r\n\r\n"]).is_ok());
+        let long = format!("5;{}\r\n", "a".repeat(5000));
+        assert_eq!(scan(&[long.as_bytes()]), Err(Malformed));
     }
 }

@@ -26,7 +26,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use log::{debug, warn};
+use log::debug;
 use pingora::apps::ServerApp;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -43,6 +43,11 @@ use crate::chunked::ChunkedEnd;
 use crate::client_ip::{client_ip_from, Source};
 use crate::config::HeaderEdits;
 use crate::errors::ErrorKind;
+use crate::limited;
+use crate::policy;
+use crate::policy::fields::{connection_options, nominated};
+use crate::policy::framing::{RequestBody, ResponseBody};
+use crate::policy::refusal::TargetForm;
 use crate::proxy::connect_failed;
 use crate::routing::normalize_authority;
 use crate::runtime::{Route, Runtime, Shared, Upstream};
@@ -61,8 +66,6 @@ const BODY_BATCH: usize = 64 * 1024;
 /// How long an idle client keeps its upstream connection before it goes back
 /// to the shared pool (where Pingora watches it for the idle timeout).
 const HOLD_UPSTREAM: Duration = Duration::from_secs(1);
-/// A held upstream connection idle longer than this is checked before reuse.
-const PROBE_IDLE_AFTER: Duration = Duration::from_millis(50);
 /// How long a write to the client may wait (nginx's `send_timeout` default).
 const CLIENT_SEND: Duration = Duration::from_secs(60);
 
@@ -163,22 +166,18 @@ struct Held {
     reuse_hash: u64,
     idle: Duration,
     stream: Stream,
-    /// When it was last used, and whether its last response had no body
-    /// (HEAD, 204, 304): see `usable`.
-    since: Instant,
-    bodiless: bool,
 }
 
 impl Held {
-    /// Whether nothing arrived on it since its last response. An upstream
-    /// that sends a body after a HEAD/204/304 answer, or a 408 before
-    /// closing an idle connection, would otherwise have those bytes read as
-    /// the next request's response. Checking costs a syscall (a read that
-    /// returns EAGAIN), so it is done only for those two cases.
+    /// Whether nothing arrived on it since its last response. Whatever an
+    /// upstream sends after a complete response (a body after a HEAD/204/304
+    /// answer, a second response nobody asked for, a 408 before it closes an
+    /// idle connection) would otherwise be read as the next request's
+    /// response — behind an ALB, another user's. Checked before every reuse:
+    /// the read goes through OpenSSL's buffer and then tokio's readiness, so
+    /// it costs no syscall unless the socket became readable since the last
+    /// read drained it (tokio clears readiness on a short read).
     fn usable(&mut self) -> bool {
-        if !self.bodiless && self.since.elapsed() < PROBE_IDLE_AFTER {
-            return true;
-        }
         let mut byte = [0u8; 1];
         let mut buf = tokio::io::ReadBuf::new(&mut byte);
         let mut cx = Context::from_waker(Waker::noop());
@@ -206,6 +205,8 @@ struct Ask<'b> {
     host: &'b [u8],
     path: &'b [u8],
     client_close: bool,
+    /// `Connection` names other fields, which are not forwarded.
+    nominates: bool,
 }
 
 /// How the upstream's response body is delimited.
@@ -433,7 +434,6 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 .await;
             match exchanged {
                 Ok((done, reusable)) => {
-                    let bodiless = ask.head || done.status == 204 || done.status == 304;
                     if let Some(stream) = reusable {
                         conn.held = Some(Held {
                             runtime: rt.clone(),
@@ -443,8 +443,6 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                             reuse_hash,
                             idle: up.config.timeouts.idle,
                             stream,
-                            since: Instant::now(),
-                            bodiless,
                         });
                     }
                     break Ok(done);
@@ -461,7 +459,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 if !counted {
                     up.metrics.count_error(kind);
                 }
-                warn!(
+                limited!(
+                    warn,
                     "{status} route={} upstream={} kind={} cause={cause}",
                     route.name,
                     up.name,
@@ -553,6 +552,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Err(e) => return fail(e.kind(), e.to_string()),
             }
         };
+        let mut interim = 0;
         let (status, head_len, framing, upstream_keep) = loop {
             let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
             let Some(resp) = parse_response(&conn.resp[..end], &mut headers) else {
@@ -565,6 +565,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             if status < 200 {
                 // Informational (100, 103): not forwarded; the final response
                 // follows on the same connection.
+                interim += 1;
+                if interim > policy::framing::MAX_INTERIM_RESPONSES {
+                    return fail(ErrorKind::Other, "too many informational responses".into());
+                }
                 conn.resp.drain(..end);
                 end = match read_response_head(&mut ups, &mut conn.resp, t.read).await {
                     Ok(end) => end,
@@ -572,8 +576,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 };
                 continue;
             }
-            let Some((framing, keep)) = response_framing(&resp, ask.head) else {
-                return fail(ErrorKind::Other, "conflicting Content-Length".into());
+            let framing = match response_framing(&resp, ask.head) {
+                Ok(f) => f,
+                Err(why) => return fail(ErrorKind::Other, format!("response framing: {why}")),
             };
             build_response_head(
                 &mut conn.out,
@@ -582,7 +587,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 &framing,
                 closing || ask.client_close,
             );
-            break (status, end, framing, keep);
+            break (status, end, framing.body, framing.reusable);
         };
 
         // The head, plus what body has arrived, in one write.
@@ -594,12 +599,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let keep_client = !(closing || ask.client_close || matches!(framing, Framing::Close));
         let mut framing = framing;
         let mut body_bytes = 0u64;
-        let (take, mut finished, mut clean) = body_part(&mut framing, &conn.resp[head_len..]);
-        let Some(take) = take else {
+        let Some(first) = body_part(&mut framing, &conn.resp[head_len..]) else {
             return fail(ErrorKind::Other, "malformed chunked body".into());
         };
-        let first_body = &conn.resp[head_len..head_len + take];
-        body_bytes += take as u64;
+        let mut finished = first.finished;
+        let mut clean = first.clean;
+        let first_body = &conn.resp[head_len..head_len + first.relay];
+        body_bytes += first.relay as u64;
         let done = |bytes, keep_client| Done {
             status,
             bytes,
@@ -609,6 +615,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             &mut conn.stream,
             &mut conn.out,
             first_body,
+            first.tail(),
         ))
         .await
         {
@@ -630,7 +637,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     break;
                 }
                 up.metrics.count_error(ErrorKind::Reset);
-                warn!("upstream {} closed the connection mid-body", up.name);
+                limited!(warn, "upstream {} closed the connection mid-body", up.name);
                 return Ok((done(body_bytes, false), None));
             }
             conn.resp.clear();
@@ -639,12 +646,12 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
                     up.metrics.count_error(ErrorKind::Reset);
-                    warn!("upstream {} failed mid-body: {e}", up.name);
+                    limited!(warn, "upstream {} failed mid-body: {e}", up.name);
                     return Ok((done(body_bytes, false), None));
                 }
                 Err(_) => {
                     up.metrics.count_error(ErrorKind::Timeout);
-                    warn!("upstream {} timed out mid-body", up.name);
+                    limited!(warn, "upstream {} timed out mid-body", up.name);
                     return Ok((done(body_bytes, false), None));
                 }
             };
@@ -656,21 +663,28 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             // Whatever else is already there goes out in the same client write.
             let want = batch_size(&framing);
             upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
-            let (take, end, tidy) = body_part(&mut framing, &conn.resp);
-            let Some(take) = take else {
+            let Some(part) = body_part(&mut framing, &conn.resp) else {
+                // What went out so far was well-formed; the client sees the
+                // response cut short, never the malformed bytes.
                 up.metrics.count_error(ErrorKind::Other);
-                warn!("upstream {} sent a malformed chunked body", up.name);
+                limited!(
+                    warn,
+                    "upstream {} sent a malformed chunked body; response cut",
+                    up.name
+                );
                 return Ok((done(body_bytes, false), None));
             };
-            finished = end;
-            clean = tidy;
-            if to_client(conn.stream.write_all(&conn.resp[..take]))
-                .await
-                .is_err()
-            {
+            finished = part.finished;
+            clean = part.clean;
+            let sent = to_client(write_parts(
+                &mut conn.stream,
+                &[&conn.resp[..part.relay], part.tail()],
+            ))
+            .await;
+            if sent.is_err() {
                 return Ok((done(body_bytes, false), None));
             }
-            body_bytes += take as u64;
+            body_bytes += part.relay as u64;
         }
         if to_client(conn.stream.flush()).await.is_err() {
             return Ok((done(body_bytes, false), None));
@@ -719,7 +733,7 @@ pub fn prepare_response(head: &[u8], route: &Route, out: &mut Vec<u8>) -> bool {
     let Some(resp) = parse_response(head, &mut headers) else {
         return false;
     };
-    let Some((framing, _)) = response_framing(&resp, false) else {
+    let Ok(framing) = response_framing(&resp, false) else {
         return false;
     };
     build_response_head(out, &resp, route, &framing, false);
@@ -740,13 +754,18 @@ fn parse_request<'h, 'b>(
     }
 }
 
-/// The same for a response head.
+/// The same for a response head, read as the Pingora path reads it (RFC
+/// 9112 5.1, 5.2 allow a proxy this, provided what it forwards is
+/// canonical): whitespace before a field's colon is accepted and dropped,
+/// and an obs-fold is accepted and forwarded as one space.
 fn parse_response<'h, 'b>(
     buf: &'b [u8],
     headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Option<httparse::Response<'h, 'b>> {
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
         .parse_response_with_uninit_headers(&mut resp, buf, headers);
     match parsed {
         Ok(httparse::Status::Complete(n)) if n == buf.len() => Some(resp),
@@ -755,7 +774,8 @@ fn parse_response<'h, 'b>(
 }
 
 /// The request line and headers the fast path forwards, or `None` when the
-/// request is not one it serves.
+/// request is not one it serves. What it does not serve goes to the Pingora
+/// path, which applies the same policy and refuses what must be refused.
 fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
     if req.version != Some(1) {
         return None;
@@ -766,29 +786,19 @@ fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
         _ => return None,
     };
     let path = req.path?.as_bytes();
-    if !path.starts_with(b"/") {
+    if policy::refusal::request_target(b"GET", path) != Ok(TargetForm::Origin) {
+        return None;
+    }
+    let fields = || req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    if policy::framing::request_body(false, fields()) != Ok(RequestBody::None) {
         return None;
     }
     let mut host = None;
-    let mut client_close = false;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
             if host.replace(h.value).is_some() {
                 return None;
-            }
-        } else if name.eq_ignore_ascii_case("content-length") {
-            if h.value.trim_ascii() != b"0" {
-                return None;
-            }
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    client_close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                    return None;
-                }
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
@@ -797,30 +807,40 @@ fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
             return None;
         }
     }
+    let connection = connection_options(header_values(req, Some("connection")));
+    if connection.upgrade {
+        return None;
+    }
     Some(Ask {
         head,
         host: host?,
         path,
-        client_close,
+        client_close: connection.close,
+        nominates: connection.nominates,
     })
 }
 
-/// Headers a proxy never forwards as they are: hop-by-hop ones, and the ones
-/// cutover writes itself.
-fn replaced_upstream(name: &str, route: &Route) -> bool {
-    [
+/// Whether a client field goes upstream as it came: not a hop-by-hop field
+/// (the shared policy), not one cutover writes itself, not one the route
+/// edits.
+fn forwarded_as_is(
+    name: &str,
+    req: &httparse::Request<'_, '_>,
+    ask: &Ask<'_>,
+    route: &Route,
+) -> bool {
+    const WRITTEN: [&str; 5] = [
         "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
         "content-length",
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+    ];
+    let n = name.as_bytes();
+    let replaced = WRITTEN.iter().any(|h| name.eq_ignore_ascii_case(h))
         || edited(&route.request_headers, name)
+        || (ask.nominates && nominated(n, header_values(req, Some("connection"))));
+    policy::fields::forward_request_field(n, false) && !replaced
 }
 
 /// Whether the route removes or sets the header `name`.
@@ -883,13 +903,31 @@ fn build_request(
         push_header(out, b"X-Forwarded-Host", ask.host);
     }
     for h in req.headers.iter() {
-        if !replaced_upstream(h.name, route) {
+        if forwarded_as_is(h.name, req, ask, route) {
             push_header(out, h.name.as_bytes(), h.value);
         }
     }
     for (name, value) in &route.request_headers.set {
         push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response field, each obs-fold (CRLF and the whitespace after it) of
+/// its value written as one space.
+fn push_unfolded(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    if memchr::memchr2(b'\r', b'\n', value).is_none() {
+        return push_header(out, name, value);
+    }
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    let mut rest = value;
+    while let Some(i) = memchr::memchr2(b'\r', b'\n', rest) {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b' ');
+        rest = rest[i..].trim_ascii_start();
+    }
+    out.extend_from_slice(rest);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -900,121 +938,143 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The response head for the client: the upstream's, minus hop-by-hop
-/// headers, with the route's edits, and `Connection: close` when this is the
-/// connection's last response.
+/// The response head for the client: the upstream's, minus the fields the
+/// shared policy does not forward, with the route's edits, and
+/// `Connection: close` when this is the connection's last response.
 fn build_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     route: &Route,
-    framing: &Framing,
+    framing: &ResponseFraming,
     close: bool,
 ) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     let mut code = itoa::Buffer::new();
-    out.extend_from_slice(code.format(resp.code.unwrap_or(502)).as_bytes());
+    let status = resp.code.unwrap_or(502);
+    out.extend_from_slice(code.format(status).as_bytes());
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let edits = &route.response_headers;
-    // With any Transfer-Encoding a Content-Length is wrong (RFC 9112 6.1).
-    let coded = resp
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let connection_values = || {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value)
+    };
+    let nominates = framing.nominates;
     for h in resp.headers.iter() {
-        let n = h.name;
-        let hop = n.eq_ignore_ascii_case("connection")
-            || n.eq_ignore_ascii_case("keep-alive")
-            || n.eq_ignore_ascii_case("proxy-connection")
-            || (coded && n.eq_ignore_ascii_case("content-length"));
-        if !hop && !edited(edits, n) {
-            push_header(out, n.as_bytes(), h.value);
+        let n = h.name.as_bytes();
+        let dropped = (framing.drop_content_length
+            && h.name.eq_ignore_ascii_case("content-length"))
+            || (nominates && nominated(n, connection_values()))
+            || edited(edits, h.name);
+        if policy::fields::forward_response_field(n, status) && !dropped {
+            push_unfolded(out, n, h.value);
         }
     }
     for (name, value) in &edits.set {
         push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if close || matches!(framing, Framing::Close) {
+    if close || matches!(framing.body, Framing::Close) {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
 
-/// How the body is delimited, and whether the upstream connection may be
-/// reused after it; `None` for contradictory Content-Length values.
+/// A response's framing as the fast path relays it.
+struct ResponseFraming {
+    body: Framing,
+    reusable: bool,
+    drop_content_length: bool,
+    /// The response's `Connection` names fields that are not forwarded.
+    nominates: bool,
+}
+
+/// How the body is delimited (the shared policy), and whether the upstream
+/// connection may be reused after it; `Err` with the reason for a response
+/// whose framing could be read two ways.
 fn response_framing(
     resp: &httparse::Response<'_, '_>,
     head_request: bool,
-) -> Option<(Framing, bool)> {
-    let status = resp.code.unwrap_or(0);
-    let mut keep = resp.version == Some(1);
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut other_coding = false;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let v: u64 = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
-            if length.is_some_and(|l| l != v) {
-                return None;
-            }
-            length = Some(v);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"")
-                .trim_ascii();
-            chunked = last.eq_ignore_ascii_case(b"chunked");
-            other_coding = !chunked;
-        } else if h.name.eq_ignore_ascii_case("connection")
-            && h.value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        {
-            keep = false;
-        }
-    }
-    let framing = if head_request || status == 204 || status == 304 {
-        Framing::None
-    } else if chunked {
-        Framing::Chunked(ChunkedEnd::default())
-    } else if other_coding {
-        Framing::Close
-    } else {
-        match length {
-            Some(0) => Framing::None,
-            Some(n) => Framing::Length(n),
-            None => Framing::Close,
-        }
-    };
-    if matches!(framing, Framing::Close) {
-        keep = false;
-    }
-    Some((framing, keep))
+) -> Result<ResponseFraming, &'static str> {
+    let connection = connection_options(
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value),
+    );
+    let f = policy::framing::response_body(
+        resp.code.unwrap_or(0),
+        head_request,
+        resp.version != Some(1),
+        connection.close,
+        resp.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+    )?;
+    Ok(ResponseFraming {
+        body: match f.body {
+            ResponseBody::None => Framing::None,
+            ResponseBody::Length(n) => Framing::Length(n),
+            ResponseBody::Chunked => Framing::Chunked(ChunkedEnd::default()),
+            ResponseBody::UntilClose => Framing::Close,
+        },
+        reusable: f.reusable,
+        drop_content_length: f.drop_content_length,
+        nominates: connection.nominates,
+    })
 }
 
-/// How much of `bytes` belongs to the body (`None`: malformed), whether the
-/// body is complete, and whether nothing followed it (the connection can be
-/// reused).
-fn body_part(framing: &mut Framing, bytes: &[u8]) -> (Option<usize>, bool, bool) {
-    match framing {
-        Framing::None => (Some(0), true, bytes.is_empty()),
+/// The part of a read that belongs to the body.
+struct Part {
+    /// How many of the bytes are forwarded as they are.
+    relay: usize,
+    /// The body is complete.
+    finished: bool,
+    /// Nothing followed the body (the connection can be reused).
+    clean: bool,
+    /// The forwarded body needs a final CRLF of cutover's own (its chunked
+    /// trailers were dropped).
+    terminator: bool,
+}
+
+impl Part {
+    fn tail(&self) -> &'static [u8] {
+        if self.terminator {
+            b"\r\n"
+        } else {
+            b""
+        }
+    }
+}
+
+/// How much of `bytes` belongs to the body; `None`: malformed.
+fn body_part(framing: &mut Framing, bytes: &[u8]) -> Option<Part> {
+    let part = |relay, finished, clean| Part {
+        relay,
+        finished,
+        clean,
+        terminator: false,
+    };
+    Some(match framing {
+        Framing::None => part(0, true, bytes.is_empty()),
         Framing::Length(left) => {
             let take = (*left).min(bytes.len() as u64);
             *left -= take;
             let take = take as usize;
-            (Some(take), *left == 0, take == bytes.len())
+            part(take, *left == 0, take == bytes.len())
         }
-        Framing::Chunked(c) => match c.feed(bytes) {
-            Ok(Some(end)) => (Some(end), true, end == bytes.len()),
-            Ok(None) => (Some(bytes.len()), false, true),
-            Err(_) => (None, true, false),
-        },
-        Framing::Close => (Some(bytes.len()), false, false),
-    }
+        Framing::Chunked(c) => {
+            let s = c.feed(bytes).ok()?;
+            Part {
+                relay: s.relay,
+                finished: s.end.is_some(),
+                clean: s.end.is_none_or(|e| e == bytes.len()),
+                terminator: s.terminator,
+            }
+        }
+        Framing::Close => part(bytes.len(), false, false),
+    })
 }
 
 enum HeadError {
@@ -1045,30 +1105,49 @@ impl std::fmt::Display for HeadError {
 
 /// The response head and the first body bytes in one syscall: a small body
 /// is copied behind the head, a large one goes out with a vectored write.
+/// `tail` (a chunked body's final CRLF, or nothing) follows the body.
 async fn write_head_and_body(
     stream: &mut Stream,
     head: &mut Vec<u8>,
     body: &[u8],
+    tail: &[u8],
 ) -> std::io::Result<()> {
     if body.len() <= 16 * 1024 {
         head.extend_from_slice(body);
+        head.extend_from_slice(tail);
         return stream.write_all(head).await;
     }
-    let (mut head, mut body) = (&head[..], body);
-    while !head.is_empty() {
-        let slices = [std::io::IoSlice::new(head), std::io::IoSlice::new(body)];
-        let n = stream.write_vectored(&slices).await?;
+    write_parts(stream, &[head, body, tail]).await
+}
+
+/// Write `parts` in order, as few syscalls as the socket allows.
+async fn write_parts(stream: &mut Stream, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut parts: [&[u8]; 3] = [
+        parts.first().copied().unwrap_or(b""),
+        parts.get(1).copied().unwrap_or(b""),
+        parts.get(2).copied().unwrap_or(b""),
+    ];
+    let mut first = 0;
+    while first < parts.len() {
+        if parts[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        if parts[first + 1..].iter().all(|p| p.is_empty()) {
+            return stream.write_all(parts[first]).await;
+        }
+        let slices = parts.map(std::io::IoSlice::new);
+        let mut n = stream.write_vectored(&slices[first..]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        if n < head.len() {
-            head = &head[n..];
-        } else {
-            body = &body[n - head.len()..];
-            head = &[];
+        for p in parts[first..].iter_mut() {
+            let k = n.min(p.len());
+            *p = &p[k..];
+            n -= k;
         }
     }
-    stream.write_all(body).await
+    Ok(())
 }
 
 /// How many body bytes to gather before writing to the client: up to

@@ -200,8 +200,8 @@ impl Metrics {
     pub fn phase(&self, phase: &str) -> PhaseMetrics {
         PhaseMetrics {
             unmatched: self.unmatched.with_label_values(&[phase]),
-            rejected_bad_host: self.rejected.with_label_values(&[phase, "bad_host"]),
-            rejected_connect: self.rejected.with_label_values(&[phase, "connect_method"]),
+            rejected: crate::policy::refusal::Refusal::ALL
+                .map(|r| self.rejected.with_label_values(&[phase, r.reason()])),
             client_ip_ignored: self.client_ip_ignored.with_label_values(&[phase]),
         }
     }
@@ -286,7 +286,7 @@ impl UpstreamMetrics {
 
 pub struct PhaseMetrics {
     pub unmatched: IntCounter,
-    pub rejected_bad_host: IntCounter,
-    pub rejected_connect: IntCounter,
+    /// By [`crate::policy::refusal::Refusal`], in its order.
+    pub rejected: [IntCounter; crate::policy::refusal::Refusal::ALL.len()],
     pub client_ip_ignored: IntCounter,
 }

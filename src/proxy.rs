@@ -11,14 +11,19 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderName, HeaderValue, Method};
-use log::{debug, info, warn};
+use log::debug;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::client_ip::{client_ip, Source};
 use crate::errors::{classify, ErrorKind, Outcome};
+use crate::limited;
+use crate::policy;
+use crate::policy::fields::{connection_options, nominated};
+use crate::policy::refusal::Refusal;
 use crate::routing::{normalize_authority, BadAuthority};
 use crate::runtime::{Route, Runtime, Shared, Upstream};
 use crate::selection::{choose, client_point};
@@ -53,6 +58,13 @@ pub struct RequestCtx {
     client: Option<IpAddr>,
     /// The upstream address last tried.
     upstream_addr: Option<std::net::SocketAddr>,
+    /// The request is a protocol upgrade cutover forwards (`Upgrade` with
+    /// `Connection: upgrade`): a 101 answer is expected, not refused.
+    upgrade: bool,
+    /// The client's `Connection` names fields that are not forwarded.
+    nominates: bool,
+    /// Informational responses seen so far.
+    interim: usize,
 }
 
 impl RequestCtx {
@@ -64,12 +76,73 @@ impl RequestCtx {
     }
 }
 
-/// Answer the client directly, with a one-line body saying why.
-async fn reject(session: &mut Session, status: u16, why: &'static str) -> Result<bool> {
+/// Answer the client directly, with a one-line body saying why, and close
+/// the connection after it.
+async fn answer(session: &mut Session, status: u16, body: &'static str) -> Result<bool> {
+    session.set_keepalive(None);
     session
-        .respond_error_with_body(status, Bytes::from_static(why.as_bytes()))
+        .respond_error_with_body(status, Bytes::from_static(body.as_bytes()))
         .await?;
     Ok(true)
+}
+
+/// Refuse a request the shared policy refuses: counted by reason, logged at
+/// most a few times a second, answered, and the connection closed.
+async fn refuse(
+    session: &mut Session,
+    rt: &Runtime,
+    refusal: Refusal,
+    why: &'static str,
+) -> Result<bool> {
+    rt.phase.rejected[refusal as usize].inc();
+    limited!(
+        info,
+        "{} {}: {why} (from {:?})",
+        refusal.status(),
+        refusal.reason(),
+        peer_ip(session)
+    );
+    answer(session, refusal.status(), refusal.body()).await
+}
+
+/// The request head's size as received: request line and fields.
+fn head_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.raw_path().len() + 12;
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    line + fields + 2
+}
+
+/// The framing fields as the client sent them. Pingora drops a
+/// `Content-Length` sent with `Transfer-Encoding` before cutover sees the
+/// request, so for a request with a transfer coding the head is read again.
+fn framing_refusal(session: &Session) -> Option<&'static str> {
+    let req = session.req_header();
+    let http10 = req.version == http::Version::HTTP_10;
+    let fields = req
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    if let Err(why) = policy::framing::request_body(http10, fields) {
+        return Some(why);
+    }
+    if !req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let raw = session.as_http1()?.get_headers_raw_bytes();
+    let mut headers = [httparse::EMPTY_HEADER; 256];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&raw) {
+        Ok(httparse::Status::Complete(_)) => policy::framing::request_body(
+            http10,
+            parsed.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+        )
+        .err(),
+        _ => Some("unreadable head"),
+    }
 }
 
 fn peer_ip(session: &Session) -> Option<IpAddr> {
@@ -100,6 +173,9 @@ impl ProxyHttp for CutoverProxy {
             connect_error_counted: false,
             client: None,
             upstream_addr: None,
+            upgrade: false,
+            nominates: false,
+            interim: 0,
         }
     }
 
@@ -109,6 +185,12 @@ impl ProxyHttp for CutoverProxy {
     /// absolute-form target (`GET http://host/`) routes by its authority;
     /// the upstream address never comes from the request.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Requests pipelined behind this one are answered in order (Pingora
+        // drops them otherwise, after a response that said keep-alive), and
+        // interim responses are not forwarded (as the fast path and nginx),
+        // except 100 Continue to a request that expects it.
+        session.set_pipelining_enabled(true);
+        session.set_ignore_info_resp(true);
         let rt = self.shared.runtime();
         let req = session.req_header();
         let peer = peer_ip(session);
@@ -125,10 +207,36 @@ impl ProxyHttp for CutoverProxy {
         }
         ctx.client = client;
         if req.method == Method::CONNECT {
-            rt.phase.rejected_connect.inc();
-            info!("405 CONNECT {} from {:?}", req.uri, peer_ip(session));
-            return reject(session, 405, "cutover: CONNECT is not supported\n").await;
+            return refuse(session, &rt, Refusal::ConnectMethod, "CONNECT").await;
         }
+        if head_size(req) > policy::refusal::MAX_REQUEST_HEAD {
+            return refuse(
+                session,
+                &rt,
+                Refusal::HeadTooLarge,
+                "request head too large",
+            )
+            .await;
+        }
+        if let Err(why) =
+            policy::refusal::request_target(req.method.as_str().as_bytes(), req.raw_path())
+        {
+            return refuse(session, &rt, Refusal::BadTarget, why).await;
+        }
+        if let Some(why) = framing_refusal(session) {
+            return refuse(session, &rt, Refusal::BadFraming, why).await;
+        }
+        let req = session.req_header();
+        let connection = connection_options(
+            req.headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        ctx.upgrade = connection.upgrade
+            && req.version == http::Version::HTTP_11
+            && req.headers.contains_key(http::header::UPGRADE);
+        ctx.nominates = connection.nominates;
         // Pingora has already refused a Host that contradicts an absolute-form
         // target, userinfo, and repeated Host fields (400); what is left is one
         // authority, from the Host header, the absolute-form target, or HTTP/2's
@@ -157,12 +265,13 @@ impl ProxyHttp for CutoverProxy {
         };
         let Some(route_idx) = rt.hosts.route_for_host(host.as_str()) else {
             rt.phase.unmatched.inc();
-            info!(
+            limited!(
+                info,
                 "421 no route for host {:?} from {:?}",
                 host.as_str(),
                 peer_ip(session)
             );
-            return reject(
+            return answer(
                 session,
                 421,
                 "cutover: this host is not served here (no route matches it)\n",
@@ -204,7 +313,8 @@ impl ProxyHttp for CutoverProxy {
         if !route.upstreams[idx].addresses.has_addresses() && ctx.failed.is_none() {
             let up = &route.upstreams[idx];
             up.metrics.count_error(ErrorKind::Connect);
-            warn!(
+            limited!(
+                warn,
                 "upstream connect failed: route={} upstream={} kind=connect cause={}:{} has no address yet",
                 route.name, up.name, up.addresses.host, up.addresses.port
             );
@@ -312,12 +422,70 @@ impl ProxyHttp for CutoverProxy {
         if let Some(h) = &ctx.original_host {
             req.insert_header(XFH_NAME, h.clone())?;
         }
+        strip_request_fields(req, ctx.nominates, ctx.upgrade);
+        if ctx.upgrade {
+            // `Connection` itself is hop-by-hop; the upgrade needs it again.
+            req.insert_header(http::header::CONNECTION, "Upgrade")?;
+        }
         for name in &route.request_headers.remove {
             req.remove_header(name);
         }
         for (name, value) in &route.request_headers.set {
             req.insert_header(name.clone(), value.clone())?;
         }
+        Ok(())
+    }
+
+    /// The upstream's response head, checked and cleaned by the shared
+    /// policy before anything of it reaches the client: a 101 nobody asked
+    /// for, a flood of 1xx, or framing that could be read two ways is a 502
+    /// (the upstream connection is not reused); hop-by-hop fields and the
+    /// fields its `Connection` names are dropped.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        let bad = |why: &'static str| Error::explain(ErrorType::InvalidHTTPHeader, why).into_up();
+        if !(100..=599).contains(&status) {
+            return Err(bad("status outside 100..=599"));
+        }
+        if status == 101 && !ctx.upgrade {
+            return Err(bad(
+                "101 Switching Protocols to a request that did not ask to upgrade",
+            ));
+        }
+        if (100..200).contains(&status) && status != 101 {
+            ctx.interim += 1;
+            if ctx.interim > policy::framing::MAX_INTERIM_RESPONSES {
+                return Err(bad("too many informational responses"));
+            }
+            return Ok(());
+        }
+        let connection = connection_options(
+            resp.headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        if status != 101 {
+            let framing = policy::framing::response_body(
+                status,
+                session.req_header().method == Method::HEAD,
+                resp.version == http::Version::HTTP_10,
+                connection.close,
+                resp.headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+            )
+            .map_err(bad)?;
+            if framing.drop_content_length {
+                resp.remove_header(&http::header::CONTENT_LENGTH);
+            }
+        }
+        strip_response_fields(resp, connection.nominates, status);
         Ok(())
     }
 
@@ -365,29 +533,52 @@ impl ProxyHttp for CutoverProxy {
                     if !ctx.connect_error_counted {
                         up.metrics.count_error(kind);
                     }
-                    warn!(
+                    limited!(
+                        warn,
                         "{status} route={} upstream={} kind={} cause={e}",
                         route.name,
                         up.name,
                         kind.label()
                     );
                 } else {
-                    warn!("{status} cause={e}");
+                    limited!(warn, "{status} cause={e}");
                 }
                 status
             }
             Outcome::Status(code) => {
                 if let Some((route, up)) = ctx.route_and_upstream() {
-                    warn!("{code} route={} upstream={} cause={e}", route.name, up.name);
+                    limited!(
+                        warn,
+                        "{code} route={} upstream={} cause={e}",
+                        route.name,
+                        up.name
+                    );
                 }
                 code
+            }
+            Outcome::Downstream { status: 400 } => {
+                // A request body that does not parse (a chunk line the shared
+                // policy refuses, see vendor/httparse): refused, counted.
+                let refusal = match e.etype() {
+                    ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd") => Refusal::BadFraming,
+                    _ => Refusal::Malformed,
+                };
+                let rt = ctx.runtime.clone().unwrap_or_else(|| self.shared.runtime());
+                rt.phase.rejected[refusal as usize].inc();
+                limited!(
+                    info,
+                    "400 {}: request body: {e} (from {:?})",
+                    refusal.reason(),
+                    peer_ip(session)
+                );
+                400
             }
             Outcome::Downstream { status } => {
                 debug!("client side error ({status}): {e}");
                 status
             }
             Outcome::Internal => {
-                warn!("500 internal error: {e}");
+                limited!(warn, "500 internal error: {e}");
                 500
             }
         };
@@ -400,6 +591,27 @@ impl ProxyHttp for CutoverProxy {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// A request head Pingora's parser refused (it answers 400 itself) or a
+    /// client connection that failed mid-head: counted and logged here, at
+    /// most a few lines a second, instead of Pingora's line per connection
+    /// (at `error` level for a failed connection). Needs the hook cutover
+    /// adds to Pingora (`vendor/pingora-proxy`).
+    fn request_header_error(&self, session: &ServerSession, e: &Error) -> bool {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
+            let rt = self.shared.runtime();
+            rt.phase.rejected[Refusal::Malformed as usize].inc();
+            let cause: String = e.to_string().chars().take(200).collect();
+            limited!(info, "400 malformed: {cause} (from {peer:?})");
+        } else {
+            debug!("client connection from {peer:?} failed before a whole request head: {e}");
+        }
+        true
     }
 
     /// cutover logs every failure itself, with route and upstream, in
@@ -479,7 +691,8 @@ pub(crate) fn connect_failed(
     } else {
         None
     };
-    warn!(
+    limited!(
+        warn,
         "upstream {} failed: route={} upstream={} addr={addr} kind={} cause={e}{}",
         if next.is_some() {
             "connect"
@@ -493,6 +706,47 @@ pub(crate) fn connect_failed(
             .unwrap_or_default()
     );
     next
+}
+
+/// The fields of `headers` the policy does not forward (`keep` says which
+/// stay) and, when `nominates`, those its `Connection` values name. Read
+/// first, removed by the caller: `RequestHeader` and `ResponseHeader` keep a
+/// case map beside the `HeaderMap`, and `remove_header` updates both.
+fn unforwarded(
+    headers: &http::HeaderMap,
+    nominates: bool,
+    keep: impl Fn(&[u8]) -> bool,
+) -> Vec<HeaderName> {
+    let connection = || {
+        headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .map(|v| v.as_bytes())
+    };
+    headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str().as_bytes();
+            !keep(n) || (nominates && nominated(n, connection()))
+        })
+        .cloned()
+        .collect()
+}
+
+fn strip_request_fields(req: &mut RequestHeader, nominates: bool, upgrade: bool) {
+    for name in unforwarded(&req.headers, nominates, |n| {
+        policy::fields::forward_request_field(n, upgrade)
+    }) {
+        req.remove_header(&name);
+    }
+}
+
+fn strip_response_fields(resp: &mut ResponseHeader, nominates: bool, status: u16) {
+    for name in unforwarded(&resp.headers, nominates, |n| {
+        policy::fields::forward_response_field(n, status)
+    }) {
+        resp.remove_header(&name);
+    }
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`).
@@ -511,14 +765,7 @@ fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
 }
 
 async fn bad_host(session: &mut Session, rt: &Runtime, why: &'static str) -> Result<bool> {
-    rt.phase.rejected_bad_host.inc();
-    info!("400 {why} from {:?}", peer_ip(session));
-    reject(
-        session,
-        400,
-        "cutover: the request needs exactly one valid Host\n",
-    )
-    .await
+    refuse(session, rt, Refusal::BadHost, why).await
 }
 
 #[cfg(test)]

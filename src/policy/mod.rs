@@ -1,0 +1,7 @@
+//! Decisions about a request that both carriers (the fast path and the
+//! Pingora path) make the same way: they call these functions and only
+//! render the answer in their own representation.
+
+pub mod fields;
+pub mod framing;
+pub mod refusal;

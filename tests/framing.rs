@@ -1,0 +1,929 @@
+//! The framing battery: request smuggling and response splitting, tried as an
+//! attacker would, on both carriers.
+//!
+//! A raw-bytes client sends each case to cutover; behind it a TLS origin
+//! reads what cutover forwards with a strict RFC 9112 reader
+//! ([`cutover::rehearsal::strict`]) and records every request whole. Each
+//! case asserts what the origin received (how many requests, their method,
+//! target and body, headers that must not arrive) and what the client got
+//! (each response strictly parsed and matched to its request), and the
+//! origin must never see a byte a strict server would refuse.
+//!
+//! Every case runs twice: on a fresh connection (the fast path, for what it
+//! takes; everything else is handed to Pingora from the first request), and
+//! after a `POST` on the same connection (the Pingora path). A case ends
+//! with a probe request on the same connection when it stays open, so a
+//! smuggled request or a stray response shows up as a mismatch there.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::strict_origin::{echo_answer, RawClient, Script, Step, StrictOrigin, ORIGIN_NAME};
+use common::*;
+use cutover::rehearsal::demo::PUBLIC_NAME;
+use cutover::rehearsal::pki::TestCa;
+use cutover::rehearsal::strict::Message;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Carrier {
+    Fast,
+    Pingora,
+}
+
+/// One response the client must get, in order.
+#[derive(Clone, Copy, Debug)]
+enum Want {
+    /// The origin's answer to the next expected upstream request.
+    Echo,
+    /// An answer from cutover itself (or the origin's scripted one) with this status.
+    Status(u16),
+    /// The same, for a HEAD request.
+    HeadStatus(u16),
+    /// The upstream's broken response never reaches the client whole:
+    /// a 502, or a response cut short by closing the connection.
+    Refused,
+}
+
+/// What the connection does after the listed responses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Then {
+    /// Closed by cutover, nothing more sent.
+    Closed,
+    /// Still usable: a probe request gets its own answer.
+    Open,
+}
+
+struct Case {
+    name: &'static str,
+    /// Raw client writes; `{P}` is replaced by the run's path prefix, `{H}`
+    /// by the routed public name.
+    writes: &'static [&'static str],
+    /// Requests the origin must receive, in order: method, target after
+    /// `{P}`, decoded body.
+    upstream: &'static [(&'static str, &'static str, &'static str)],
+    client: &'static [Want],
+    then: Then,
+    /// Header names that must not reach the origin.
+    stripped: &'static [&'static str],
+}
+
+const fn case(
+    name: &'static str,
+    writes: &'static [&'static str],
+    upstream: &'static [(&'static str, &'static str, &'static str)],
+    client: &'static [Want],
+    then: Then,
+) -> Case {
+    Case {
+        name,
+        writes,
+        upstream,
+        client,
+        then,
+        stripped: &[],
+    }
+}
+
+use Then::*;
+use Want::*;
+
+/// Requests a client (or an ALB shared by many clients) might send.
+const REQUESTS: &[Case] = &[
+    // --- Content-Length ---
+    case("cl-plain", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 5\r\n\r\nhello"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("cl-plus", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: +5\r\n\r\nhello"], &[], &[Status(400)], Closed),
+    case("cl-list", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 5, 5\r\n\r\nhello"], &[], &[Status(400)], Closed),
+    case("cl-duplicate", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"], &[], &[Status(400)], Closed),
+    case("cl-conflict", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"], &[], &[Status(400)], Closed),
+    case("cl-negative", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: -1\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("cl-huge", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 99999999999999999999\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("cl-hex", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 0x5\r\n\r\nhello"], &[], &[Status(400)], Closed),
+    case("cl-inner-space", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 1 2\r\n\r\nhello"], &[], &[Status(400)], Closed),
+    case("get-with-body", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 5\r\n\r\nhello"], &[("GET", "/a", "hello")], &[Echo], Open),
+    case("get-cl-zero", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 0\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open),
+    // --- CL.TE, TE.CL and Transfer-Encoding obfuscations ---
+    case("cl-te", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET {P}/smuggled HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-cl", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-chunked", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("te-uppercase", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("te-leading-space", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding:   chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("te-tab", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding:\tchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("te-xchunked", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-chunked-twice", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-identity-chunked", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: identity, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-gzip-chunked", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-two-fields", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-obs-fold", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding:\r\n chunked\r\nContent-Length: 5\r\n\r\nhello"], &[], &[Status(400)], Closed),
+    case("te-vertical-tab", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: \x0bchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("te-underscore", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer_Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("te-http10", &["POST {P}/a HTTP/1.0\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    // --- chunked request bodies ---
+    case("chunk-ext-bare-lf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n2;\nxx\r\n50\r\n0\r\n\r\n", "POST {P}/smuggled HTTP/1.1\r\nHost: {H}\r\nContent-Length: 0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-ext-ok", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n3;name=value;q=\"a b\"\r\nabc\r\n0\r\n\r\n"], &[("POST", "/a", "abc")], &[Echo], Open),
+    case("chunk-ext-quoted-crlf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n1;a=\"x\r\n0\r\n\r\nGET {P}/smuggled HTTP/1.1\r\nHost: {H}\r\n\r\n\"\r\nz\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-ext-nul", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n3;a\0b\r\nabc\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-size-space", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-size-bare-lf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-data-bare-lf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-size-overflow", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-size-negative", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-size-0x", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-last-bare-lf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\n\n"], &[], &[Status(400)], Closed),
+    case("chunk-trailers", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"], &[("POST", "/a", "hello")], &[Echo], Open),
+    // --- pipelining ---
+    case("pipeline-get-post-get", &["GET {P}/1 HTTP/1.1\r\nHost: {H}\r\n\r\nPOST {P}/2 HTTP/1.1\r\nHost: {H}\r\nContent-Length: 3\r\n\r\nabcGET {P}/3 HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[("GET", "/1", ""), ("POST", "/2", "abc"), ("GET", "/3", "")], &[Echo, Echo, Echo], Open),
+    case("pipeline-post-post", &["POST {P}/1 HTTP/1.1\r\nHost: {H}\r\nContent-Length: 1\r\n\r\naPOST {P}/2 HTTP/1.1\r\nHost: {H}\r\nContent-Length: 1\r\n\r\nb"], &[("POST", "/1", "a"), ("POST", "/2", "b")], &[Echo, Echo], Open),
+    case("pipeline-chunked-get", &["POST {P}/1 HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\nGET {P}/2 HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[("POST", "/1", "a"), ("GET", "/2", "")], &[Echo, Echo], Open),
+    case("pipeline-options", &["OPTIONS {P}/1 HTTP/1.1\r\nHost: {H}\r\n\r\nOPTIONS {P}/2 HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[("OPTIONS", "/1", ""), ("OPTIONS", "/2", "")], &[Echo, Echo], Open),
+    case("pipeline-get-get-close", &["GET {P}/1 HTTP/1.1\r\nHost: {H}\r\n\r\nGET {P}/2 HTTP/1.1\r\nHost: {H}\r\nConnection: close\r\n\r\nGET {P}/never HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[("GET", "/1", ""), ("GET", "/2", "")], &[Echo, Echo], Closed),
+    // --- Host and the request target ---
+    case("host-duplicate", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nHost: evil.test\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("host-missing", &["GET {P}/a HTTP/1.1\r\nX: y\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("host-empty", &["GET {P}/a HTTP/1.1\r\nHost: \r\n\r\n"], &[], &[Status(400)], Closed),
+    case("host-userinfo", &["GET {P}/a HTTP/1.1\r\nHost: user@{H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("host-space", &["GET {P}/a HTTP/1.1\r\nHost: {H} evil.test\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("host-case-port-dot", &["GET {P}/a HTTP/1.1\r\nHost: CDN.Example.Test.:8080\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open),
+    case("host-unknown", &["GET {P}/a HTTP/1.1\r\nHost: evil.test\r\n\r\n"], &[], &[Status(421)], Closed),
+    case("absolute-form", &["GET http://{H}{P}/a HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open),
+    case("absolute-form-other-host", &["GET http://evil.test{P}/a HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("absolute-form-ftp", &["GET ftp://{H}{P}/a HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("target-asterisk-get", &["GET * HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("target-no-slash", &["GET a{P} HTTP/1.1\r\nHost: {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("connect", &["CONNECT {H}:443 HTTP/1.1\r\nHost: {H}:443\r\n\r\n"], &[], &[Status(405)], Closed),
+    // --- control bytes, folding, malformed heads ---
+    case("obs-fold", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nX-A: a\r\n b\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("nul-in-value", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nX-A: a\0b\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("cr-in-value", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nX-A: a\rb\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("space-before-colon", &["GET {P}/a HTTP/1.1\r\nHost : {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("bad-field-name", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nX(A): 1\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("bare-lf-head", &["GET {P}/a HTTP/1.1\nHost: {H}\n\n"], &[("GET", "/a", "")], &[Echo], Open),
+    case("http10", &["GET {P}/a HTTP/1.0\r\nHost: {H}\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Closed),
+    case("http12", &["GET {P}/a HTTP/1.2\r\nHost: {H}\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("h2-preface", &["PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("oversized-head", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nX-Big: {BIG}\r\n\r\n"], &[], &[Status(431)], Closed),
+    // --- hop-by-hop fields never cross ---
+    Case {
+        stripped: &["te", "trailer", "proxy-authorization", "proxy", "keep-alive", "upgrade", "proxy-connection", "x_forwarded_for"],
+        ..case("hop-by-hop", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nTE: trailers\r\nTrailer: X-Sum\r\nProxy-Authorization: Basic eDp5\r\nProxy: http://evil.test\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\nProxy-Connection: keep-alive\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open)
+    },
+    Case {
+        stripped: &["x-secret", "x-other"],
+        ..case("connection-nominated", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nConnection: keep-alive, X-Secret\r\nConnection: x-other\r\nX-Secret: 1\r\nX-Other: 2\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open)
+    },
+    Case {
+        stripped: &["http2-settings"],
+        ..case("upgrade-h2c", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open)
+    },
+    Case {
+        stripped: &["te", "trailer", "proxy-authorization", "keep-alive", "x-secret"],
+        ..case("hop-by-hop-post", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTE: chunked\r\nTrailer: X-Sum\r\nProxy-Authorization: Basic eDp5\r\nKeep-Alive: timeout=5\r\nConnection: X-Secret\r\nX-Secret: 1\r\nContent-Length: 1\r\n\r\na"], &[("POST", "/a", "a")], &[Echo], Open)
+    },
+];
+
+/// One scripted upstream answer and what the client must see of it.
+struct Upstream {
+    name: &'static str,
+    method: &'static str,
+    answer: fn(&str) -> Vec<Step>,
+    want: Want,
+    then: Then,
+    /// Header names that must not reach the client.
+    stripped: &'static [&'static str],
+}
+
+fn send(s: &str) -> Vec<Step> {
+    vec![Step::Send(s.as_bytes().to_vec())]
+}
+
+fn send_close(s: &str) -> Vec<Step> {
+    vec![Step::Send(s.as_bytes().to_vec()), Step::Close]
+}
+
+const fn up(name: &'static str, answer: fn(&str) -> Vec<Step>, want: Want, then: Then) -> Upstream {
+    Upstream {
+        name,
+        method: "GET",
+        answer,
+        want,
+        then,
+        stripped: &[],
+    }
+}
+
+/// Responses an origin (or a broken edge) might send.
+const RESPONSES: &[Upstream] = &[
+    up(
+        "ok",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        Status(200),
+        Open,
+    ),
+    up(
+        "cl-plus",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-plus-zero",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: +0\r\n\r\n"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-list",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-duplicate",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-conflict",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 2\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-negative",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-huge",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "cl-and-te",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        },
+        Status(200),
+        Open,
+    ),
+    up(
+        "te-gzip",
+        |_| send_close("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    up(
+        "te-chunked-twice",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        },
+        Refused,
+        Open,
+    ),
+    up(
+        "chunked-ok",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\n\r\n")
+        },
+        Status(200),
+        Open,
+    ),
+    up(
+        "chunked-trailers",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n")
+        },
+        Status(200),
+        Open,
+    ),
+    up(
+        "chunk-size-bare-lf",
+        |_| send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"),
+        Refused,
+        Open,
+    ),
+    up(
+        "chunk-data-bare-lf",
+        |_| send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n"),
+        Refused,
+        Open,
+    ),
+    up(
+        "chunk-last-bare-lf",
+        |_| send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\n\n"),
+        Refused,
+        Open,
+    ),
+    up(
+        "chunk-size-space",
+        |_| send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n"),
+        Refused,
+        Open,
+    ),
+    up(
+        "chunk-ext-bare-lf",
+        |_| send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;\nhello\r\n0\r\n\r\n"),
+        Refused,
+        Open,
+    ),
+    // Trailers are dropped on both carriers, so junk in them never reaches anyone.
+    up(
+        "chunk-trailer-junk",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\njunk\r\n\r\n")
+        },
+        Status(200),
+        Open,
+    ),
+    up(
+        "chunk-size-overflow",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n")
+        },
+        Refused,
+        Open,
+    ),
+    up(
+        "chunk-cut",
+        |_| send_close("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+        Refused,
+        Open,
+    ),
+    up(
+        "length-cut",
+        |_| send_close("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"),
+        Refused,
+        Open,
+    ),
+    Upstream {
+        method: "HEAD",
+        ..up(
+            "head-with-body",
+            |_| send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+            HeadStatus(200),
+            Open,
+        )
+    },
+    up(
+        "204-with-body",
+        |_| send("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello"),
+        Status(204),
+        Open,
+    ),
+    up(
+        "304-with-body",
+        |_| send("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\nhello"),
+        Status(304),
+        Open,
+    ),
+    up(
+        "interim-then-200",
+        |_| {
+            send("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        },
+        Status(200),
+        Open,
+    ),
+    up(
+        "interim-flood",
+        |_| {
+            send(&format!(
+                "{}HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                "HTTP/1.1 100 Continue\r\n\r\n".repeat(100)
+            ))
+        },
+        Refused,
+        Open,
+    ),
+    up(
+        "unsolicited-101",
+        |_| {
+            send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nHTTP/1.1 200 OK\r\nX-Poison: 1\r\nContent-Length: 6\r\n\r\npoison")
+        },
+        Refused,
+        Open,
+    ),
+    up(
+        "bytes-after-body",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nX-Poison: 1\r\nContent-Length: 6\r\n\r\npoison")
+        },
+        Status(200),
+        Open,
+    ),
+    up(
+        "bytes-after-body-later",
+        |target| {
+            vec![
+                Step::Send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec()),
+                Step::Pause(Duration::from_millis(5)),
+                Step::SendThenSignal(
+                    b"HTTP/1.1 200 OK\r\nX-Poison: 1\r\nContent-Length: 6\r\n\r\npoison".to_vec(),
+                    target.to_string(),
+                ),
+            ]
+        },
+        Status(200),
+        Open,
+    ),
+    // RFC 9112 5.2: a proxy may replace an obs-fold with a space (both
+    // carriers do, as Pingora's reader does) and must drop whitespace
+    // before a colon (5.1).
+    up(
+        "obs-fold",
+        |_| send("HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok"),
+        Status(200),
+        Open,
+    ),
+    up(
+        "obs-fold-framing",
+        |_| send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n 2\r\n\r\nok"),
+        Refused,
+        Open,
+    ),
+    up(
+        "space-before-colon",
+        |_| send("HTTP/1.1 200 OK\r\nX-A : a\r\nContent-Length: 2\r\n\r\nok"),
+        Status(200),
+        Open,
+    ),
+    up(
+        "nul-in-value",
+        |_| send("HTTP/1.1 200 OK\r\nX-A: a\0b\r\nContent-Length: 2\r\n\r\nok"),
+        Refused,
+        Open,
+    ),
+    up(
+        "status-2000",
+        |_| send("HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok"),
+        Refused,
+        Open,
+    ),
+    up(
+        "status-600",
+        |_| send("HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok"),
+        Refused,
+        Open,
+    ),
+    up("garbage", |_| send_close("SURPRISE\r\n\r\n"), Refused, Open),
+    up(
+        "bare-lf-head",
+        |_| send("HTTP/1.1 200 OK\nContent-Length: 2\n\nok"),
+        Status(200),
+        Open,
+    ),
+    up(
+        "http10-until-close",
+        |_| send_close("HTTP/1.0 200 OK\r\n\r\nuntil-close"),
+        Status(200),
+        Open,
+    ),
+    Upstream {
+        stripped: &[
+            "x-internal",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-connection",
+            "trailer",
+            "upgrade",
+            "te",
+        ],
+        ..up(
+            "hop-by-hop",
+            |_| {
+                send("HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nX-Internal: secret\r\nKeep-Alive: timeout=5, max=100\r\nProxy-Authenticate: Basic\r\nProxy-Connection: keep-alive\r\nTrailer: X-Sum\r\nUpgrade: h2c\r\nTE: trailers\r\nContent-Length: 2\r\n\r\nok")
+            },
+            Status(200),
+            Open,
+        )
+    },
+];
+
+struct Bed {
+    _dir: tempfile::TempDir,
+    origin: StrictOrigin,
+    proxy: Proxy,
+}
+
+async fn start() -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("framing battery CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let script: Script = Arc::new(|msg: &Message| {
+        let target = msg.target();
+        let name = target.rsplit_once("/resp/")?.1;
+        let case = RESPONSES.iter().find(|c| c.name == name)?;
+        Some((case.answer)(target))
+    });
+    let origin = StrictOrigin::start(&ca, script).await;
+    let upstreams = format!(
+        "      - name: strict\n        address: 127.0.0.1:{}\n        sni: {ORIGIN_NAME}\n        host_header: {ORIGIN_NAME}\n        ca_file: {}\n        timeouts: {{ read: 3s }}\n",
+        origin.addr.port(),
+        ca_path.display()
+    );
+    let yaml = config_yaml(&origin.addr, &ca_path, dir.path(), &upstreams);
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    Bed {
+        _dir: dir,
+        origin,
+        proxy,
+    }
+}
+
+fn fill(s: &str, prefix: &str) -> String {
+    s.replace("{P}", prefix)
+        .replace("{H}", PUBLIC_NAME)
+        .replace("{BIG}", &"x".repeat(128 * 1024))
+}
+
+fn body_text(m: &Message) -> String {
+    String::from_utf8_lossy(&m.body).into_owned()
+}
+
+/// Open a connection on the wanted carrier: for Pingora's, a POST first.
+async fn open(bed: &Bed, carrier: Carrier, prefix: &str) -> Result<RawClient, String> {
+    let mut c = RawClient::connect(bed.proxy.listen).await;
+    if carrier == Carrier::Pingora {
+        c.send(
+            fill(
+                "POST {P}/warm HTTP/1.1\r\nHost: {H}\r\nContent-Length: 4\r\n\r\nwarm",
+                prefix,
+            )
+            .as_bytes(),
+        )
+        .await;
+        let r = c
+            .response(false)
+            .await
+            .map_err(|e| format!("warm-up: {e}"))?;
+        if body_text(&r) != format!("POST {prefix}/warm") {
+            return Err(format!("warm-up answered {:?}", body_text(&r)));
+        }
+    }
+    Ok(c)
+}
+
+/// End of a case: the connection is closed, or a probe gets its own answer.
+async fn finish(c: &mut RawClient, then: Then, prefix: &str) -> Result<(), String> {
+    match then {
+        Closed => c
+            .closes()
+            .await
+            .map_err(|e| format!("expected a close: {e}")),
+        Open => {
+            c.send(fill("GET {P}/probe HTTP/1.1\r\nHost: {H}\r\n\r\n", prefix).as_bytes())
+                .await;
+            let r = c.response(false).await.map_err(|e| format!("probe: {e}"))?;
+            let want = format!("GET {prefix}/probe");
+            if r.status() != 200 || body_text(&r) != want {
+                return Err(format!(
+                    "probe got {} {:?}, not its own answer {want:?}",
+                    r.status(),
+                    body_text(&r)
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run_request_case(
+    bed: &Bed,
+    case: &Case,
+    carrier: Carrier,
+    prefix: &str,
+) -> Result<(), String> {
+    let violations_before = bed.origin.violations().len();
+    let mut c = open(bed, carrier, prefix).await?;
+    for (i, w) in case.writes.iter().enumerate() {
+        if i > 0 {
+            // Separate writes, as an attacker splits them across packets.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.send(fill(w, prefix).as_bytes()).await;
+    }
+    let mut expected: Vec<(String, String, String)> = Vec::new();
+    if carrier == Carrier::Pingora {
+        expected.push(("POST".into(), format!("{prefix}/warm"), "warm".into()));
+    }
+    expected.extend(
+        case.upstream
+            .iter()
+            .map(|(m, t, b)| (m.to_string(), format!("{prefix}{t}"), b.to_string())),
+    );
+    let mut echoes = expected
+        .iter()
+        .skip(usize::from(carrier == Carrier::Pingora));
+    for (i, want) in case.client.iter().enumerate() {
+        let head = matches!(want, HeadStatus(_));
+        let r = c
+            .response(head)
+            .await
+            .map_err(|e| format!("response {}: {e}", i + 1))?;
+        match want {
+            Echo => {
+                let (m, t, _) = echoes.next().ok_or("more echoes wanted than requests")?;
+                let own = format!("{m} {t}");
+                if r.status() != 200 || body_text(&r) != own {
+                    return Err(format!(
+                        "response {} is {} {:?}, not the answer to {own:?}",
+                        i + 1,
+                        r.status(),
+                        body_text(&r)
+                    ));
+                }
+            }
+            Status(s) | HeadStatus(s) if r.status() != *s => {
+                return Err(format!(
+                    "response {} is {} ({:?}), wanted {s}",
+                    i + 1,
+                    r.status(),
+                    body_text(&r)
+                ));
+            }
+            _ => {}
+        }
+    }
+    finish(&mut c, case.then, prefix).await?;
+    if case.then == Open {
+        expected.push(("GET".into(), format!("{prefix}/probe"), String::new()));
+    }
+    let got: Vec<(String, String, String)> = bed
+        .origin
+        .requests(&format!("{prefix}/"))
+        .iter()
+        .map(|r| {
+            (
+                r.msg.method().to_string(),
+                r.msg.target().to_string(),
+                body_text(&r.msg),
+            )
+        })
+        .collect();
+    if got != expected {
+        return Err(format!(
+            "the origin received {got:?}, expected {expected:?}"
+        ));
+    }
+    for r in bed.origin.requests(&format!("{prefix}/")) {
+        for name in case.stripped {
+            if r.msg.header(name).is_some() {
+                return Err(format!(
+                    "{name} reached the origin: {:?}",
+                    String::from_utf8_lossy(&r.msg.raw_head)
+                ));
+            }
+        }
+    }
+    let violations = bed.origin.violations();
+    if violations.len() > violations_before {
+        return Err(format!(
+            "the origin saw bytes a strict server refuses: {}",
+            describe(&violations[violations_before..])
+        ));
+    }
+    Ok(())
+}
+
+async fn run_response_case(
+    bed: &Bed,
+    case: &Upstream,
+    carrier: Carrier,
+    prefix: &str,
+) -> Result<(), String> {
+    let mut c = open(bed, carrier, prefix).await?;
+    let target = format!("{prefix}/resp/{}", case.name);
+    c.send(
+        format!(
+            "{} {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n",
+            case.method
+        )
+        .as_bytes(),
+    )
+    .await;
+    let head = case.method == "HEAD";
+    let got = c.response(head).await;
+    let closing = match &got {
+        Ok(r) => r
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"close")),
+        Err(_) => true,
+    };
+    match (case.want, got) {
+        (Refused, Ok(r)) if r.status() != 502 => {
+            return Err(format!(
+                "a broken response reached the client whole: {} {:?} {:?}",
+                r.status(),
+                String::from_utf8_lossy(&r.raw_head),
+                body_text(&r)
+            ));
+        }
+        (Refused, Ok(_)) => {}
+        // Cut short: the client knows the response is incomplete.
+        (Refused, Err(e)) if e.starts_with("connection closed mid-response") => {
+            return Ok(());
+        }
+        (Refused, Err(e)) => return Err(e),
+        (Status(s) | HeadStatus(s), Ok(r)) => {
+            if r.status() != s {
+                return Err(format!(
+                    "status {} ({:?}), wanted {s}",
+                    r.status(),
+                    body_text(&r)
+                ));
+            }
+            for name in case.stripped {
+                if r.header(name).is_some() {
+                    return Err(format!(
+                        "{name} reached the client: {:?}",
+                        String::from_utf8_lossy(&r.raw_head)
+                    ));
+                }
+            }
+            if r.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("x-poison"))
+            {
+                return Err("a stray response reached the client".into());
+            }
+        }
+        (_, Err(e)) => return Err(e),
+        (Echo, _) => unreachable!(),
+    }
+    if case.name == "bytes-after-body-later" {
+        // The stray response is now in cutover's socket buffer, before the
+        // client's next request is sent.
+        bed.origin.signalled(&target).await;
+    }
+    // A connection cutover keeps open must answer the next request with its
+    // own response; one it closes must say so.
+    let then = if closing { Closed } else { case.then };
+    finish(&mut c, then, prefix).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_smuggled_on_either_carrier() {
+    let bed = start().await;
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for (i, case) in REQUESTS
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| selected(c.name))
+    {
+        for carrier in [Carrier::Fast, Carrier::Pingora] {
+            let prefix = format!("/q{i}{}", if carrier == Carrier::Fast { "f" } else { "p" });
+            runs += 1;
+            if let Err(e) = run_request_case(&bed, case, carrier, &prefix).await {
+                failures.push(format!("{} ({carrier:?}): {e}", case.name));
+            }
+        }
+    }
+    let violations = bed.origin.violations();
+    assert!(
+        failures.is_empty() && violations.is_empty(),
+        "{} of {runs} runs failed:\n{}\nviolations: {}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        describe(&violations),
+        bed.proxy.log()
+    );
+    // Each refused request is counted once: by reason, or as unmatched.
+    let (mut refused, mut unmatched) = (0.0, 0.0);
+    for case in REQUESTS.iter().filter(|c| selected(c.name)) {
+        match case.client.first() {
+            Some(Status(421)) => unmatched += 2.0,
+            Some(Status(s)) if *s >= 400 => refused += 2.0,
+            _ => {}
+        }
+    }
+    let m = bed.proxy.metrics().await;
+    let total = |name: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(total("cutover_rejected_requests_total"), refused, "{m}");
+    assert_eq!(total("cutover_unmatched_requests_total"), unmatched, "{m}");
+}
+
+/// `FRAMING_CASE=name` runs that case alone (when chasing one).
+fn selected(name: &str) -> bool {
+    std::env::var("FRAMING_CASE").map_or(true, |only| only == name)
+}
+
+fn describe(v: &[common::strict_origin::Violation]) -> String {
+    v.iter()
+        .map(|v| {
+            let shown: String = String::from_utf8_lossy(&v.bytes)
+                .chars()
+                .take(300)
+                .collect();
+            format!("[conn {}] {}: {shown:?}", v.conn, v.why)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_response_crosses_requests_on_either_carrier() {
+    let bed = start().await;
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for (i, case) in RESPONSES
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| selected(c.name))
+    {
+        for carrier in [Carrier::Fast, Carrier::Pingora] {
+            let prefix = format!("/r{i}{}", if carrier == Carrier::Fast { "f" } else { "p" });
+            runs += 1;
+            if let Err(e) = run_response_case(&bed, case, carrier, &prefix).await {
+                failures.push(format!("{} ({carrier:?}): {e}", case.name));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} runs failed:\n{}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        bed.proxy.log()
+    );
+    // Every broken answer was counted as an upstream error.
+    let refused = RESPONSES
+        .iter()
+        .filter(|c| selected(c.name) && matches!(c.want, Refused))
+        .count() as f64
+        * 2.0;
+    let m = bed.proxy.metrics().await;
+    let errors: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("cutover_upstream_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        errors >= refused,
+        "{errors} upstream errors for {refused} refused answers: {m}"
+    );
+    // The proxy is still serving after all of it.
+    let mut c = RawClient::connect(bed.proxy.listen).await;
+    finish(&mut c, Open, "/after").await.unwrap();
+    let _ = echo_answer;
+}
+
+/// Under attack the log shows what happens and how often, not one line per
+/// request; the counters count every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_requests_is_counted_whole_and_logged_a_few_lines_a_second() {
+    let bed = start().await;
+    let started = std::time::Instant::now();
+    let n = 200;
+    for i in 0..n {
+        let mut c = RawClient::connect(bed.proxy.listen).await;
+        let bytes = if i % 2 == 0 {
+            // Refused by Pingora's parser (through cutover's hook).
+            fill(
+                "GET {P}/a HTTP/1.1\r\nHost: {H}\r\nBad Field\r\n\r\n",
+                "/flood",
+            )
+        } else {
+            // Refused by the shared policy.
+            fill("POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "/flood")
+        };
+        c.send(bytes.as_bytes()).await;
+        let r = c.response(false).await.unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    for reason in ["malformed", "bad_framing"] {
+        let m = bed
+            .proxy
+            .metrics_when(
+                "cutover_rejected_requests_total",
+                &[("reason", reason)],
+                f64::from(n / 2),
+            )
+            .await;
+        assert_eq!(
+            sample(&m, "cutover_rejected_requests_total", &[("reason", reason)]),
+            Some(f64::from(n / 2)),
+            "{m}"
+        );
+    }
+    let log = bed.proxy.log();
+    for line in ["400 malformed", "400 bad_framing"] {
+        let lines = log.lines().filter(|l| l.contains(line)).count() as u64;
+        assert!(
+            (1..=10 * (seconds + 1)).contains(&lines),
+            "{lines} `{line}` lines for {} requests in {seconds} s",
+            n / 2
+        );
+    }
+    assert!(bed.origin.requests("/flood").is_empty());
+}
