@@ -553,41 +553,27 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             }
         };
         let mut interim = 0;
+        let close = closing || ask.client_close;
         let (status, head_len, framing, upstream_keep) = loop {
-            let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
-            let Some(resp) = parse_response(&conn.resp[..end], &mut headers) else {
-                return fail(ErrorKind::Other, "malformed response head".into());
-            };
-            let status = resp.code.unwrap_or(0);
-            if status == 101 || !(100..=599).contains(&status) {
-                return fail(ErrorKind::Other, format!("unusable status {status}"));
-            }
-            if status < 200 {
-                // Informational (100, 103): not forwarded; the final response
-                // follows on the same connection.
-                interim += 1;
-                if interim > policy::framing::MAX_INTERIM_RESPONSES {
-                    return fail(ErrorKind::Other, "too many informational responses".into());
+            match client_head(&conn.resp[..end], ask.head, route, close, &mut conn.out) {
+                Err(why) => return fail(ErrorKind::Other, why),
+                Ok(UpstreamHead::Final { status, framing }) => {
+                    break (status, end, framing.body, framing.reusable)
                 }
-                conn.resp.drain(..end);
-                end = match read_response_head(&mut ups, &mut conn.resp, t.read).await {
-                    Ok(end) => end,
-                    Err(e) => return fail(e.kind(), e.to_string()),
-                };
-                continue;
+                Ok(UpstreamHead::Interim) => {
+                    // Not forwarded (as the Pingora path and nginx); the
+                    // final response follows on the same connection.
+                    interim += 1;
+                    if interim > policy::framing::MAX_INTERIM_RESPONSES {
+                        return fail(ErrorKind::Other, "too many informational responses".into());
+                    }
+                    conn.resp.drain(..end);
+                    end = match read_response_head(&mut ups, &mut conn.resp, t.read).await {
+                        Ok(end) => end,
+                        Err(e) => return fail(e.kind(), e.to_string()),
+                    };
+                }
             }
-            let framing = match response_framing(&resp, ask.head) {
-                Ok(f) => f,
-                Err(why) => return fail(ErrorKind::Other, format!("response framing: {why}")),
-            };
-            build_response_head(
-                &mut conn.out,
-                &resp,
-                route,
-                &framing,
-                closing || ask.client_close,
-            );
-            break (status, end, framing.body, framing.reusable);
         };
 
         // The head, plus what body has arrived, in one write.
@@ -727,17 +713,65 @@ pub fn prepare_request(head: &[u8], rt: &Runtime, peer: Option<&str>, out: &mut 
 }
 
 /// The same for a response head from the upstream: parse it, find its
-/// framing, and write the head the client gets into `out`.
+/// framing, and write the head the client gets into `out`; `false` if the
+/// upstream's head is refused (or is an interim one).
 pub fn prepare_response(head: &[u8], route: &Route, out: &mut Vec<u8>) -> bool {
+    matches!(
+        client_head(head, false, route, false, out),
+        Ok(UpstreamHead::Final { .. })
+    )
+}
+
+/// What a response head from the upstream is, for the fast path.
+enum UpstreamHead {
+    /// 1xx (other than 101): skipped, the final response follows.
+    Interim,
+    /// The final response; its head for the client is in `out`.
+    Final {
+        status: u16,
+        framing: ResponseFraming,
+    },
+}
+
+/// Read one whole response head (`head`, exactly), check it against the
+/// shared policy, and for a final response write the head the client gets
+/// into `out`; `Err` with the cause when it must not be relayed (502).
+fn client_head(
+    head: &[u8],
+    head_request: bool,
+    route: &Route,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<UpstreamHead, String> {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
-    let Some(resp) = parse_response(head, &mut headers) else {
-        return false;
-    };
-    let Ok(framing) = response_framing(&resp, false) else {
-        return false;
-    };
-    build_response_head(out, &resp, route, &framing, false);
-    true
+    let resp = parse_response(head, &mut headers).ok_or("malformed response head")?;
+    let status = resp.code.unwrap_or(0);
+    if status == 101 || !(100..=599).contains(&status) {
+        return Err(format!("unusable status {status}"));
+    }
+    if status < 200 {
+        return Ok(UpstreamHead::Interim);
+    }
+    let framing =
+        response_framing(&resp, head_request).map_err(|why| format!("response framing: {why}"))?;
+    build_response_head(out, &resp, route, &framing, close);
+    Ok(UpstreamHead::Final { status, framing })
+}
+
+/// For the fuzzers: what [`client_head`] makes of `head` — the final
+/// status and the client's head in `out`, or why it is refused; `Ok(None)`
+/// for an interim head.
+#[doc(hidden)]
+pub fn client_head_for_fuzzing(
+    head: &[u8],
+    head_request: bool,
+    route: &Route,
+    out: &mut Vec<u8>,
+) -> Result<Option<u16>, String> {
+    client_head(head, head_request, route, false, out).map(|h| match h {
+        UpstreamHead::Interim => None,
+        UpstreamHead::Final { status, .. } => Some(status),
+    })
 }
 
 /// A whole request head, exactly `buf`; `None` for anything else. The header
