@@ -19,7 +19,8 @@ const MAX_TRAILERS: u32 = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Hex digits of a chunk size; `digits` counts them (a bound against overflow).
+    /// Hex digits of a chunk size; `digits` counts them: at most 16 (a u64,
+    /// and what httparse allows under the Pingora path).
     Size {
         size: u64,
         digits: u8,
@@ -32,11 +33,12 @@ enum State {
     ExtStart {
         size: u64,
     },
+    /// A name: `=`, `;` or the line end may follow it, or whitespace.
     ExtName {
         size: u64,
     },
-    /// After a name: whitespace, `=`, `;` or the line end.
-    ExtAfterName {
+    /// Whitespace after a name: only `=` or `;` may follow.
+    ExtNameBws {
         size: u64,
     },
     /// After `=`: whitespace, then a token or a quoted string.
@@ -52,8 +54,12 @@ enum State {
     ExtQuotedPair {
         size: u64,
     },
-    /// After a value: whitespace, `;` or the line end.
-    ExtAfterValue {
+    /// Just after a closing quote: whitespace, `;` or the line end.
+    ExtValueEnd {
+        size: u64,
+    },
+    /// Whitespace after a value: only `;` may follow (none before the CRLF).
+    ExtValueBws {
         size: u64,
     },
     /// The LF of the size line.
@@ -142,12 +148,13 @@ impl ChunkedEnd {
                 | SizeBws { .. }
                 | ExtStart { .. }
                 | ExtName { .. }
-                | ExtAfterName { .. }
+                | ExtNameBws { .. }
                 | ExtValueStart { .. }
                 | ExtToken { .. }
                 | ExtQuoted { .. }
                 | ExtQuotedPair { .. }
-                | ExtAfterValue { .. } => {
+                | ExtValueEnd { .. }
+                | ExtValueBws { .. } => {
                     self.line += 1;
                     if self.line > MAX_SIZE_LINE {
                         return Err(Malformed);
@@ -163,7 +170,7 @@ impl ChunkedEnd {
             }
             self.state = match (before, b) {
                 (Size { size, digits }, b) if b.is_ascii_hexdigit() => {
-                    if digits >= 15 {
+                    if digits >= 16 {
                         return Err(Malformed);
                     }
                     let d = (b as char).to_digit(16).unwrap_or(0);
@@ -179,32 +186,29 @@ impl ChunkedEnd {
                 (SizeBws { size }, b' ' | b'\t') => SizeBws { size },
                 (ExtStart { size }, b' ' | b'\t') => ExtStart { size },
                 (ExtStart { size } | ExtName { size }, b) if tchar(b) => ExtName { size },
-                (ExtName { size } | ExtAfterName { size }, b' ' | b'\t') => ExtAfterName { size },
-                (ExtName { size } | ExtAfterName { size }, b'=') => ExtValueStart { size },
+                (ExtName { size } | ExtNameBws { size }, b' ' | b'\t') => ExtNameBws { size },
+                (ExtName { size } | ExtNameBws { size }, b'=') => ExtValueStart { size },
                 (ExtValueStart { size }, b' ' | b'\t') => ExtValueStart { size },
                 (ExtValueStart { size }, b'"') => ExtQuoted { size },
                 (ExtValueStart { size } | ExtToken { size }, b) if tchar(b) => ExtToken { size },
-                (ExtQuoted { size }, b'"') => ExtAfterValue { size },
+                (ExtQuoted { size }, b'"') => ExtValueEnd { size },
                 (ExtQuoted { size }, b'\\') => ExtQuotedPair { size },
                 (ExtQuoted { size }, b) if quoted_ok(b) => ExtQuoted { size },
                 (ExtQuotedPair { size }, b) if quoted_ok(b) => ExtQuoted { size },
-                (ExtToken { size } | ExtAfterValue { size }, b' ' | b'\t') => {
-                    ExtAfterValue { size }
+                (ExtToken { size } | ExtValueEnd { size } | ExtValueBws { size }, b' ' | b'\t') => {
+                    ExtValueBws { size }
                 }
                 (
                     ExtName { size }
-                    | ExtAfterName { size }
+                    | ExtNameBws { size }
                     | ExtToken { size }
-                    | ExtAfterValue { size },
+                    | ExtValueEnd { size }
+                    | ExtValueBws { size },
                     b';',
                 ) => ExtStart { size },
-                (
-                    ExtName { size }
-                    | ExtAfterName { size }
-                    | ExtToken { size }
-                    | ExtAfterValue { size },
-                    b'\r',
-                ) => SizeLf { size },
+                (ExtName { size } | ExtToken { size } | ExtValueEnd { size }, b'\r') => {
+                    SizeLf { size }
+                }
                 (SizeLf { size }, b'\n') => {
                     self.line = 0;
                     if size == 0 {
@@ -315,7 +319,8 @@ mod tests {
         for bad in [
             &b"zz\r\n"[..],
             b"2\r\nabX",
-            b"ffffffffffffffff\r\n",
+            b"fffffffffffffffff\r\n",
+            b"00000000000000000\r\n\r\n",
             b"5\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\n0\r\n\r\n",
             b"5\r\nhello\r\n0\n\n",
@@ -327,6 +332,9 @@ mod tests {
             b"5;a=\"b\r\nhello\r\n",
             b"5;a\x00\r\nhello\r\n",
             b"5;a b\r\nhello\r\n",
+            b"5;a \r\nhello\r\n",
+            b"5;a=b \r\nhello\r\n",
+            b"5;a=\"b\" \r\nhello\r\n",
             b"\r\n",
             b"-5\r\n",
             b"0x5\r\n",

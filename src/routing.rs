@@ -56,6 +56,11 @@ pub fn normalize_authority(raw: &[u8]) -> Result<NormalizedHost, BadAuthority> {
     if host.is_empty() {
         return Err(BadAuthority::Empty);
     }
+    // An empty label (`a..b`, `.a`, `a..`) is no host name.
+    if host.starts_with(b".") || host.ends_with(b".") || memchr::memmem::find(host, b"..").is_some()
+    {
+        return Err(BadAuthority::Malformed);
+    }
     if host.len() > MAX_HOST_LEN {
         return Err(BadAuthority::Malformed);
     }
@@ -145,6 +150,13 @@ mod tests {
         assert_eq!(norm("host:port"), Err(BadAuthority::Malformed));
         assert_eq!(norm("[::1"), Err(BadAuthority::Malformed));
         assert_eq!(norm(&"a".repeat(300)), Err(BadAuthority::Malformed));
+        for empty_label in ["a..b", ".a", "0..", "a.b.."] {
+            assert_eq!(
+                norm(empty_label),
+                Err(BadAuthority::Malformed),
+                "{empty_label}"
+            );
+        }
     }
 
     #[test]

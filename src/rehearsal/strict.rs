@@ -297,9 +297,11 @@ fn request_line(line: &[u8]) -> Result<Start, String> {
     if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
         return Err("method is not a token".into());
     }
-    if target.is_empty() || !target.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
+    // Bytes above 0x7F are let through as nginx and Pingora pass them (raw
+    // UTF-8 from clients that do not percent-encode); controls and spaces not.
+    if target.is_empty() || !target.iter().all(|&b| b > 0x20 && b != 0x7f) {
         return Err(format!(
-            "target {:?} has bytes outside VCHAR",
+            "target {:?} has control bytes or spaces",
             String::from_utf8_lossy(target)
         ));
     }
@@ -366,7 +368,12 @@ fn field_line(line: &[u8]) -> Result<(String, Vec<u8>), String> {
             String::from_utf8_lossy(name)
         ));
     }
-    let value = line[colon + 1..].trim_ascii();
+    // OWS is SP and HTAB only (`trim_ascii` would also take CR and FF).
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let raw = &line[colon + 1..];
+    let start = raw.iter().position(|b| !ows(b)).unwrap_or(raw.len());
+    let end = raw.iter().rposition(|b| !ows(b)).map_or(start, |e| e + 1);
+    let value = &raw[start..end];
     if !value
         .iter()
         .all(|&b| b == b'\t' || b == b' ' || is_field_vchar(b))
@@ -455,7 +462,11 @@ pub fn decode_chunked(buf: &[u8]) -> Chunked {
 /// line is there yet, or when the first LF is bare (the caller reports it).
 fn find_crlf(buf: &[u8]) -> Option<usize> {
     let lf = buf.iter().position(|&b| b == b'\n')?;
-    (lf > 0 && buf[lf - 1] == b'\r').then_some(lf - 1)
+    if lf > 0 && buf[lf - 1] == b'\r' {
+        Some(lf - 1)
+    } else {
+        None
+    }
 }
 
 /// `chunk-size [ chunk-ext ]` (RFC 9112 7.1.1), the CRLF already removed.
@@ -579,6 +590,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
             b"GET / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\x0c\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello",
             b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello",
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
