@@ -1,0 +1,50 @@
+//! A client's request head → the fast path's parse, eligibility check,
+//! routing and upstream request. Never panics; whatever it writes is one
+//! request that the strict reader reads back whole, with the client's method
+//! and target, the configured Host, and no field the policy does not forward.
+#![no_main]
+
+mod common;
+
+use cutover::policy::fields::forward_request_field;
+use cutover::rehearsal::strict::{self, Read};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let rt = common::runtime();
+    let mut out = Vec::new();
+    if !cutover::fast_path::prepare_request(data, &rt, Some("192.0.2.1"), &mut out) {
+        return;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    assert!(
+        matches!(req.parse(data), Ok(httparse::Status::Complete(_))),
+        "served a head httparse does not read"
+    );
+    let msg = match strict::read_request(&out) {
+        Read::Complete(m) => m,
+        other => panic!(
+            "the upstream request does not read strictly ({other:?}): {:?}",
+            String::from_utf8_lossy(&out)
+        ),
+    };
+    assert_eq!(msg.len, out.len(), "more than one request written");
+    assert_eq!(msg.method(), req.method.unwrap());
+    assert_eq!(msg.target(), req.path.unwrap());
+    assert_eq!(
+        msg.headers_named("host").collect::<Vec<_>>(),
+        [common::HOST_HEADER.as_bytes()]
+    );
+    assert!(msg.body.is_empty());
+    for (name, _) in &msg.headers {
+        assert!(
+            forward_request_field(name.as_bytes(), false),
+            "{name} was forwarded"
+        );
+        assert!(
+            !name.eq_ignore_ascii_case("cookie"),
+            "a removed field was forwarded"
+        );
+    }
+});
