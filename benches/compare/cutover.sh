@@ -4,6 +4,8 @@
 #   sudo benches/compare/cutover.sh              # setup (apt, CA, configs), build, then run.sh
 #   ACCESS_LOG=json benches/compare/cutover.sh   # same, cutover writing a JSON access log to a file
 #   ROUNDS=1 DURATION=5 PEERS=nginx benches/compare/cutover.sh   # quicker; all run.sh knobs apply
+#   BASE_BIN=/path/to/old/cutover benches/compare/cutover.sh      # before/after: that binary runs beside
+#                                                                 # this build, same config, as cutover-base
 #
 # The job: plain HTTP in for cdn.example.test, Host rewritten to cdn-new.example.test, TLS to the
 # origin (127.0.0.1:19443) with SNI cdn-new.example.test and a verified certificate, upstream
@@ -20,6 +22,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 CUTOVER_PORT=${CUTOVER_PORT:-18084}
 CUTOVER_ADMIN=${CUTOVER_ADMIN:-18094}
 ACCESS_LOG=${ACCESS_LOG:-off}          # off | json
+BASE_BIN=${BASE_BIN:-}                 # optional second cutover binary (port +1), for before/after
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/cutover-target}
 
 [ -f "$CONF_DIR/origin-bench.conf" ] || "$HERE/setup.sh"
@@ -60,14 +63,29 @@ routes:
 YAML
 "$BIN" check --config "$CONF_DIR/cutover.yaml"
 
-# Not in $PID_DIR: run.sh's stop_all must not stop it between scenarios.
-CUTOVER_PID=
-stop_cutover() { [ -n "$CUTOVER_PID" ] && kill -INT "$CUTOVER_PID" 2>/dev/null; wait "$CUTOVER_PID" 2>/dev/null || true; }
+# Not in $PID_DIR: run.sh's stop_all must not stop them between scenarios.
+CUTOVER_PIDS=()
+stop_cutover() {
+  for pid in "${CUTOVER_PIDS[@]}"; do kill -INT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done
+}
 trap stop_cutover EXIT
 mkdir -p "$LOG_DIR"
 taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" run --config "$CONF_DIR/cutover.yaml" >>"$LOG_DIR/cutover.out" 2>&1 &
-CUTOVER_PID=$!
+CUTOVER_PIDS+=($!)
 wait_port "$CUTOVER_PORT" || die "cutover did not start; see $LOG_DIR/cutover.out"
-log "cutover pid $CUTOVER_PID on 127.0.0.1:$CUTOVER_PORT (access log: $ACCESS_LOG)"
+log "cutover pid ${CUTOVER_PIDS[0]} on 127.0.0.1:$CUTOVER_PORT (access log: $ACCESS_LOG)"
+targets=("cutover=$CUTOVER_PORT")
 
-"$HERE/run.sh" "cutover=$CUTOVER_PORT" "$@"
+if [ -n "$BASE_BIN" ]; then
+  BASE_PORT=$((CUTOVER_PORT + 1))
+  sed -e "s/127.0.0.1:$CUTOVER_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$CUTOVER_ADMIN/127.0.0.1:$((CUTOVER_ADMIN + 1))/" \
+      -e "s/cutover-upgrade.sock/cutover-base-upgrade.sock/" -e "s/cutover.pid/cutover-base.pid/" \
+      -e "s/cutover-access.log/cutover-base-access.log/" "$CONF_DIR/cutover.yaml" >"$CONF_DIR/cutover-base.yaml"
+  taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BASE_BIN" run --config "$CONF_DIR/cutover-base.yaml" >>"$LOG_DIR/cutover-base.out" 2>&1 &
+  CUTOVER_PIDS+=($!)
+  wait_port "$BASE_PORT" || die "the base cutover did not start; see $LOG_DIR/cutover-base.out"
+  log "cutover-base ($BASE_BIN) pid ${CUTOVER_PIDS[1]} on 127.0.0.1:$BASE_PORT"
+  targets+=("cutover-base=$BASE_PORT")
+fi
+
+"$HERE/run.sh" "${targets[@]}" "$@"
