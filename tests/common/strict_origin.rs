@@ -304,11 +304,16 @@ impl RawClient {
     /// Whether the proxy closes the connection (within 10 s) without
     /// sending anything more.
     pub async fn closes(&mut self) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.closes_within(Duration::from_secs(10)).await
+    }
+
+    /// The same, waiting at most `wait`.
+    pub async fn closes_within(&mut self, wait: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + wait;
         while !self.eof {
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Err(_) => return Err("still open after 10 s".into()),
+                Err(_) => return Err(format!("still open after {wait:?}")),
                 Ok(Ok(0)) | Ok(Err(_)) => self.eof = true,
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
