@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# profile.sh NAME=BINARY... -- instructions and syscalls per request, for each cutover binary.
+#
+#   benches/compare/profile.sh new=$CARGO_TARGET_DIR/release/cutover old=/tmp/cutover-old
+#   PATHS="/ruok /obj4k" SECONDS_RUN=10 CONNS=4 benches/compare/profile.sh ...
+#
+# Instruction counts (valgrind's callgrind) do not depend on how fast the machine is today, so two
+# builds can be compared on different days; syscalls per request come from `strace -c -f`. For each
+# binary and path: start it on the bench config (cutover.sh writes it: run that once first), warm up
+# with wrk -c$CONNS, zero the counters, load with wrk -c$CONNS for $SECONDS_RUN s, stop it, and divide
+# by the requests wrk completed. Needs valgrind, strace, wrk and the bench origin (setup.sh).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/common.sh"
+PATHS=${PATHS:-"/ruok /obj4k"}
+SECONDS_RUN=${SECONDS_RUN:-10}
+CONNS=${CONNS:-4}
+PORT=${CUTOVER_PORT:-18084}
+[ -f "$CONF_DIR/cutover.yaml" ] || die "run cutover.sh once first (it writes $CONF_DIR/cutover.yaml)"
+command -v valgrind >/dev/null && command -v strace >/dev/null || die "needs valgrind and strace"
+[ $# -gt 0 ] || die "usage: profile.sh NAME=BINARY..."
+OUT=$BENCH_DIR/profile/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+trap 'stop_all' EXIT
+stop_all
+start_origin bench
+
+load() { # SECONDS PATH -> prints completed requests
+  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"$1s" -H "Host: $FRONT_HOST" "http://127.0.0.1:$PORT$2" \
+    | awk '/requests in/ { print $1 }'
+}
+
+printf '%-10s %-7s %12s %14s %12s %10s\n' name path requests "instr/request" syscalls "sys/request"
+for arg in "$@"; do
+  name=${arg%%=*}; bin=${arg#*=}
+  for path in $PATHS; do
+    cg=$OUT/$name-${path//\//}.callgrind
+    taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$cg" \
+      "$bin" run --config "$CONF_DIR/cutover.yaml" >"$OUT/$name.valgrind.log" 2>&1 &
+    pid=$!
+    wait_port "$PORT" 300 || die "$name did not start under valgrind"
+    load 2 "$path" >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    reqs=$(load "$SECONDS_RUN" "$path")
+    kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+    ir=$(callgrind_annotate "$cg" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+
+    st=$OUT/$name-${path//\//}.strace
+    taskset -c "$PROXY_CPU" "$bin" run --config "$CONF_DIR/cutover.yaml" >>"$OUT/$name.log" 2>&1 &
+    pid=$!
+    wait_port "$PORT" || die "$name did not start"
+    load 2 "$path" >/dev/null
+    strace -c -f -q -o "$st" -p "$pid" &
+    spid=$!
+    sleep 0.5
+    sreqs=$(load "$SECONDS_RUN" "$path")
+    kill -INT "$spid"; wait "$spid" 2>/dev/null || true
+    kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+    calls=$(awk '$NF == "total" { print $4; exit }' "$st")
+    awk -v n="$name" -v p="$path" -v r="$reqs" -v ir="$ir" -v c="$calls" -v sr="$sreqs" 'BEGIN {
+      printf "%-10s %-7s %12d %14.0f %12d %10.2f\n", n, p, r, ir / r, c, c / sr }'
+  done
+done | tee "$OUT/summary.txt"
+echo "raw: $OUT"
