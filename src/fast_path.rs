@@ -35,7 +35,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorType};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
@@ -169,22 +169,15 @@ struct Held {
 }
 
 impl Held {
-    /// Whether nothing arrived on it since its last response. Whatever an
+    /// Itself, if nothing arrived on it since its last response. Whatever an
     /// upstream sends after a complete response (a body after a HEAD/204/304
     /// answer, a second response nobody asked for, a 408 before it closes an
     /// idle connection) would otherwise be read as the next request's
-    /// response — behind an ALB, another user's. Checked before every reuse:
-    /// the read goes through OpenSSL's buffer and then tokio's readiness, so
-    /// it costs no syscall unless the socket became readable since the last
-    /// read drained it (tokio clears readiness on a short read).
-    fn usable(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        let mut buf = tokio::io::ReadBuf::new(&mut byte);
-        let mut cx = Context::from_waker(Waker::noop());
-        matches!(
-            std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
-            Poll::Pending
-        )
+    /// response — behind an ALB, another user's. Checked before every reuse,
+    /// without a syscall ([`crate::peer::quiet`]).
+    fn quiet(self) -> Option<Held> {
+        let stream = crate::peer::quiet(self.stream)?;
+        Some(Held { stream, ..self })
     }
 
     fn release(self, connector: &TransportConnector) {
@@ -390,7 +383,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 other.release(&self.connector);
             }
             // Something arrived on it, or it closed: not reusable.
-            drop(held.take_if(|h| !h.usable()));
+            let held = held.and_then(Held::quiet);
             let upstream_stream = match held {
                 Some(h) => Ok((h.stream, true, h.reuse_hash)),
                 None => {

@@ -82,3 +82,52 @@ pub fn tune_tls(stream: &pingora::protocols::Stream) {
         }
     }
 }
+
+/// An upstream TLS stream as `TransportConnector` makes it.
+type TlsStream = pingora::protocols::tls::SslStream<pingora::protocols::l4::stream::Stream>;
+
+extern "C" {
+    /// OpenSSL >= 1.1.0: whether any bytes (decrypted or not) wait in the
+    /// SSL object's buffers. The `openssl` crate has no wrapper for it.
+    fn SSL_has_pending(ssl: *const openssl_sys::SSL) -> std::ffi::c_int;
+}
+
+/// `stream` back if nothing arrived on it since it was last read, `None` if
+/// something did (or it closed): bytes an upstream sends after a complete
+/// response must never be read as the next request's response.
+///
+/// The check reads neither through OpenSSL (an empty `SSL_read` costs ~1,600
+/// instructions) nor with a syscall: it asks OpenSSL whether its buffers hold
+/// anything, then polls the TCP stream under it once with a no-op waker,
+/// which tokio answers from the readiness its reactor already has (cleared
+/// by the last short read). A raw byte it does read means the connection is
+/// dropped anyway. A stream of another kind is not reused.
+pub fn quiet(stream: pingora::protocols::Stream) -> Option<pingora::protocols::Stream> {
+    use foreign_types::ForeignTypeRef;
+    let any = stream.into_any();
+    let any = match any.downcast::<TlsStream>() {
+        Ok(mut tls) => {
+            // SAFETY: the live SSL object this stream owns; a read-only query.
+            let buffered = unsafe { SSL_has_pending(tls.ssl().as_ptr()) } != 0;
+            return (!buffered && !readable(tls.get_mut())).then_some(tls);
+        }
+        Err(other) => other,
+    };
+    match any.downcast::<pingora::protocols::l4::stream::Stream>() {
+        Ok(mut plain) => (!readable(&mut plain)).then_some(plain),
+        Err(_) => None,
+    }
+}
+
+/// Whether a read would return something now (data, EOF or an error).
+fn readable(l4: &mut pingora::protocols::l4::stream::Stream) -> bool {
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::AsyncRead;
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(Waker::noop());
+    !matches!(
+        std::pin::Pin::new(l4).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
+}

@@ -934,6 +934,44 @@ async fn a_flood_of_bad_requests_is_counted_whole_and_logged_a_few_lines_a_secon
     assert!(bed.origin.requests("/flood").is_empty());
 }
 
+/// An upstream reached over plain HTTP (`tls: false`): its connections are
+/// kept between requests and checked before each reuse the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_upstream_connections_are_reused_and_checked_before_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let script: Script = Arc::new(|msg: &Message| {
+        let target = msg.target();
+        let name = target.rsplit_once("/resp/")?.1;
+        let case = RESPONSES.iter().find(|c| c.name == name)?;
+        Some((case.answer)(target))
+    });
+    let origin = StrictOrigin::start_plain(script).await;
+    let upstreams = format!(
+        "      - name: plain\n        address: 127.0.0.1:{}\n        tls: false\n        host_header: {ORIGIN_NAME}\n",
+        origin.addr.port()
+    );
+    let yaml = config_yaml(&origin.addr, dir.path(), dir.path(), &upstreams);
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    let mut c = RawClient::connect(proxy.listen).await;
+    for i in 0..3 {
+        finish(&mut c, Open, &format!("/plain{i}")).await.unwrap();
+    }
+    assert_eq!(origin.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let case = RESPONSES.iter().find(|c| c.name == "bytes-after-body-later").unwrap();
+    let prefix = "/plain-poison";
+    let target = format!("{prefix}/resp/{}", case.name);
+    c.send(format!("GET {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(c.response(false).await.unwrap().status(), 200);
+    origin.signalled(&target).await;
+    finish(&mut c, Open, prefix).await.unwrap();
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the connection with stray bytes was not reused"
+    );
+}
+
 /// nginx doing cutover's job in front of the same strict origin, for the
 /// README's list of deliberate differences.
 struct Nginx {

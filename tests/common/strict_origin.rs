@@ -101,8 +101,17 @@ pub fn echo_answer(msg: &Message) -> Vec<u8> {
 }
 
 impl StrictOrigin {
+    /// The origin over TLS, with a certificate for [`ORIGIN_NAME`] from `ca`.
     pub async fn start(ca: &TestCa, script: Script) -> StrictOrigin {
-        let acceptor = tls_acceptor(ca, ORIGIN_NAME);
+        Self::start_with(Some(tls_acceptor(ca, ORIGIN_NAME)), script).await
+    }
+
+    /// The same over plain HTTP (an upstream with `tls: false`).
+    pub async fn start_plain(script: Script) -> StrictOrigin {
+        Self::start_with(None, script).await
+    }
+
+    async fn start_with(acceptor: Option<openssl::ssl::SslAcceptor>, script: Script) -> StrictOrigin {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(OriginLog::default()));
@@ -115,14 +124,19 @@ impl StrictOrigin {
                     return;
                 };
                 let conn = c.fetch_add(1, Ordering::SeqCst) + 1;
-                let ssl = Ssl::new(acceptor.context()).unwrap();
                 let (log, signals, script) = (l.clone(), sig.clone(), script.clone());
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+                let Some(acceptor) = &acceptor else {
+                    tokio::spawn(serve(tcp, fd, conn, log, signals, script));
+                    continue;
+                };
+                let ssl = Ssl::new(acceptor.context()).unwrap();
                 tokio::spawn(async move {
                     let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
                     if std::pin::Pin::new(&mut tls).accept().await.is_err() {
                         return;
                     }
-                    serve(tls, conn, log, signals, script).await;
+                    serve(tls, fd, conn, log, signals, script).await;
                 });
             }
         });
@@ -159,8 +173,9 @@ impl StrictOrigin {
     }
 }
 
-async fn serve(
-    mut tls: tokio_openssl::SslStream<tokio::net::TcpStream>,
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut tls: S,
+    fd: std::os::fd::RawFd,
     conn: u64,
     log: Arc<Mutex<OriginLog>>,
     signals: Arc<Signals>,
@@ -204,7 +219,7 @@ async fn serve(
                     if tls.write_all(&bytes).await.is_err() || tls.flush().await.is_err() {
                         return;
                     }
-                    acknowledged(tls.get_ref()).await;
+                    acknowledged(fd).await;
                     signals.get(&name).notify_one();
                 }
                 Step::Pause(d) => tokio::time::sleep(d).await,
@@ -221,12 +236,10 @@ async fn serve(
     }
 }
 
-/// Wait until everything written on `tcp` has been acknowledged by the peer
+/// Wait until everything written on socket `fd` has been acknowledged by the peer
 /// (`SIOCOUTQ` is 0): the bytes are then in the peer's receive buffer, so a
 /// test can order "the proxy has these bytes" before its next step.
-pub async fn acknowledged(tcp: &tokio::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let fd = tcp.as_raw_fd();
+pub async fn acknowledged(fd: std::os::fd::RawFd) {
     for _ in 0..1000 {
         let mut queued: libc::c_int = 0;
         // SAFETY: SIOCOUTQ writes one int into `queued`; `fd` is open.
