@@ -83,8 +83,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Err(e) => {
             let key_path = e.path().to_string();
             let inner = e.into_inner();
-            let position = inner.location().map(|l| (l.line(), l.column()));
-            let message = clean_serde_message(&inner.to_string(), &key_path);
+            let mut position = inner.location().map(|l| (l.line(), l.column()));
+            let mut message = clean_serde_message(&inner.to_string(), &key_path);
+            if position.is_none() {
+                if let Some(second) = positions::second_document(text) {
+                    position = Some(second);
+                    message = "a second YAML document starts here (after `---` or `...`); \
+                               the config is one document"
+                        .to_string();
+                }
+            }
             return Err(fail(vec![Problem {
                 path: if key_path == "." {
                     String::new()

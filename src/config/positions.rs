@@ -131,3 +131,51 @@ mod tests {
         );
     }
 }
+
+/// Where a second YAML document starts in `text` (after `---` or `...`),
+/// which serde_yaml refuses without saying where.
+pub fn second_document(text: &str) -> Option<(usize, usize)> {
+    #[derive(Default)]
+    struct Documents {
+        seen: usize,
+        second: Option<(usize, usize)>,
+    }
+    impl MarkedEventReceiver for Documents {
+        fn on_event(&mut self, ev: Event, mark: Marker) {
+            if let Event::DocumentStart = ev {
+                self.seen += 1;
+                if self.seen == 2 && self.second.is_none() {
+                    self.second = Some((mark.line(), mark.col() + 1));
+                }
+            }
+        }
+    }
+    let mut docs = Documents::default();
+    // A parse error after the second document started still leaves its mark.
+    let _ = Parser::new_from_str(text).load(&mut docs, true);
+    docs.second.or_else(|| {
+        // yaml-rust2 gave up before it: the first marker line after the start.
+        text.lines().enumerate().skip(1).find_map(|(i, line)| {
+            let marker = line.starts_with("---") || line.starts_with("...");
+            let ends = matches!(line.as_bytes().get(3), None | Some(b' ' | b'\t'));
+            (marker && ends).then_some((i + 1, 1))
+        })
+    })
+}
+
+#[cfg(test)]
+mod document_tests {
+    use super::second_document;
+
+    #[test]
+    fn finds_where_a_second_document_starts() {
+        assert_eq!(second_document("phase: a\n"), None);
+        assert_eq!(second_document("---\nphase: a\n"), None);
+        assert_eq!(
+            second_document("phase: a\n---\nphase: b\n").map(|p| p.0),
+            Some(2)
+        );
+        assert_eq!(second_document("phase: a\n...\n.\n").map(|p| p.0), Some(3));
+        assert_eq!(second_document("a: [\n... b: c\n").map(|p| p.0), Some(2));
+    }
+}
