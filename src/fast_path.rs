@@ -45,8 +45,8 @@ use crate::config::HeaderEdits;
 use crate::errors::ErrorKind;
 use crate::limited;
 use crate::policy;
-use crate::policy::fields::{connection_options, nominated};
-use crate::policy::framing::{RequestBody, ResponseBody};
+use crate::policy::fields::{nominated, ConnectionOptions};
+use crate::policy::framing::{FramingFields, RequestBody, ResponseBody};
 use crate::policy::refusal::TargetForm;
 use crate::proxy::connect_failed;
 use crate::routing::normalize_authority;
@@ -509,7 +509,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     ) -> Result<(Done, Option<Stream>), (ErrorKind, String, bool)> {
         let t = &up.config.timeouts;
         let fail = |kind: ErrorKind, cause: String| Err((kind, cause, false));
-        let mut end = loop {
+        let (mut end, mut folded) = loop {
             conn.resp.clear();
             let sent = match timeout(t.write, async {
                 ups.write_all(&conn.out).await?;
@@ -525,7 +525,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Err(e) => Err(HeadError::Io(e)),
             };
             match head {
-                Ok(end) => break end,
+                Ok(found) => break found,
                 Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
                     debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
                     reused = false;
@@ -548,7 +548,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let mut interim = 0;
         let close = closing || ask.client_close;
         let (status, head_len, framing, upstream_keep) = loop {
-            match client_head(&conn.resp[..end], ask.head, route, close, &mut conn.out) {
+            let head = &conn.resp[..end];
+            match client_head(head, folded, ask.head, route, close, &mut conn.out) {
                 Err(why) => return fail(ErrorKind::Other, why),
                 Ok(UpstreamHead::Final { status, framing }) => {
                     break (status, end, framing.body, framing.reusable)
@@ -561,8 +562,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                         return fail(ErrorKind::Other, "too many informational responses".into());
                     }
                     conn.resp.drain(..end);
-                    end = match read_response_head(&mut ups, &mut conn.resp, t.read).await {
-                        Ok(end) => end,
+                    (end, folded) = match read_response_head(&mut ups, &mut conn.resp, t.read).await
+                    {
+                        Ok(found) => found,
                         Err(e) => return fail(e.kind(), e.to_string()),
                     };
                 }
@@ -709,8 +711,9 @@ pub fn prepare_request(head: &[u8], rt: &Runtime, peer: Option<&str>, out: &mut 
 /// framing, and write the head the client gets into `out`; `false` if the
 /// upstream's head is refused (or is an interim one).
 pub fn prepare_response(head: &[u8], route: &Route, out: &mut Vec<u8>) -> bool {
+    let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
     matches!(
-        client_head(head, false, route, false, out),
+        client_head(head, folded, false, route, false, out),
         Ok(UpstreamHead::Final { .. })
     )
 }
@@ -726,11 +729,13 @@ enum UpstreamHead {
     },
 }
 
-/// Read one whole response head (`head`, exactly), check it against the
-/// shared policy, and for a final response write the head the client gets
-/// into `out`; `Err` with the cause when it must not be relayed (502).
+/// Read one whole response head (`head`, exactly; `folded`: it holds an
+/// obs-fold), check it against the shared policy, and for a final response
+/// write the head the client gets into `out`; `Err` with the cause when it
+/// must not be relayed (502).
 fn client_head(
     head: &[u8],
+    folded: bool,
     head_request: bool,
     route: &Route,
     close: bool,
@@ -747,7 +752,7 @@ fn client_head(
     }
     let framing =
         response_framing(&resp, head_request).map_err(|why| format!("response framing: {why}"))?;
-    build_response_head(out, &resp, route, &framing, close);
+    build_response_head(out, &resp, route, &framing, close, folded);
     Ok(UpstreamHead::Final { status, framing })
 }
 
@@ -761,7 +766,8 @@ pub fn client_head_for_fuzzing(
     route: &Route,
     out: &mut Vec<u8>,
 ) -> Result<Option<u16>, String> {
-    client_head(head, head_request, route, false, out).map(|h| match h {
+    let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
+    client_head(head, folded, head_request, route, false, out).map(|h| match h {
         UpstreamHead::Interim => None,
         UpstreamHead::Final { status, .. } => Some(status),
     })
@@ -816,25 +822,29 @@ fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
     if policy::refusal::request_target(b"GET", path) != Ok(TargetForm::Origin) {
         return None;
     }
-    let fields = || req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-    if policy::framing::request_body(false, fields()) != Ok(RequestBody::None) {
-        return None;
-    }
+    // One pass over the fields; what the policy decides from them is decided
+    // by the policy's own collectors.
+    let mut framing = FramingFields::default();
+    let mut connection = ConnectionOptions::default();
     let mut host = None;
     for h in req.headers.iter() {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("host") {
-            if host.replace(h.value).is_some() {
+        let name = h.name.as_bytes();
+        if framing.add(name, h.value) {
+            continue;
+        }
+        match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") && host.replace(h.value).is_some() => {
                 return None;
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("upgrade")
-        {
-            return None;
+            10 if name.eq_ignore_ascii_case(b"connection") => connection.add(h.value),
+            6 if name.eq_ignore_ascii_case(b"expect") => return None,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => return None,
+            _ => {}
         }
     }
-    let connection = connection_options(header_values(req, Some("connection")));
+    if framing.request_body(false) != Ok(RequestBody::None) {
+        return None;
+    }
     if connection.upgrade {
         return None;
     }
@@ -943,9 +953,6 @@ fn build_request(
 /// A response field, each obs-fold (CRLF and the whitespace after it) of
 /// its value written as one space.
 fn push_unfolded(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    if memchr::memchr2(b'\r', b'\n', value).is_none() {
-        return push_header(out, name, value);
-    }
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     let mut rest = value;
@@ -974,6 +981,7 @@ fn build_response_head(
     route: &Route,
     framing: &ResponseFraming,
     close: bool,
+    folded: bool,
 ) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -998,7 +1006,11 @@ fn build_response_head(
             || (nominates && nominated(n, connection_values()))
             || edited(edits, h.name);
         if policy::fields::forward_response_field(n, status) && !dropped {
-            push_unfolded(out, n, h.value);
+            if folded {
+                push_unfolded(out, n, h.value);
+            } else {
+                push_header(out, n, h.value);
+            }
         }
     }
     for (name, value) in &edits.set {
@@ -1026,18 +1038,19 @@ fn response_framing(
     resp: &httparse::Response<'_, '_>,
     head_request: bool,
 ) -> Result<ResponseFraming, &'static str> {
-    let connection = connection_options(
-        resp.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .map(|h| h.value),
-    );
-    let f = policy::framing::response_body(
+    let mut framing = FramingFields::default();
+    let mut connection = ConnectionOptions::default();
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if !framing.add(name, h.value) && name.eq_ignore_ascii_case(b"connection") {
+            connection.add(h.value);
+        }
+    }
+    let f = framing.response_body(
         resp.code.unwrap_or(0),
         head_request,
         resp.version != Some(1),
         connection.close,
-        resp.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
     )?;
     Ok(ResponseFraming {
         body: match f.body {
@@ -1206,15 +1219,16 @@ fn read_available(ups: &mut Stream, buf: &mut Vec<u8>, want: usize) -> std::io::
     Ok(false)
 }
 
-/// Read until `buf` holds a whole response head; its length.
+/// Read until `buf` holds a whole response head; its length, and whether it
+/// holds an obs-fold.
 async fn read_response_head(
     ups: &mut Stream,
     buf: &mut Vec<u8>,
     limit: Duration,
-) -> Result<usize, HeadError> {
+) -> Result<(usize, bool), HeadError> {
     loop {
-        if let Some(end) = head_end(buf) {
-            return Ok(end);
+        if let Some(found) = head_end_and_folds(buf) {
+            return Ok(found);
         }
         if buf.len() >= MAX_HEAD * 4 {
             return Err(HeadError::TooLarge);
@@ -1233,12 +1247,23 @@ async fn read_response_head(
 
 /// The length of the head at the start of `buf`, once it is complete.
 fn head_end(buf: &[u8]) -> Option<usize> {
+    head_end_and_folds(buf).map(|(end, _)| end)
+}
+
+/// The same, and whether the head holds an obs-fold (a line end followed by
+/// whitespace), found in the same walk over its line ends.
+fn head_end_and_folds(buf: &[u8]) -> Option<(usize, bool)> {
     // Visit each LF (memchr: no per-call setup, unlike memmem) and look at
     // what follows: CRLF or a bare LF ends the head.
+    let mut folded = false;
     memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..i + 3) {
-        Some([b'\r', b'\n']) => Some(i + 3),
-        Some([b'\n', _]) => Some(i + 2),
-        None if buf.get(i + 1) == Some(&b'\n') => Some(i + 2),
+        Some([b'\r', b'\n']) => Some((i + 3, folded)),
+        Some([b'\n', _]) => Some((i + 2, folded)),
+        None if buf.get(i + 1) == Some(&b'\n') => Some((i + 2, folded)),
+        Some([b' ' | b'\t', _]) => {
+            folded = true;
+            None
+        }
         _ => None,
     })
 }
@@ -1286,4 +1311,33 @@ async fn write_error(stream: &mut Stream, status: u16) -> bool {
         debug!("could not send {status} to the client");
     }
     sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_ends_and_folds() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nNEXT"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nNEXT"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
+        assert_eq!(
+            head_end_and_folds(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n"),
+            Some((29, true))
+        );
+        assert_eq!(
+            head_end_and_folds(b"HTTP/1.1 200 OK\r\nX: a\r\n\r\n b"),
+            Some((25, false)),
+            "whitespace after the head is not a fold"
+        );
+    }
+
+    #[test]
+    fn unfolded_values_are_one_space_per_fold() {
+        let mut out = Vec::new();
+        push_unfolded(&mut out, b"X", b"a\r\n  b\r\n\tc");
+        assert_eq!(out, b"X: a b c\r\n");
+    }
 }

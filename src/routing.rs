@@ -56,9 +56,9 @@ pub fn normalize_authority(raw: &[u8]) -> Result<NormalizedHost, BadAuthority> {
     if host.is_empty() {
         return Err(BadAuthority::Empty);
     }
-    // An empty label (`a..b`, `.a`, `a..`) is no host name.
-    if host.starts_with(b".") || host.ends_with(b".") || memchr::memmem::find(host, b"..").is_some()
-    {
+    // An empty label (`a..b`, `.a`, `a..`) is no host name (`..` is found
+    // in the copy loop below).
+    if host.starts_with(b".") || host.ends_with(b".") {
         return Err(BadAuthority::Malformed);
     }
     if host.len() > MAX_HOST_LEN {
@@ -68,10 +68,14 @@ pub fn normalize_authority(raw: &[u8]) -> Result<NormalizedHost, BadAuthority> {
         buf: [0; MAX_HOST_LEN],
         len: host.len(),
     };
+    let mut previous = 0u8;
     for (dst, &b) in out.buf.iter_mut().zip(host) {
-        if !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':')) {
+        if !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
+            || (b == b'.' && previous == b'.')
+        {
             return Err(BadAuthority::Malformed);
         }
+        previous = b;
         *dst = b.to_ascii_lowercase();
     }
     Ok(out)

@@ -7,8 +7,9 @@
 # Instruction counts (valgrind's callgrind) do not depend on how fast the machine is today, so two
 # builds can be compared on different days; syscalls per request come from `strace -c -f`. For each
 # binary and path: start it on the bench config (cutover.sh writes it: run that once first), warm up
-# with wrk -c$CONNS, zero the counters, load with wrk -c$CONNS for $SECONDS_RUN s, stop it, and divide
-# by the requests wrk completed. Needs valgrind, strace, wrk and the bench origin (setup.sh).
+# with wrk -c$CONNS, zero the counters, load with wrk -c$CONNS for $SECONDS_RUN s, dump the counters
+# (before the process exits), and divide by the requests wrk completed. Needs valgrind, strace, wrk
+# and the bench origin (setup.sh). The dumps stay in the raw folder for callgrind_annotate.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/common.sh"
@@ -42,8 +43,11 @@ for arg in "$@"; do
     load 2 "$path" >/dev/null
     callgrind_control -z "$pid" >/dev/null
     reqs=$(load "$SECONDS_RUN" "$path")
+    # Dump now: what the process does at exit (freeing the CA stores, the
+    # runtimes) is not per-request work.
+    callgrind_control -d "$pid" >/dev/null
     kill -INT "$pid"; wait "$pid" 2>/dev/null || true
-    ir=$(callgrind_annotate "$cg" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+    ir=$(callgrind_annotate "$cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
 
     st=$OUT/$name-${path//\//}.strace
     taskset -c "$PROXY_CPU" "$bin" run --config "$CONF_DIR/cutover.yaml" >>"$OUT/$name.log" 2>&1 &

@@ -32,16 +32,8 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// Read the values of a message's `Connection` fields.
 pub fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> ConnectionOptions {
     let mut o = ConnectionOptions::default();
-    for token in values.flat_map(tokens) {
-        if token.eq_ignore_ascii_case(b"close") {
-            o.close = true;
-        } else if token.eq_ignore_ascii_case(b"keep-alive") {
-            o.keep_alive = true;
-        } else if token.eq_ignore_ascii_case(b"upgrade") {
-            o.upgrade = true;
-        } else {
-            o.nominates = true;
-        }
+    for v in values {
+        o.add(v);
     }
     o
 }
@@ -53,17 +45,44 @@ pub fn nominated<'a>(name: &[u8], connection_values: impl Iterator<Item = &'a [u
         .any(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// Hop-by-hop in both directions, whatever `Connection` says.
+impl ConnectionOptions {
+    /// Add the tokens of one `Connection` value.
+    pub fn add(&mut self, value: &[u8]) {
+        for token in tokens(value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if token.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else {
+                self.nominates = true;
+            }
+        }
+    }
+}
+
+/// Whether a field name starts with `proxy-` (any case).
+fn proxy_dash(name: &[u8]) -> bool {
+    name.len() > 6 && name[..6].eq_ignore_ascii_case(b"proxy-")
+}
+
+/// Hop-by-hop in both directions, whatever `Connection` says. Called for
+/// every field of every message: dispatched on the first byte and the
+/// length, so a field that is none of them costs a comparison or two.
 fn hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 5] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || (name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
+    let eq = |h: &[u8]| name.eq_ignore_ascii_case(h);
+    match name.first().map(u8::to_ascii_lowercase) {
+        Some(b'c') => name.len() == 10 && eq(b"connection"),
+        Some(b'k') => name.len() == 10 && eq(b"keep-alive"),
+        Some(b't') => match name.len() {
+            2 => eq(b"te"),
+            7 => eq(b"trailer"),
+            _ => false,
+        },
+        Some(b'p') => proxy_dash(name),
+        _ => false,
+    }
 }
 
 /// Whether a request field goes upstream as the client sent it. `upgrade`:
@@ -71,15 +90,18 @@ fn hop_by_hop(name: &[u8]) -> bool {
 /// only), which keeps `Upgrade`. Fields named by `Connection` are checked
 /// separately ([`nominated`]), only when [`ConnectionOptions::nominates`].
 pub fn forward_request_field(name: &[u8], upgrade: bool) -> bool {
-    !(hop_by_hop(name)
-        || (name.eq_ignore_ascii_case(b"upgrade") && !upgrade)
-        || name.eq_ignore_ascii_case(b"proxy")
-        || name.contains(&b'_'))
+    let special = match name.first().map(u8::to_ascii_lowercase) {
+        Some(b'u') => name.len() == 7 && !upgrade && name.eq_ignore_ascii_case(b"upgrade"),
+        Some(b'p') => name.len() == 5 && name.eq_ignore_ascii_case(b"proxy"),
+        _ => false,
+    };
+    !(special || hop_by_hop(name) || name.contains(&b'_'))
 }
 
 /// Whether a response field goes to the client as the upstream sent it.
 pub fn forward_response_field(name: &[u8], status: u16) -> bool {
-    !(hop_by_hop(name) || (name.eq_ignore_ascii_case(b"upgrade") && status != 101))
+    let upgrade = status != 101 && name.len() == 7 && name.eq_ignore_ascii_case(b"upgrade");
+    !(upgrade || hop_by_hop(name))
 }
 
 #[cfg(test)]

@@ -67,9 +67,10 @@ pub fn parse_content_length(v: &[u8]) -> Option<u64> {
     Some(n)
 }
 
-/// The framing fields of a message, collected in one pass.
+/// The framing fields of a message, collected in the carrier's own pass
+/// over its fields ([`FramingFields::add`]), then judged here.
 #[derive(Default)]
-struct FramingFields<'a> {
+pub struct FramingFields<'a> {
     length: Option<&'a [u8]>,
     lengths: usize,
     coding: Option<&'a [u8]>,
@@ -77,18 +78,27 @@ struct FramingFields<'a> {
 }
 
 impl<'a> FramingFields<'a> {
-    fn collect(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
+    pub fn collect(fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
         let mut f = FramingFields::default();
         for (name, value) in fields {
-            if name.eq_ignore_ascii_case(b"content-length") {
-                f.lengths += 1;
-                f.length = Some(value.trim_ascii());
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                f.codings += 1;
-                f.coding = Some(value.trim_ascii());
-            }
+            f.add(name, value);
         }
         f
+    }
+
+    /// Note one field; `true` if it is a framing field.
+    pub fn add(&mut self, name: &[u8], value: &'a [u8]) -> bool {
+        if name.len() == 14 && name.eq_ignore_ascii_case(b"content-length") {
+            self.lengths += 1;
+            self.length = Some(value.trim_ascii());
+            true
+        } else if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.codings += 1;
+            self.coding = Some(value.trim_ascii());
+            true
+        } else {
+            false
+        }
     }
 
     /// The length, if one is given; `Err` unless there is at most one field
@@ -114,18 +124,7 @@ pub fn request_body<'a>(
     http10: bool,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<RequestBody, &'static str> {
-    let f = FramingFields::collect(fields);
-    let length = f.length()?;
-    match f.coding {
-        Some(_) if http10 => Err("Transfer-Encoding in an HTTP/1.0 request"),
-        Some(_) if length.is_some() => Err("both Transfer-Encoding and Content-Length"),
-        Some(c) if c.eq_ignore_ascii_case(b"chunked") => Ok(RequestBody::Chunked),
-        Some(_) => Err("a transfer coding other than chunked"),
-        None => Ok(match length {
-            None | Some(0) => RequestBody::None,
-            Some(n) => RequestBody::Length(n),
-        }),
-    }
+    FramingFields::collect(fields).request_body(http10)
 }
 
 /// The body of a final (status >= 200) response, or why it is refused (502).
@@ -138,32 +137,59 @@ pub fn response_body<'a>(
     close: bool,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<ResponseFraming, &'static str> {
-    let f = FramingFields::collect(fields);
-    let length = f.length()?;
-    let chunked = match f.coding {
-        Some(c) if c.eq_ignore_ascii_case(b"chunked") => true,
-        Some(_) => return Err("a transfer coding other than chunked"),
-        None => false,
-    };
-    let both = chunked && length.is_some();
-    let body = if head_request || status == 204 || status == 304 {
-        ResponseBody::None
-    } else if chunked {
-        ResponseBody::Chunked
-    } else {
-        match length {
-            Some(0) => ResponseBody::None,
-            Some(n) => ResponseBody::Length(n),
-            None => ResponseBody::UntilClose,
+    FramingFields::collect(fields).response_body(status, head_request, http10, close)
+}
+
+impl FramingFields<'_> {
+    /// [`request_body`] for fields collected already.
+    pub fn request_body(&self, http10: bool) -> Result<RequestBody, &'static str> {
+        let length = self.length()?;
+        match self.coding {
+            Some(_) if http10 => Err("Transfer-Encoding in an HTTP/1.0 request"),
+            Some(_) if length.is_some() => Err("both Transfer-Encoding and Content-Length"),
+            Some(c) if c.eq_ignore_ascii_case(b"chunked") => Ok(RequestBody::Chunked),
+            Some(_) => Err("a transfer coding other than chunked"),
+            None => Ok(match length {
+                None | Some(0) => RequestBody::None,
+                Some(n) => RequestBody::Length(n),
+            }),
         }
-    };
-    Ok(ResponseFraming {
-        body,
-        // Both framings at once: read as chunked (RFC 9112 6.3), but the
-        // upstream is suspect, so its connection is not used again.
-        reusable: !(http10 || close || both || body == ResponseBody::UntilClose),
-        drop_content_length: both,
-    })
+    }
+
+    /// [`response_body`] for fields collected already.
+    pub fn response_body(
+        &self,
+        status: u16,
+        head_request: bool,
+        http10: bool,
+        close: bool,
+    ) -> Result<ResponseFraming, &'static str> {
+        let length = self.length()?;
+        let chunked = match self.coding {
+            Some(c) if c.eq_ignore_ascii_case(b"chunked") => true,
+            Some(_) => return Err("a transfer coding other than chunked"),
+            None => false,
+        };
+        let both = chunked && length.is_some();
+        let body = if head_request || status == 204 || status == 304 {
+            ResponseBody::None
+        } else if chunked {
+            ResponseBody::Chunked
+        } else {
+            match length {
+                Some(0) => ResponseBody::None,
+                Some(n) => ResponseBody::Length(n),
+                None => ResponseBody::UntilClose,
+            }
+        };
+        Ok(ResponseFraming {
+            body,
+            // Both framings at once: read as chunked (RFC 9112 6.3), but the
+            // upstream is suspect, so its connection is not used again.
+            reusable: !(http10 || close || both || body == ResponseBody::UntilClose),
+            drop_content_length: both,
+        })
+    }
 }
 
 #[cfg(test)]
