@@ -85,13 +85,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             let inner = e.into_inner();
             let mut position = inner.location().map(|l| (l.line(), l.column()));
             let mut message = clean_serde_message(&inner.to_string(), &key_path);
-            if position.is_none() {
-                if let Some(second) = positions::second_document(text) {
-                    position = Some(second);
-                    message = "a second YAML document starts here (after `---` or `...`); \
-                               the config is one document"
-                        .to_string();
+            if position.is_none() && message.contains("more than one document") {
+                // serde_yaml says neither where nor what to do.
+                message = match positions::second_document(text) {
+                    Some(second) => {
+                        position = Some(second);
+                        "a second YAML document starts here (after `---` or `...`); \
+                         the config is one document"
+                    }
+                    None => {
+                        position = Some((1, 1));
+                        "the file holds more than one YAML document; the config is one document"
+                    }
                 }
+                .to_string();
             }
             return Err(fail(vec![Problem {
                 path: if key_path == "." {
