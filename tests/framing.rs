@@ -956,8 +956,14 @@ async fn plain_upstream_connections_are_reused_and_checked_before_reuse() {
     for i in 0..3 {
         finish(&mut c, Open, &format!("/plain{i}")).await.unwrap();
     }
-    assert_eq!(origin.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let case = RESPONSES.iter().find(|c| c.name == "bytes-after-body-later").unwrap();
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let case = RESPONSES
+        .iter()
+        .find(|c| c.name == "bytes-after-body-later")
+        .unwrap();
     let prefix = "/plain-poison";
     let target = format!("{prefix}/resp/{}", case.name);
     c.send(format!("GET {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())

@@ -111,7 +111,10 @@ impl StrictOrigin {
         Self::start_with(None, script).await
     }
 
-    async fn start_with(acceptor: Option<openssl::ssl::SslAcceptor>, script: Script) -> StrictOrigin {
+    async fn start_with(
+        acceptor: Option<openssl::ssl::SslAcceptor>,
+        script: Script,
+    ) -> StrictOrigin {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(OriginLog::default()));
