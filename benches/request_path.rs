@@ -6,11 +6,11 @@
 use std::net::IpAddr;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use cutover::client_ip::client_ip;
 use cutover::config::{ClientIp, HostPattern};
-use cutover::metrics::Metrics;
-use cutover::routing::{normalize_authority, HostTable};
-use cutover::selection::{choose, client_point, Candidate};
+use cutover::observe::metrics::Metrics;
+use cutover::policy::client_ip::client_ip;
+use cutover::policy::routing::{normalize_authority, HostTable};
+use cutover::shift::selection::{choose, client_point, Candidate};
 
 struct U(u32, bool);
 impl Candidate for U {
@@ -142,13 +142,13 @@ fn header_rewrite(c: &mut Criterion) {
 /// upstream request; then parse the upstream's response head and write the
 /// client's.
 fn fast_path(c: &mut Criterion) {
-    use cutover::runtime::Shared;
+    use cutover::model::Shared;
     let yaml = "phase: bench\nlisteners:\n  - address: 127.0.0.1:8080\nroutes:\n  - name: cdn\n    hosts: [cdn.example.test]\n    upstreams:\n      - name: new\n        address: 127.0.0.1:443\n        sni: cdn-new.example.test\n        host_header: cdn-new.example.test\n";
     let config = cutover::config::parse(std::path::Path::new("bench.yaml"), yaml).unwrap();
     let shared = Shared::new(
         config,
         std::sync::Arc::new(Metrics::new()),
-        std::sync::Arc::new(cutover::dns::Resolver::new(None)),
+        std::sync::Arc::new(cutover::model::dns::Resolver::new(None)),
         None,
     );
     let rt = shared.runtime();
@@ -158,7 +158,7 @@ fn fast_path(c: &mut Criterion) {
     let mut out = Vec::with_capacity(4096);
     c.bench_function("fast path request head (wrk request)", |b| {
         b.iter(|| {
-            assert!(cutover::fast_path::prepare_request(
+            assert!(cutover::paths::fast::prepare_request(
                 black_box(request),
                 &rt,
                 Some("127.0.0.1"),
@@ -168,7 +168,7 @@ fn fast_path(c: &mut Criterion) {
     });
     c.bench_function("fast path request head (browser request, 8 headers)", |b| {
         b.iter(|| {
-            assert!(cutover::fast_path::prepare_request(
+            assert!(cutover::paths::fast::prepare_request(
                 black_box(browser),
                 &rt,
                 Some("127.0.0.1"),
@@ -178,7 +178,7 @@ fn fast_path(c: &mut Criterion) {
     });
     c.bench_function("fast path response head (6 headers)", |b| {
         b.iter(|| {
-            assert!(cutover::fast_path::prepare_response(
+            assert!(cutover::paths::fast::prepare_response(
                 black_box(response),
                 &rt.routes[0],
                 &mut out

@@ -1,32 +1,35 @@
 //! cutover: a Pingora reverse proxy for zero-downtime CDN distribution migrations.
 //!
-//! Stages, each its own module: the config file is parsed and checked once
-//! ([`config`]) into an immutable model; [`runtime`] joins it with live handles
-//! (DNS, metrics, health) and is swapped whole on reload; the request path
-//! ([`fast_path`] for the common request, [`proxy`] for everything else) only
-//! reads that model.
+//! # Layout
+//!
+//! Folders by concern, one level deep. A folder uses only the folders above
+//! it in this list; nothing uses a folder below it.
+//!
+//! - [`config`]: the config file → a validated, immutable `Config`; every
+//!   problem with its key path. No I/O but reading the file.
+//! - [`policy`]: the decisions about a request that both carriers make the
+//!   same way: routing by Host, the client address, framing, which fields
+//!   are forwarded, refusals, failure → status. Pure functions over bytes
+//!   and config values.
+//! - [`observe`]: metrics, the access log, rate-limited log lines.
+//! - [`shift`]: upstream choice (weights, stickiness, failover), health
+//!   state, active health checks.
+//! - [`model`]: the runtime model a request runs on: config joined with
+//!   live handles (DNS entries, metric handles, health), built on load and
+//!   reload and swapped whole.
+//! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`.
+//!   They never import each other.
+//! - [`lifecycle`]: the process: server assembly (the only module that
+//!   names both carriers), signals and reload, drain, admin endpoints,
+//!   `cutover verify`.
+//! - [`rehearsal`]: the offline CloudFront-like edge, the throwaway CA, the
+//!   strict RFC 9112 reader and `cutover demo`.
 
-pub mod access_log;
-pub mod admin;
-pub mod chunked;
-pub mod client_ip;
 pub mod config;
-pub mod dns;
-pub mod drain;
-pub mod errors;
-pub mod fast_path;
-pub mod health;
-pub mod log_limit;
-pub mod memory;
-pub mod metrics;
-pub mod peer;
+pub mod lifecycle;
+pub mod model;
+pub mod observe;
+pub mod paths;
 pub mod policy;
-pub mod probe;
-pub mod proxy;
 pub mod rehearsal;
-pub mod routing;
-pub mod runtime;
-pub mod selection;
-pub mod server;
-pub mod signals;
-pub mod verify;
+pub mod shift;

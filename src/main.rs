@@ -80,13 +80,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let opts = cutover::server::RunOptions {
+            let opts = cutover::lifecycle::server::RunOptions {
                 config_path: config,
                 upgrade,
                 hosts_file: std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from),
                 exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/cutover")),
             };
-            match cutover::server::run(cfg, opts) {
+            match cutover::lifecycle::server::run(cfg, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cutover: {e:#}");
@@ -119,7 +119,7 @@ fn verify(
             return ExitCode::FAILURE;
         }
     };
-    let opts = cutover::verify::VerifyOptions {
+    let opts = cutover::lifecycle::verify::VerifyOptions {
         proxy,
         resolve: resolve.into_iter().collect(),
         hosts_file: std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from),
@@ -134,7 +134,7 @@ fn verify(
             return ExitCode::FAILURE;
         }
     };
-    let outcome = rt.block_on(cutover::verify::verify(&cfg, &opts));
+    let outcome = rt.block_on(cutover::lifecycle::verify::verify(&cfg, &opts));
     print!("{}", outcome.report);
     if outcome.ok {
         ExitCode::SUCCESS

@@ -27,11 +27,11 @@ fn promtool(args: &[&str], dir: &Path) -> String {
 
 /// Names of every metric family cutover exports, series suffixes included.
 fn exported_names() -> BTreeSet<String> {
-    let m = cutover::metrics::Metrics::new();
+    let m = cutover::observe::metrics::Metrics::new();
     // Create one child of every labelled family so that it is gathered.
     let up = m.upstream("p", "r", "u");
     up.count_response(200);
-    up.count_error(cutover::errors::ErrorKind::Tls);
+    up.count_error(cutover::policy::failure::ErrorKind::Tls);
     up.duration.observe(0.1);
     up.response_bytes.inc();
     let phase = m.phase("p");

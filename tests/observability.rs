@@ -240,8 +240,8 @@ async fn metrics_count_known_traffic_exactly() {
 }
 
 async fn admin_get(proxy: &Proxy, path: &str) -> (u16, String) {
-    let r = cutover::probe::get(
-        &cutover::probe::Target {
+    let r = cutover::shift::probe::get(
+        &cutover::shift::probe::Target {
             connect: proxy.admin,
             tls: None,
             host: "localhost".into(),
@@ -462,8 +462,8 @@ async fn scrapes_during_reloads_always_succeed() {
         let mut n = 0;
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
-            let r = cutover::probe::get(
-                &cutover::probe::Target {
+            let r = cutover::shift::probe::get(
+                &cutover::shift::probe::Target {
                     connect: admin,
                     tls: None,
                     host: "x".into(),

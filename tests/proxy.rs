@@ -589,10 +589,10 @@ async fn tls_listener_header_edits_and_verify_false_warning() {
         proxy.log()
     );
 
-    let r = cutover::probe::get(
-        &cutover::probe::Target {
+    let r = cutover::shift::probe::get(
+        &cutover::shift::probe::Target {
             connect: tls_port,
-            tls: Some(cutover::probe::TlsTarget {
+            tls: Some(cutover::shift::probe::TlsTarget {
                 sni: PUBLIC_NAME.into(),
                 ca_files: vec![bed.ca_path.clone()],
                 system_roots: true,

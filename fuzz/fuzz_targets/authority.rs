@@ -3,7 +3,7 @@
 //! trailing dot, and normalising it again changes nothing.
 #![no_main]
 
-use cutover::routing::normalize_authority;
+use cutover::policy::routing::normalize_authority;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 //! with the same data; and it accepts every body the strict decoder accepts.
 #![no_main]
 
-use cutover::chunked::ChunkedEnd;
+use cutover::paths::fast::chunked::ChunkedEnd;
 use cutover::rehearsal::strict::{decode_chunked, Chunked};
 use libfuzzer_sys::fuzz_target;
 

@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use cutover::client_ip::{client_ip_from, Source};
+use cutover::policy::client_ip::{client_ip_from, Source};
 use libfuzzer_sys::fuzz_target;
 
 mod common;

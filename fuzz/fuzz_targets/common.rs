@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cutover::runtime::{Runtime, Shared};
+use cutover::model::{Runtime, Shared};
 
 pub const HOST_HEADER: &str = "cdn-new.example.test";
 
@@ -36,8 +36,8 @@ pub fn runtime() -> Arc<Runtime> {
                 .expect("the fuzz config is valid");
             Shared::new(
                 config,
-                Arc::new(cutover::metrics::Metrics::new()),
-                Arc::new(cutover::dns::Resolver::new(None)),
+                Arc::new(cutover::observe::metrics::Metrics::new()),
+                Arc::new(cutover::model::dns::Resolver::new(None)),
                 None,
             )
         })

@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let rt = common::runtime();
     let mut out = Vec::new();
-    if !cutover::fast_path::prepare_request(data, &rt, Some("192.0.2.1"), &mut out) {
+    if !cutover::paths::fast::prepare_request(data, &rt, Some("192.0.2.1"), &mut out) {
         return;
     }
     let mut headers = [httparse::EMPTY_HEADER; 64];

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let head_request = flags & 1 == 1;
     let Ok(Some(status)) =
-        cutover::fast_path::client_head_for_fuzzing(head, head_request, route, &mut out)
+        cutover::paths::fast::client_head_for_fuzzing(head, head_request, route, &mut out)
     else {
         return;
     };

@@ -16,7 +16,7 @@
 //! The fast path and the Pingora path both call these functions on the
 //! fields they parsed (httparse's, or Pingora's `HeaderMap`), and render the
 //! refusal their own way. The chunk lines themselves are checked by
-//! [`crate::chunked`] (fast path) and by httparse's `parse_chunk_size`
+//! [`crate::paths::fast::chunked`] (fast path) and by httparse's `parse_chunk_size`
 //! (Pingora, with the patch in `vendor/httparse`).
 
 /// How a request body is delimited.

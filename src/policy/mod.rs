@@ -2,6 +2,9 @@
 //! Pingora path) make the same way: they call these functions and only
 //! render the answer in their own representation.
 
+pub mod client_ip;
+pub mod failure;
 pub mod fields;
 pub mod framing;
 pub mod refusal;
+pub mod routing;

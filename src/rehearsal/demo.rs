@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use super::edge::{Distribution, Edge};
 use super::pki::TestCa;
-use crate::probe::{self, Target, TlsTarget};
+use crate::shift::probe::{self, Target, TlsTarget};
 
 pub const PUBLIC_NAME: &str = "cdn.example.test";
 pub const NEW_NAME: &str = "cdn-new.example.test";
@@ -127,13 +127,13 @@ pub fn run() -> anyhow::Result<()> {
         );
     });
 
-    let opts = crate::server::RunOptions {
+    let opts = crate::lifecycle::server::RunOptions {
         config_path,
         upgrade: false,
         hosts_file: Some(hosts),
         exe: std::env::current_exe()?,
     };
-    let result = crate::server::run(config, opts);
+    let result = crate::lifecycle::server::run(config, opts);
     drop(edge);
     edge_rt.shutdown_timeout(Duration::from_secs(1));
     // The rehearsal's CA, config and hosts file are throwaway.

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cutover::probe::{self, Reply, Target};
 use cutover::rehearsal::demo::{distributions, NEW_DIST, NEW_NAME, OLD_DIST, PUBLIC_NAME};
 use cutover::rehearsal::edge::Edge;
 use cutover::rehearsal::pki::TestCa;
+use cutover::shift::probe::{self, Reply, Target};
 
 pub mod strict_origin;
 

@@ -17,7 +17,7 @@ pub trait Candidate {
     fn is_healthy(&self) -> bool;
 }
 
-impl Candidate for crate::runtime::Upstream {
+impl Candidate for crate::model::Upstream {
     fn weight(&self) -> u32 {
         self.weight
     }

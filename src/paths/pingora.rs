@@ -18,15 +18,15 @@ use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::client_ip::{client_ip, Source};
-use crate::errors::{classify, ErrorKind, Outcome};
 use crate::limited;
+use crate::model::{Route, Runtime, Shared, Upstream};
 use crate::policy;
+use crate::policy::client_ip::{client_ip, Source};
+use crate::policy::failure::{classify, ErrorKind, Outcome};
 use crate::policy::fields::{connection_options, nominated};
 use crate::policy::refusal::Refusal;
-use crate::routing::{normalize_authority, BadAuthority};
-use crate::runtime::{Route, Runtime, Shared, Upstream};
-use crate::selection::{choose, client_point};
+use crate::policy::routing::{normalize_authority, BadAuthority};
+use crate::shift::selection::{choose, client_point};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Headers we add, as `&'static str` in their usual case: Pingora then keeps
@@ -644,7 +644,7 @@ impl ProxyHttp for CutoverProxy {
             let (route, upstream) = names.unwrap_or(("-", "-"));
             // The model this request ran on (a refused request never took one).
             let rt = ctx.runtime.clone().unwrap_or_else(|| self.shared.runtime());
-            log.log(&crate::access_log::Entry {
+            log.log(&crate::observe::access_log::Entry {
                 time: std::time::SystemTime::now(),
                 client: ctx.client,
                 method: req.method.as_str(),

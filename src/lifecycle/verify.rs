@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{Config, HostPattern, RouteConfig, UpstreamConfig};
-use crate::dns::Resolver;
-use crate::probe::{self, Reply, Target, TlsTarget};
+use crate::model::dns::Resolver;
+use crate::shift::probe::{self, Reply, Target, TlsTarget};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,7 +24,7 @@ pub struct VerifyOptions {
     pub proxy: Option<SocketAddr>,
     /// `--resolve NAME=ADDR:PORT`: where the public name's requests go instead of DNS.
     pub resolve: HashMap<String, SocketAddr>,
-    /// Resolve upstream names like the proxy does (see [`crate::dns`]).
+    /// Resolve upstream names like the proxy does (see [`crate::model::dns`]).
     pub hosts_file: Option<PathBuf>,
 }
 

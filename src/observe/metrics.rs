@@ -8,7 +8,7 @@ use prometheus::{
     Registry,
 };
 
-use crate::errors::ErrorKind;
+use crate::policy::failure::ErrorKind;
 
 /// The metric families, registered once per process.
 pub struct Metrics {

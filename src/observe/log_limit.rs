@@ -57,7 +57,7 @@ impl LogLimit {
 #[macro_export]
 macro_rules! limited {
     ($level:ident, $($arg:tt)+) => {{
-        static LIMIT: $crate::log_limit::LogLimit = $crate::log_limit::LogLimit::new(10);
+        static LIMIT: $crate::observe::log_limit::LogLimit = $crate::observe::log_limit::LogLimit::new(10);
         if let Some(skipped) = LIMIT.allow() {
             if skipped > 0 {
                 log::$level!("{} ({skipped} similar lines suppressed)", format_args!($($arg)+));

@@ -12,7 +12,7 @@
 //! Everything else — other methods, request bodies, HTTP/1.0, `Upgrade`,
 //! `Expect`, absolute-form targets, a missing or unknown Host, anything
 //! malformed, TLS listeners — is handed, bytes untouched, to the Pingora
-//! proxy ([`crate::proxy::CutoverProxy`]) for the rest of the connection, so
+//! proxy ([`crate::paths::pingora::CutoverProxy`]) for the rest of the connection, so
 //! each unusual case has exactly one implementation. Both paths share the
 //! runtime model, upstream selection, failover, metrics and access log.
 
@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+pub mod chunked;
 
 use async_trait::async_trait;
 use log::debug;
@@ -39,19 +41,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
-use crate::chunked::ChunkedEnd;
-use crate::client_ip::{client_ip_from, Source};
 use crate::config::HeaderEdits;
-use crate::errors::ErrorKind;
 use crate::limited;
+use crate::model::{Route, Runtime, Shared, Upstream};
+use crate::paths::fast::chunked::ChunkedEnd;
+use crate::paths::pingora::connect_failed;
 use crate::policy;
+use crate::policy::client_ip::{client_ip_from, Source};
+use crate::policy::failure::ErrorKind;
 use crate::policy::fields::{nominated, ConnectionOptions};
 use crate::policy::framing::{FramingFields, RequestBody, ResponseBody};
 use crate::policy::refusal::TargetForm;
-use crate::proxy::connect_failed;
-use crate::routing::normalize_authority;
-use crate::runtime::{Route, Runtime, Shared, Upstream};
-use crate::selection::{choose, client_point};
+use crate::policy::routing::normalize_authority;
+use crate::shift::selection::{choose, client_point};
 
 /// Larger request heads go to Pingora, whose limit is higher.
 const MAX_HEAD: usize = 16 * 1024;
@@ -75,7 +77,7 @@ pub struct FastPath<A> {
     shared: Arc<Shared>,
     connector: TransportConnector,
     closing: AtomicBool,
-    open: crate::memory::OpenConnections,
+    open: crate::paths::memory::OpenConnections,
     close_idle: Notify,
 }
 
@@ -86,7 +88,7 @@ impl<A> FastPath<A> {
             shared,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
             closing: AtomicBool::new(false),
-            open: crate::memory::OpenConnections::default(),
+            open: crate::paths::memory::OpenConnections::default(),
             close_idle: Notify::new(),
         }
     }
@@ -174,9 +176,9 @@ impl Held {
     /// answer, a second response nobody asked for, a 408 before it closes an
     /// idle connection) would otherwise be read as the next request's
     /// response — behind an ALB, another user's. Checked before every reuse,
-    /// without a syscall ([`crate::peer::quiet`]).
+    /// without a syscall ([`crate::model::peer::quiet`]).
     fn quiet(self) -> Option<Held> {
-        let stream = crate::peer::quiet(self.stream)?;
+        let stream = crate::model::peer::quiet(self.stream)?;
         Some(Held { stream, ..self })
     }
 
@@ -398,7 +400,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             let (ups, reused, reuse_hash) = match upstream_stream {
                 Ok(s) => {
                     if !s.1 {
-                        crate::peer::tune_tls(&s.0);
+                        crate::model::peer::tune_tls(&s.0);
                     }
                     s
                 }
@@ -470,7 +472,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let elapsed = started.elapsed();
         up.metrics.record(status, elapsed, bytes);
         if let Some(log) = &self.shared.access_log {
-            log.log(&crate::access_log::Entry {
+            log.log(&crate::observe::access_log::Entry {
                 time: std::time::SystemTime::now(),
                 client,
                 method: req.method.unwrap_or("-"),
@@ -532,7 +534,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     let peer = up.peer.for_address(addr);
                     ups = match self.connector.new_stream(&*peer).await {
                         Ok(s) => {
-                            crate::peer::tune_tls(&s);
+                            crate::model::peer::tune_tls(&s);
                             s
                         }
                         Err(e) => {

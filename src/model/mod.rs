@@ -3,19 +3,22 @@
 //! start and on every reload, then swapped in whole; a request keeps the
 //! `Arc<Runtime>` it started with, so a reload never changes a request midway.
 
+pub mod dns;
+pub mod peer;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
-use crate::access_log::AccessLog;
 use crate::config::{ClientIp, Config, HeaderEdits, Sticky, UpstreamConfig};
-use crate::dns::{ResolvedName, Resolver};
-use crate::health::Health;
-use crate::metrics::{Metrics, PhaseMetrics, UpstreamMetrics};
-use crate::peer::PeerTemplate;
-use crate::routing::HostTable;
+use crate::model::dns::{ResolvedName, Resolver};
+use crate::model::peer::PeerTemplate;
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::{Metrics, PhaseMetrics, UpstreamMetrics};
+use crate::policy::routing::HostTable;
+use crate::shift::health::Health;
 
 pub struct Runtime {
     pub config: Arc<Config>,

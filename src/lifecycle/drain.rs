@@ -19,7 +19,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
-use crate::runtime::Shared;
+use crate::model::Shared;
 
 pub struct DrainingApp<A> {
     pub inner: Arc<A>,

@@ -10,7 +10,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::runtime::Shared;
+use crate::model::Shared;
 
 pub struct AdminApp {
     pub shared: Arc<Shared>,

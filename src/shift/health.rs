@@ -17,8 +17,8 @@ use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::probe::{self, Target, TlsTarget};
-use crate::runtime::{Shared, Upstream};
+use crate::model::{Shared, Upstream};
+use crate::shift::probe::{self, Target, TlsTarget};
 
 /// Consecutive results needed to change state.
 const FALL: u32 = 2;

@@ -20,7 +20,7 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Config};
-use crate::runtime::Shared;
+use crate::model::Shared;
 
 /// How long a successor may take to start listening on the upgrade socket.
 const SUCCESSOR_START: Duration = Duration::from_secs(15);
@@ -113,7 +113,7 @@ impl Signals {
     /// A handover: Pingora sends the sockets, then keeps accepting beside the
     /// successor for a few seconds; answering `Connection: close` meanwhile
     /// moves keep-alive clients to fresh connections, which the successor
-    /// takes more and more of. (On SIGTERM, [`crate::drain`] does this.)
+    /// takes more and more of. (On SIGTERM, [`crate::lifecycle::drain`] does this.)
     fn announce_drain(&self) {
         self.shared
             .draining

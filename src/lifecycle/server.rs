@@ -1,5 +1,5 @@
 //! Assemble and run the Pingora server: proxy listeners, admin listener,
-//! health checks, DNS refresh; signals are handled in [`crate::signals`].
+//! health checks, DNS refresh; signals are handled in [`crate::lifecycle::signals`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,24 +16,24 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::access_log::AccessLog;
-use crate::admin::AdminApp;
 use crate::config::{AccessLog as AccessLogConfig, Config};
-use crate::dns::{DnsRefresh, Resolver};
-use crate::drain::DrainingApp;
-use crate::fast_path::FastPath;
-use crate::health::HealthChecker;
-use crate::metrics::Metrics;
-use crate::proxy::CutoverProxy;
-use crate::runtime::Shared;
-use crate::signals::Signals;
+use crate::lifecycle::admin::AdminApp;
+use crate::lifecycle::drain::DrainingApp;
+use crate::lifecycle::signals::Signals;
+use crate::model::dns::{DnsRefresh, Resolver};
+use crate::model::Shared;
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
+use crate::paths::fast::FastPath;
+use crate::paths::pingora::CutoverProxy;
+use crate::shift::health::HealthChecker;
 
 pub struct RunOptions {
     /// Re-read on SIGHUP.
     pub config_path: PathBuf,
     /// Take the listening sockets over from a running instance.
     pub upgrade: bool,
-    /// Names resolved before DNS (see [`crate::dns`]).
+    /// Names resolved before DNS (see [`crate::model::dns`]).
     pub hosts_file: Option<PathBuf>,
     /// The binary to start for an in-place upgrade (SIGUSR2): the path this
     /// process was started from, which a package upgrade has replaced.

@@ -1,0 +1,9 @@
+//! The process: server assembly (the composition root, the one module that
+//! names both carriers), signals and reload, drain, the admin endpoints, and
+//! the `verify` command.
+
+pub mod admin;
+pub mod drain;
+pub mod server;
+pub mod signals;
+pub mod verify;

@@ -1,0 +1,6 @@
+//! Where traffic goes: weighted, sticky upstream choice and failover, and
+//! the health state and active checks that take an upstream out of it.
+
+pub mod health;
+pub mod probe;
+pub mod selection;
