@@ -12,11 +12,13 @@
 //!   are forwarded, refusals, failure → status. Pure functions over bytes
 //!   and config values.
 //! - [`observe`]: metrics, the access log, rate-limited log lines.
-//! - [`shift`]: upstream choice (weights, stickiness, failover), health
-//!   state, active health checks.
+//! - [`shift`]: upstream choice (weights, stickiness, failover) and the
+//!   health state it reads; knows nothing of the model (a `Candidate` is
+//!   anything with a weight, a backup flag and a health flag).
 //! - [`model`]: the runtime model a request runs on: config joined with
 //!   live handles (DNS entries, metric handles, health), built on load and
-//!   reload and swapped whole.
+//!   reload and swapped whole; the background services that keep those
+//!   handles fresh (DNS refresh, active health checks).
 //! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`.
 //!   They never import each other.
 //! - [`lifecycle`]: the process: server assembly (the only module that

@@ -20,13 +20,13 @@ use crate::config::{AccessLog as AccessLogConfig, Config};
 use crate::lifecycle::admin::AdminApp;
 use crate::lifecycle::drain::DrainingApp;
 use crate::lifecycle::signals::Signals;
+use crate::model::checks::HealthChecker;
 use crate::model::dns::{DnsRefresh, Resolver};
 use crate::model::Shared;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::paths::fast::FastPath;
 use crate::paths::pingora::CutoverProxy;
-use crate::shift::health::HealthChecker;
 
 pub struct RunOptions {
     /// Re-read on SIGHUP.

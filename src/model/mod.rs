@@ -3,6 +3,7 @@
 //! start and on every reload, then swapped in whole; a request keeps the
 //! `Arc<Runtime>` it started with, so a reload never changes a request midway.
 
+pub mod checks;
 pub mod dns;
 pub mod peer;
 
@@ -197,5 +198,17 @@ impl Runtime {
                 )
             })
             .collect()
+    }
+}
+
+impl crate::shift::selection::Candidate for Upstream {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn is_backup(&self) -> bool {
+        self.backup
+    }
+    fn is_healthy(&self) -> bool {
+        self.health.is_healthy()
     }
 }

@@ -17,18 +17,6 @@ pub trait Candidate {
     fn is_healthy(&self) -> bool;
 }
 
-impl Candidate for crate::model::Upstream {
-    fn weight(&self) -> u32 {
-        self.weight
-    }
-    fn is_backup(&self) -> bool {
-        self.backup
-    }
-    fn is_healthy(&self) -> bool {
-        self.health.is_healthy()
-    }
-}
-
 /// A stable 64-bit hash of a client address (FNV-1a, then the splitmix64
 /// finaliser to spread nearby addresses across the range).
 pub fn client_point(ip: IpAddr) -> u64 {
