@@ -1,0 +1,184 @@
+//! The response body on the fast path: where it ends, and the writes that
+//! relay it to the client.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use log::debug;
+use pingora::protocols::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+
+use super::chunked::ChunkedEnd;
+use super::{BODY_BATCH, CLIENT_SEND, READ_CHUNK};
+
+/// How the upstream's response body is delimited.
+pub(super) enum Framing {
+    None,
+    Length(u64),
+    Chunked(ChunkedEnd),
+    /// Until the upstream closes: the client connection closes after it too.
+    Close,
+}
+
+/// The part of a read that belongs to the body.
+pub(super) struct Part {
+    /// How many of the bytes are forwarded as they are.
+    pub(super) relay: usize,
+    /// The body is complete.
+    pub(super) finished: bool,
+    /// Nothing followed the body (the connection can be reused).
+    pub(super) clean: bool,
+    /// The forwarded body needs a final CRLF of cutover's own (its chunked
+    /// trailers were dropped).
+    pub(super) terminator: bool,
+}
+
+impl Part {
+    pub(super) fn tail(&self) -> &'static [u8] {
+        if self.terminator {
+            b"\r\n"
+        } else {
+            b""
+        }
+    }
+}
+
+/// How much of `bytes` belongs to the body; `None`: malformed.
+pub(super) fn body_part(framing: &mut Framing, bytes: &[u8]) -> Option<Part> {
+    let part = |relay, finished, clean| Part {
+        relay,
+        finished,
+        clean,
+        terminator: false,
+    };
+    Some(match framing {
+        Framing::None => part(0, true, bytes.is_empty()),
+        Framing::Length(left) => {
+            let take = (*left).min(bytes.len() as u64);
+            *left -= take;
+            let take = take as usize;
+            part(take, *left == 0, take == bytes.len())
+        }
+        Framing::Chunked(c) => {
+            let s = c.feed(bytes).ok()?;
+            Part {
+                relay: s.relay,
+                finished: s.end.is_some(),
+                clean: s.end.is_none_or(|e| e == bytes.len()),
+                terminator: s.terminator,
+            }
+        }
+        Framing::Close => part(bytes.len(), false, false),
+    })
+}
+
+/// The response head and the first body bytes in one syscall: a small body
+/// is copied behind the head, a large one goes out with a vectored write.
+/// `tail` (a chunked body's final CRLF, or nothing) follows the body.
+pub(super) async fn write_head_and_body(
+    stream: &mut Stream,
+    head: &mut Vec<u8>,
+    body: &[u8],
+    tail: &[u8],
+) -> std::io::Result<()> {
+    if body.len() <= 16 * 1024 {
+        head.extend_from_slice(body);
+        head.extend_from_slice(tail);
+        return stream.write_all(head).await;
+    }
+    write_parts(stream, &[head, body, tail]).await
+}
+
+/// Write `parts` in order, as few syscalls as the socket allows.
+pub(super) async fn write_parts(stream: &mut Stream, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut parts: [&[u8]; 3] = [
+        parts.first().copied().unwrap_or(b""),
+        parts.get(1).copied().unwrap_or(b""),
+        parts.get(2).copied().unwrap_or(b""),
+    ];
+    let mut first = 0;
+    while first < parts.len() {
+        if parts[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        if parts[first + 1..].iter().all(|p| p.is_empty()) {
+            return stream.write_all(parts[first]).await;
+        }
+        let slices = parts.map(std::io::IoSlice::new);
+        let mut n = stream.write_vectored(&slices[first..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        for p in parts[first..].iter_mut() {
+            let k = n.min(p.len());
+            *p = &p[k..];
+            n -= k;
+        }
+    }
+    Ok(())
+}
+
+/// How many body bytes to gather before writing to the client: up to
+/// `BODY_BATCH`, never past the end of a length-delimited body.
+pub(super) fn batch_size(framing: &Framing) -> usize {
+    match framing {
+        Framing::Length(left) => (*left).min(BODY_BATCH as u64) as usize,
+        _ => BODY_BATCH,
+    }
+}
+
+/// Append what the upstream has already sent, without waiting, until `buf`
+/// holds `want` bytes; `Ok(true)` if the upstream closed. OpenSSL hands out
+/// one TLS record (at most 16 KiB) per read, so a large body would otherwise
+/// cost one client write per record.
+pub(super) fn read_available(
+    ups: &mut Stream,
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> std::io::Result<bool> {
+    // Polled once with a no-op waker: a `Pending` here only means "not yet";
+    // the caller's next real read registers the task's waker again.
+    let mut cx = Context::from_waker(Waker::noop());
+    while buf.len() < want {
+        buf.reserve(READ_CHUNK.min(want - buf.len()));
+        match pin!(ups.read_buf(buf)).poll(&mut cx) {
+            Poll::Ready(Ok(0)) => return Ok(true),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(false)
+}
+
+/// A write to the client, bounded like nginx's `send_timeout`: a client that
+/// stops reading must not hold its task, buffers and upstream connection.
+pub(super) async fn to_client<T>(
+    write: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match timeout(CLIENT_SEND, write).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Tell the client the proxying failed; `false` if it is gone.
+pub(super) async fn write_error(stream: &mut Stream, status: u16) -> bool {
+    let head: &[u8] = match status {
+        504 => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
+        _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
+    };
+    let sent = to_client(async {
+        stream.write_all(head).await?;
+        stream.flush().await
+    })
+    .await
+    .is_ok();
+    if !sent {
+        debug!("could not send {status} to the client");
+    }
+    sent
+}

@@ -1,0 +1,388 @@
+//! One request forwarded: upstream choice and failover, the exchange with
+//! the upstream, and what it came to (metrics, access log).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use log::debug;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::Peer;
+use pingora::{Error, ErrorType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+
+use super::body::{
+    batch_size, body_part, read_available, to_client, write_error, write_head_and_body,
+    write_parts, Framing,
+};
+use super::request::{build_request, header_str, header_values, route_request, Ask};
+use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
+use super::{Conn, FastPath, Held, Step, READ_CHUNK};
+use crate::model::{Route, Upstream};
+use crate::paths::pingora::connect_failed;
+use crate::policy::client_ip::{client_ip_from, Source};
+use crate::policy::failure::ErrorKind;
+use crate::shift::selection::{choose, client_point};
+use crate::{limited, policy};
+
+impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
+    pub(super) async fn forward(
+        &self,
+        conn: &mut Conn,
+        req: &httparse::Request<'_, '_>,
+        shutdown: &ShutdownWatch,
+    ) -> Step {
+        let started = Instant::now();
+        let rt = self.shared.runtime();
+        let Some((ask, route_idx)) = route_request(req, &rt) else {
+            return Step::Handover;
+        };
+        let route = &rt.routes[route_idx];
+        let client = conn.peer.map(|peer| {
+            let values = header_values(req, rt.client_ip.header.as_ref().map(|h| h.as_str()));
+            let (ip, source) = client_ip_from(&rt.client_ip, peer, values);
+            if source == Source::MalformedHeader {
+                rt.phase.client_ip_ignored.inc();
+                debug!("ignoring malformed client address header from {peer}");
+            }
+            ip
+        });
+        let point = match route.sticky {
+            crate::config::Sticky::None => fastrand::u64(..),
+            crate::config::Sticky::ClientIp => {
+                client.map_or_else(|| fastrand::u64(..), client_point)
+            }
+        };
+        let Some(mut idx) = choose(&route.upstreams, point, None) else {
+            return Step::Handover;
+        };
+        let closing = self.shared.draining.load(Ordering::Relaxed) || *shutdown.borrow();
+
+        let mut first_attempt = true;
+        let mut tried;
+        let outcome = loop {
+            let up = &route.upstreams[idx];
+            tried = up.addresses.pick();
+            let Some(addr) = tried else {
+                // Never resolved: a connect failure, failed over like one.
+                let e = Error::explain(ErrorType::ConnectNoRoute, "the name has no address yet");
+                let shown = format!("{}:{}", up.addresses.host, up.addresses.port);
+                match connect_failed(route, idx, point, first_attempt, &shown, &e) {
+                    Some(next) => {
+                        first_attempt = false;
+                        idx = next;
+                        continue;
+                    }
+                    None => break Err((ErrorKind::Connect, e.to_string(), true)),
+                }
+            };
+            let mut held = conn.held.take();
+            if let Some(other) = held.take_if(|h| !h.serves(&rt, route_idx, idx, addr)) {
+                other.release(&self.connector);
+            }
+            // Something arrived on it, or it closed: not reusable.
+            let held = held.and_then(Held::quiet);
+            let upstream_stream = match held {
+                Some(h) => Ok((h.stream, true, h.reuse_hash)),
+                None => {
+                    let peer = up.peer.for_address(addr);
+                    let hash = peer.reuse_hash();
+                    self.connector
+                        .get_stream(&*peer)
+                        .await
+                        .map(|(s, reused)| (s, reused, hash))
+                }
+            };
+            let (ups, reused, reuse_hash) = match upstream_stream {
+                Ok(s) => {
+                    if !s.1 {
+                        crate::model::peer::tune_tls(&s.0);
+                    }
+                    s
+                }
+                Err(e) => match connect_failed(route, idx, point, first_attempt, &addr, &e) {
+                    Some(next) => {
+                        first_attempt = false;
+                        idx = next;
+                        continue;
+                    }
+                    None => {
+                        let kind = ErrorKind::of(&e);
+                        break Err((kind, e.to_string(), true));
+                    }
+                },
+            };
+            build_request(
+                &mut conn.out,
+                req,
+                &ask,
+                route,
+                up,
+                conn.peer_text.as_deref(),
+            );
+            let exchanged = self
+                .exchange(conn, ups, reused, &ask, route, up, addr, closing)
+                .await;
+            match exchanged {
+                Ok((done, reusable)) => {
+                    if let Some(stream) = reusable {
+                        conn.held = Some(Held {
+                            runtime: rt.clone(),
+                            route: route_idx,
+                            upstream: idx,
+                            addr,
+                            reuse_hash,
+                            idle: up.config.timeouts.idle,
+                            stream,
+                        });
+                    }
+                    break Ok(done);
+                }
+                Err(failure) => break Err(failure),
+            }
+        };
+
+        let up = &route.upstreams[idx];
+        let (status, bytes, keep_client) = match outcome {
+            Ok(done) => (done.status, done.bytes, done.keep_client),
+            Err((kind, cause, counted)) => {
+                let status = if kind == ErrorKind::Timeout { 504 } else { 502 };
+                if !counted {
+                    up.metrics.count_error(kind);
+                }
+                limited!(
+                    warn,
+                    "{status} route={} upstream={} kind={} cause={cause}",
+                    route.name,
+                    up.name,
+                    kind.label()
+                );
+                let status = if write_error(&mut conn.stream, status).await {
+                    status
+                } else {
+                    499
+                };
+                (status, 0, false)
+            }
+        };
+        let elapsed = started.elapsed();
+        up.metrics.record(status, elapsed, bytes);
+        if let Some(log) = &self.shared.access_log {
+            log.log(&crate::observe::access_log::Entry {
+                time: std::time::SystemTime::now(),
+                client,
+                method: req.method.unwrap_or("-"),
+                host: std::str::from_utf8(ask.host).unwrap_or("-"),
+                path: std::str::from_utf8(ask.path).unwrap_or("-"),
+                version: "HTTP/1.1",
+                status,
+                route: &route.name,
+                upstream: &up.name,
+                upstream_addr: tried,
+                duration: elapsed,
+                bytes,
+                phase: &rt.config.phase,
+                referer: header_str(req, "referer"),
+                user_agent: header_str(req, "user-agent"),
+            });
+        }
+        Step::Served { keep_client }
+    }
+
+    /// Send the request in `conn.out` and relay the response. On success, the
+    /// upstream stream comes back if it can serve another request. A reused
+    /// connection that the upstream closed while idle gets one fresh retry:
+    /// the request is a GET or HEAD, so sending it twice is safe.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn exchange(
+        &self,
+        conn: &mut Conn,
+        mut ups: Stream,
+        mut reused: bool,
+        ask: &Ask<'_>,
+        route: &Route,
+        up: &Upstream,
+        addr: SocketAddr,
+        closing: bool,
+    ) -> Result<(Done, Option<Stream>), (ErrorKind, String, bool)> {
+        let t = &up.config.timeouts;
+        let fail = |kind: ErrorKind, cause: String| Err((kind, cause, false));
+        let (mut end, mut folded) = loop {
+            conn.resp.clear();
+            let sent = match timeout(t.write, async {
+                ups.write_all(&conn.out).await?;
+                ups.flush().await
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => return fail(ErrorKind::Timeout, "writing the request timed out".into()),
+            };
+            let head = match sent {
+                Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
+                Err(e) => Err(HeadError::Io(e)),
+            };
+            match head {
+                Ok(found) => break found,
+                Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
+                    debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
+                    reused = false;
+                    let peer = up.peer.for_address(addr);
+                    ups = match self.connector.new_stream(&*peer).await {
+                        Ok(s) => {
+                            crate::model::peer::tune_tls(&s);
+                            s
+                        }
+                        Err(e) => {
+                            let kind = ErrorKind::of(&e);
+                            up.metrics.count_error(kind);
+                            return Err((kind, e.to_string(), true));
+                        }
+                    };
+                }
+                Err(e) => return fail(e.kind(), e.to_string()),
+            }
+        };
+        let mut interim = 0;
+        let close = closing || ask.client_close;
+        let (status, head_len, framing, upstream_keep) = loop {
+            let head = &conn.resp[..end];
+            match client_head(head, folded, ask.head, route, close, &mut conn.out) {
+                Err(why) => return fail(ErrorKind::Other, why),
+                Ok(UpstreamHead::Final { status, framing }) => {
+                    break (status, end, framing.body, framing.reusable)
+                }
+                Ok(UpstreamHead::Interim) => {
+                    // Not forwarded (as the Pingora path and nginx); the
+                    // final response follows on the same connection.
+                    interim += 1;
+                    if interim > policy::framing::MAX_INTERIM_RESPONSES {
+                        return fail(ErrorKind::Other, "too many informational responses".into());
+                    }
+                    conn.resp.drain(..end);
+                    (end, folded) = match read_response_head(&mut ups, &mut conn.resp, t.read).await
+                    {
+                        Ok(found) => found,
+                        Err(e) => return fail(e.kind(), e.to_string()),
+                    };
+                }
+            }
+        };
+
+        // The head, plus what body has arrived, in one write.
+        let mut upstream_eof = false;
+        if !matches!(framing, Framing::None) {
+            let want = head_len + batch_size(&framing);
+            upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
+        }
+        let keep_client = !(closing || ask.client_close || matches!(framing, Framing::Close));
+        let mut framing = framing;
+        let mut body_bytes = 0u64;
+        let Some(first) = body_part(&mut framing, &conn.resp[head_len..]) else {
+            return fail(ErrorKind::Other, "malformed chunked body".into());
+        };
+        let mut finished = first.finished;
+        let mut clean = first.clean;
+        let first_body = &conn.resp[head_len..head_len + first.relay];
+        body_bytes += first.relay as u64;
+        let done = |bytes, keep_client| Done {
+            status,
+            bytes,
+            keep_client,
+        };
+        if let Err(e) = to_client(write_head_and_body(
+            &mut conn.stream,
+            &mut conn.out,
+            first_body,
+            first.tail(),
+        ))
+        .await
+        {
+            debug!("client went away before the response head: {e}");
+            let gone = Done {
+                status: 499,
+                bytes: 0,
+                keep_client: false,
+            };
+            // The whole response was read: the upstream connection is fine,
+            // keep it (a client giving up must not cost a TLS handshake).
+            let reusable = finished && clean && upstream_keep && !upstream_eof;
+            return Ok((gone, reusable.then_some(ups)));
+        }
+        while !finished {
+            if upstream_eof {
+                if matches!(framing, Framing::Close) {
+                    clean = false;
+                    break;
+                }
+                up.metrics.count_error(ErrorKind::Reset);
+                limited!(warn, "upstream {} closed the connection mid-body", up.name);
+                return Ok((done(body_bytes, false), None));
+            }
+            conn.resp.clear();
+            conn.resp.reserve(READ_CHUNK);
+            let n = match timeout(t.read, ups.read_buf(&mut conn.resp)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    up.metrics.count_error(ErrorKind::Reset);
+                    limited!(warn, "upstream {} failed mid-body: {e}", up.name);
+                    return Ok((done(body_bytes, false), None));
+                }
+                Err(_) => {
+                    up.metrics.count_error(ErrorKind::Timeout);
+                    limited!(warn, "upstream {} timed out mid-body", up.name);
+                    return Ok((done(body_bytes, false), None));
+                }
+            };
+            if n == 0 {
+                // Handled with the other end-of-stream case at the loop's top.
+                upstream_eof = true;
+                continue;
+            }
+            // Whatever else is already there goes out in the same client write.
+            let want = batch_size(&framing);
+            upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
+            let Some(part) = body_part(&mut framing, &conn.resp) else {
+                // What went out so far was well-formed; the client sees the
+                // response cut short, never the malformed bytes.
+                up.metrics.count_error(ErrorKind::Other);
+                limited!(
+                    warn,
+                    "upstream {} sent a malformed chunked body; response cut",
+                    up.name
+                );
+                return Ok((done(body_bytes, false), None));
+            };
+            finished = part.finished;
+            clean = part.clean;
+            let sent = to_client(write_parts(
+                &mut conn.stream,
+                &[&conn.resp[..part.relay], part.tail()],
+            ))
+            .await;
+            if sent.is_err() {
+                return Ok((done(body_bytes, false), None));
+            }
+            body_bytes += part.relay as u64;
+        }
+        if to_client(conn.stream.flush()).await.is_err() {
+            return Ok((done(body_bytes, false), None));
+        }
+        // A large body grew the buffer; do not keep 64 KiB per idle client.
+        if conn.resp.capacity() > 2 * READ_CHUNK {
+            conn.resp = Vec::with_capacity(READ_CHUNK);
+        }
+        let reusable = (upstream_keep && clean && !upstream_eof).then_some(ups);
+        Ok((done(body_bytes, keep_client), reusable))
+    }
+}
+
+/// What one forwarded request came to, for metrics and the access log.
+pub(super) struct Done {
+    pub(super) status: u16,
+    pub(super) bytes: u64,
+    pub(super) keep_client: bool,
+}

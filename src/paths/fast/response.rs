@@ -1,0 +1,249 @@
+//! The upstream's response head on the fast path: read, checked against the
+//! shared policy, and the head the client gets.
+
+use std::mem::MaybeUninit;
+use std::time::Duration;
+
+use pingora::protocols::Stream;
+use tokio::io::AsyncReadExt;
+
+use super::body::Framing;
+use super::chunked::ChunkedEnd;
+use super::head::{head_end_and_folds, push_header, push_unfolded};
+use super::request::edited;
+use super::{MAX_HEAD, MAX_RESPONSE_HEADERS, READ_CHUNK};
+use crate::model::Route;
+use crate::policy;
+use crate::policy::failure::ErrorKind;
+use crate::policy::fields::{nominated, ConnectionOptions};
+use crate::policy::framing::{FramingFields, ResponseBody};
+
+/// The same for a response head from the upstream: parse it, find its
+/// framing, and write the head the client gets into `out`; `false` if the
+/// upstream's head is refused (or is an interim one).
+pub fn prepare_response(head: &[u8], route: &Route, out: &mut Vec<u8>) -> bool {
+    let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
+    matches!(
+        client_head(head, folded, false, route, false, out),
+        Ok(UpstreamHead::Final { .. })
+    )
+}
+
+/// What a response head from the upstream is, for the fast path.
+pub(super) enum UpstreamHead {
+    /// 1xx (other than 101): skipped, the final response follows.
+    Interim,
+    /// The final response; its head for the client is in `out`.
+    Final {
+        status: u16,
+        framing: ResponseFraming,
+    },
+}
+
+/// Read one whole response head (`head`, exactly; `folded`: it holds an
+/// obs-fold), check it against the shared policy, and for a final response
+/// write the head the client gets into `out`; `Err` with the cause when it
+/// must not be relayed (502).
+pub(super) fn client_head(
+    head: &[u8],
+    folded: bool,
+    head_request: bool,
+    route: &Route,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Result<UpstreamHead, String> {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let resp = parse_response(head, &mut headers).ok_or("malformed response head")?;
+    let status = resp.code.unwrap_or(0);
+    if status == 101 || !(100..=599).contains(&status) {
+        return Err(format!("unusable status {status}"));
+    }
+    if status < 200 {
+        return Ok(UpstreamHead::Interim);
+    }
+    let framing =
+        response_framing(&resp, head_request).map_err(|why| format!("response framing: {why}"))?;
+    build_response_head(out, &resp, route, &framing, close, folded);
+    Ok(UpstreamHead::Final { status, framing })
+}
+
+/// For the fuzzers: what [`client_head`] makes of `head` — the final
+/// status and the client's head in `out`, or why it is refused; `Ok(None)`
+/// for an interim head.
+#[doc(hidden)]
+pub fn client_head_for_fuzzing(
+    head: &[u8],
+    head_request: bool,
+    route: &Route,
+    out: &mut Vec<u8>,
+) -> Result<Option<u16>, String> {
+    let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
+    client_head(head, folded, head_request, route, false, out).map(|h| match h {
+        UpstreamHead::Interim => None,
+        UpstreamHead::Final { status, .. } => Some(status),
+    })
+}
+
+/// The same for a response head, read as the Pingora path reads it (RFC
+/// 9112 5.1, 5.2 allow a proxy this, provided what it forwards is
+/// canonical): whitespace before a field's colon is accepted and dropped,
+/// and an obs-fold is accepted and forwarded as one space.
+pub(super) fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Option<httparse::Response<'h, 'b>> {
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .parse_response_with_uninit_headers(&mut resp, buf, headers);
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n == buf.len() => Some(resp),
+        _ => None,
+    }
+}
+
+/// The response head for the client: the upstream's, minus the fields the
+/// shared policy does not forward, with the route's edits, and
+/// `Connection: close` when this is the connection's last response.
+pub(super) fn build_response_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    route: &Route,
+    framing: &ResponseFraming,
+    close: bool,
+    folded: bool,
+) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = itoa::Buffer::new();
+    let status = resp.code.unwrap_or(502);
+    out.extend_from_slice(code.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let edits = &route.response_headers;
+    let connection_values = || {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value)
+    };
+    let nominates = framing.nominates;
+    for h in resp.headers.iter() {
+        let n = h.name.as_bytes();
+        let dropped = (framing.drop_content_length
+            && h.name.eq_ignore_ascii_case("content-length"))
+            || (nominates && nominated(n, connection_values()))
+            || edited(edits, h.name);
+        if policy::fields::forward_response_field(n, status) && !dropped {
+            if folded {
+                push_unfolded(out, n, h.value);
+            } else {
+                push_header(out, n, h.value);
+            }
+        }
+    }
+    for (name, value) in &edits.set {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if close || matches!(framing.body, Framing::Close) {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response's framing as the fast path relays it.
+pub(super) struct ResponseFraming {
+    pub(super) body: Framing,
+    pub(super) reusable: bool,
+    pub(super) drop_content_length: bool,
+    /// The response's `Connection` names fields that are not forwarded.
+    pub(super) nominates: bool,
+}
+
+/// How the body is delimited (the shared policy), and whether the upstream
+/// connection may be reused after it; `Err` with the reason for a response
+/// whose framing could be read two ways.
+pub(super) fn response_framing(
+    resp: &httparse::Response<'_, '_>,
+    head_request: bool,
+) -> Result<ResponseFraming, &'static str> {
+    let mut framing = FramingFields::default();
+    let mut connection = ConnectionOptions::default();
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if !framing.add(name, h.value) && name.eq_ignore_ascii_case(b"connection") {
+            connection.add(h.value);
+        }
+    }
+    let f = framing.response_body(
+        resp.code.unwrap_or(0),
+        head_request,
+        resp.version != Some(1),
+        connection.close,
+    )?;
+    Ok(ResponseFraming {
+        body: match f.body {
+            ResponseBody::None => Framing::None,
+            ResponseBody::Length(n) => Framing::Length(n),
+            ResponseBody::Chunked => Framing::Chunked(ChunkedEnd::default()),
+            ResponseBody::UntilClose => Framing::Close,
+        },
+        reusable: f.reusable,
+        drop_content_length: f.drop_content_length,
+        nominates: connection.nominates,
+    })
+}
+
+pub(super) enum HeadError {
+    Io(std::io::Error),
+    Timeout,
+    TooLarge,
+}
+
+impl HeadError {
+    pub(super) fn kind(&self) -> ErrorKind {
+        match self {
+            HeadError::Io(_) => ErrorKind::Reset,
+            HeadError::Timeout => ErrorKind::Timeout,
+            HeadError::TooLarge => ErrorKind::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::Io(e) => write!(f, "reading the response head: {e}"),
+            HeadError::Timeout => f.write_str("no response head within the read timeout"),
+            HeadError::TooLarge => f.write_str("response head too large"),
+        }
+    }
+}
+
+/// Read until `buf` holds a whole response head; its length, and whether it
+/// holds an obs-fold.
+pub(super) async fn read_response_head(
+    ups: &mut Stream,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<(usize, bool), HeadError> {
+    loop {
+        if let Some(found) = head_end_and_folds(buf) {
+            return Ok(found);
+        }
+        if buf.len() >= MAX_HEAD * 4 {
+            return Err(HeadError::TooLarge);
+        }
+        buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(limit, ups.read_buf(buf)).await {
+            Err(_) => return Err(HeadError::Timeout),
+            Ok(Err(e)) => return Err(HeadError::Io(e)),
+            Ok(Ok(0)) => {
+                return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
