@@ -180,7 +180,7 @@ fn fast_path(c: &mut Criterion) {
         b.iter(|| {
             assert!(cutover::paths::fast::prepare_response(
                 black_box(response),
-                &rt.routes[0],
+                &rt.routes[0].upstreams[0].plan,
                 &mut out
             ))
         })

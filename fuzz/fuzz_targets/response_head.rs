@@ -15,11 +15,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let rt = common::runtime();
-    let route = &rt.routes[0];
+    let plan = &rt.routes[0].upstreams[0].plan;
     let mut out = Vec::new();
     let head_request = flags & 1 == 1;
     let Ok(Some(status)) =
-        cutover::paths::fast::client_head_for_fuzzing(head, head_request, route, &mut out)
+        cutover::paths::fast::client_head_for_fuzzing(head, head_request, plan, &mut out)
     else {
         return;
     };

@@ -18,6 +18,7 @@ use crate::model::dns::{ResolvedName, Resolver};
 use crate::model::peer::PeerTemplate;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::{Metrics, PhaseMetrics, UpstreamMetrics};
+use crate::policy::forward::Plan;
 use crate::policy::routing::HostTable;
 use crate::shift::health::Health;
 
@@ -45,6 +46,8 @@ pub struct Upstream {
     pub host_header: Option<HeaderValue>,
     pub addresses: Arc<ResolvedName>,
     pub peer: PeerTemplate,
+    /// What is sent to it and what comes back from it, field by field.
+    pub plan: Plan,
     pub health: Arc<Health>,
     pub metrics: UpstreamMetrics,
     pub config: UpstreamConfig,
@@ -156,6 +159,11 @@ fn build(
                         host_header: u.host_header.clone(),
                         addresses,
                         peer: PeerTemplate::new(u),
+                        plan: Plan::new(
+                            u.host_header.clone(),
+                            &r.request_headers,
+                            &r.response_headers,
+                        ),
                         health: h,
                         metrics: m,
                         config: u.clone(),

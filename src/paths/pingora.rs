@@ -10,10 +10,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HOST;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderValue, Method};
 use log::debug;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::date::get_cached_date;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -23,17 +24,11 @@ use crate::model::{Route, Runtime, Shared, Upstream};
 use crate::policy;
 use crate::policy::client_ip::{client_ip, Source};
 use crate::policy::failure::{classify, ErrorKind, Outcome};
-use crate::policy::fields::{connection_options, nominated};
+use crate::policy::fields::connection_options;
+use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
 use crate::policy::refusal::Refusal;
 use crate::policy::routing::{normalize_authority, BadAuthority};
 use crate::shift::selection::{choose, client_point};
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// Headers we add, as `&'static str` in their usual case: Pingora then keeps
-/// the case without allocating a titled copy of the name.
-const XFF_NAME: &str = "X-Forwarded-For";
-const XFP_NAME: &str = "X-Forwarded-Proto";
-const XFH_NAME: &str = "X-Forwarded-Host";
 
 pub struct CutoverProxy {
     pub shared: Arc<Shared>,
@@ -79,11 +74,76 @@ impl RequestCtx {
 /// Answer the client directly, with a one-line body saying why, and close
 /// the connection after it.
 async fn answer(session: &mut Session, status: u16, body: &'static str) -> Result<bool> {
-    session.set_keepalive(None);
-    session
-        .respond_error_with_body(status, Bytes::from_static(body.as_bytes()))
-        .await?;
+    write_answer(session, status, body).await?;
     Ok(true)
+}
+
+/// An answer of cutover's own, with the head the policy gives it
+/// ([`policy::forward::answer`]), the same on both carriers.
+async fn write_answer(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+    session.set_keepalive(None);
+    let mut resp = ResponseHeader::build(status, Some(6))?;
+    let date = get_cached_date();
+    let mut render = Render::new(&mut resp);
+    policy::forward::answer(body.as_bytes(), date.as_bytes(), &mut render);
+    render.finish()?;
+    session
+        .write_error_response(resp, Bytes::from_static(body.as_bytes()))
+        .await
+}
+
+/// Where the forwarding plan renders a Pingora head: each field appended,
+/// in the plan's order, with its name in the case the plan gives.
+trait Append {
+    fn append(&mut self, name: Bytes, value: HeaderValue) -> Result<bool>;
+}
+
+impl Append for RequestHeader {
+    fn append(&mut self, name: Bytes, value: HeaderValue) -> Result<bool> {
+        self.append_header(name, value)
+    }
+}
+
+impl Append for ResponseHeader {
+    fn append(&mut self, name: Bytes, value: HeaderValue) -> Result<bool> {
+        self.append_header(name, value)
+    }
+}
+
+struct Render<'h, H> {
+    head: &'h mut H,
+    error: Option<Box<Error>>,
+}
+
+impl<'h, H: Append> Render<'h, H> {
+    fn new(head: &'h mut H) -> Self {
+        Render { head, error: None }
+    }
+
+    fn finish(self) -> Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
+impl<H: Append> HeadWriter for Render<'_, H> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        let appended = HeaderValue::from_bytes(value)
+            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "field value", e))
+            .and_then(|v| self.head.append(Bytes::copy_from_slice(name), v));
+        if let Err(e) = appended {
+            self.error = Some(e);
+        }
+    }
+
+    fn list<'v>(&mut self, name: &[u8], values: impl Iterator<Item = &'v [u8]>) {
+        let mut joined = Vec::with_capacity(64);
+        joined.list(b"", values);
+        // `joined` is ": a, b\r\n": the value is between.
+        self.field(name, &joined[2..joined.len() - 2]);
+    }
 }
 
 /// Refuse a request the shared policy refuses: counted by reason, logged at
@@ -378,61 +438,60 @@ impl ProxyHttp for CutoverProxy {
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some((route, upstream)) = ctx.route_and_upstream() else {
+        let Some((_, upstream)) = ctx.route_and_upstream() else {
             return Ok(());
         };
         // Origin-form upstream, whatever form the client used: the authority
         // the upstream sees is the rewritten Host, nothing else.
-        if absolute_form_authority(req.raw_path()).is_some() || req.uri.authority().is_some() {
-            let pq = req
-                .uri
+        let absolute =
+            absolute_form_authority(req.raw_path()).is_some() || req.uri.authority().is_some();
+        let target: Vec<u8> = if absolute {
+            req.uri
                 .path_and_query()
                 .map_or("/", |pq| pq.as_str())
-                .parse::<http::Uri>()
-                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "request target", e))?;
-            req.set_uri(pq);
-        }
-        // Without `host_header` the client's Host goes through unchanged; a
-        // Host-less absolute-form request gets its target's authority.
-        match (&upstream.host_header, &ctx.original_host) {
-            (Some(h), _) => req.insert_header(HOST, h.clone())?,
-            (None, Some(h)) if !req.headers.contains_key(HOST) => {
-                req.insert_header(HOST, h.clone())?
+                .as_bytes()
+                .to_vec()
+        } else {
+            req.raw_path().to_vec()
+        };
+        let mut next =
+            RequestHeader::build(req.method.clone(), &target, Some(req.headers.len() + 4))?;
+        next.set_version(req.version);
+        let peer = peer_ip(session).map(|p| p.to_string());
+        let authority = ctx
+            .original_host
+            .as_ref()
+            .map_or(&b""[..], |h| h.as_bytes());
+        let facts = RequestFacts {
+            authority,
+            peer: peer.as_deref().map(str::as_bytes),
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+            upgrade: ctx.upgrade,
+            nominates: ctx.nominates,
+        };
+        let mut render = Render::new(&mut next);
+        // The client's fields as received (order and case): Pingora's own
+        // header map groups fields of one name together.
+        let raw = session.as_http1().map(|h| h.get_headers_raw_bytes());
+        let mut storage = [httparse::EMPTY_HEADER; 256];
+        let mut parsed = httparse::Request::new(&mut storage);
+        match raw.as_deref().map(|raw| parsed.parse(raw)) {
+            Some(Ok(httparse::Status::Complete(_))) => {
+                let fields = parsed.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+                upstream.plan.request(&facts, fields, &mut render);
             }
-            _ => {}
-        }
-
-        if let Some(peer) = peer_ip(session) {
-            use std::fmt::Write as _;
-            let mut xff = String::with_capacity(48);
-            for v in req.headers.get_all(&X_FORWARDED_FOR) {
-                if let Ok(s) = v.to_str() {
-                    xff.push_str(s);
-                    xff.push_str(", ");
-                }
+            _ => {
+                let fields: Vec<(&[u8], &[u8])> = req
+                    .case_header_iter()
+                    .map(|(n, v)| (n.as_slice(), v.as_bytes()))
+                    .collect();
+                upstream
+                    .plan
+                    .request(&facts, fields.iter().copied(), &mut render);
             }
-            let _ = write!(xff, "{peer}");
-            req.insert_header(XFF_NAME, xff)?;
         }
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        req.insert_header(
-            XFP_NAME,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        )?;
-        if let Some(h) = &ctx.original_host {
-            req.insert_header(XFH_NAME, h.clone())?;
-        }
-        strip_request_fields(req, ctx.nominates, ctx.upgrade);
-        if ctx.upgrade {
-            // `Connection` itself is hop-by-hop; the upgrade needs it again.
-            req.insert_header(http::header::CONNECTION, "Upgrade")?;
-        }
-        for name in &route.request_headers.remove {
-            req.remove_header(name);
-        }
-        for (name, value) in &route.request_headers.set {
-            req.insert_header(name.clone(), value.clone())?;
-        }
+        render.finish()?;
+        *req = next;
         Ok(())
     }
 
@@ -470,6 +529,7 @@ impl ProxyHttp for CutoverProxy {
                 .iter()
                 .map(|v| v.as_bytes()),
         );
+        let mut drop_content_length = false;
         if status != 101 {
             let framing = policy::framing::response_body(
                 status,
@@ -481,40 +541,45 @@ impl ProxyHttp for CutoverProxy {
                     .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
             )
             .map_err(bad)?;
-            if framing.drop_content_length {
-                resp.remove_header(&http::header::CONTENT_LENGTH);
-            }
+            drop_content_length = framing.drop_content_length;
         }
-        strip_response_fields(resp, connection.nominates, status);
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        if self
-            .shared
-            .draining
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            session.set_keepalive(None);
-        }
-        let Some((route, _)) = ctx.route_and_upstream() else {
+        let Some((_, upstream)) = ctx.route_and_upstream() else {
             return Ok(());
         };
-        let edits = &route.response_headers;
-        if edits.is_empty() {
-            return Ok(());
+        let close = self
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if close {
+            session.set_keepalive(None);
         }
-        for name in &edits.remove {
-            resp.remove_header(name);
-        }
-        for (name, value) in &edits.set {
-            resp.insert_header(name.clone(), value.clone())?;
-        }
+        let date = get_cached_date();
+        let facts = ResponseFacts {
+            status,
+            drop_content_length,
+            nominates: connection.nominates,
+            date: date.as_bytes(),
+            close,
+        };
+        let mut next = ResponseHeader::build(resp.status, Some(resp.headers.len() + 4))?;
+        next.set_version(resp.version);
+        next.set_reason_phrase(resp.get_reason_phrase())?;
+        let mut render = Render::new(&mut next);
+        let fields: Vec<(&[u8], &[u8])> = if resp.has_case() {
+            resp.case_header_iter()
+                .map(|(n, v)| (n.as_slice(), v.as_bytes()))
+                .collect()
+        } else {
+            resp.headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+                .collect()
+        };
+        upstream
+            .plan
+            .response(&facts, fields.iter().copied(), &mut render);
+        render.finish()?;
+        *resp = next;
         Ok(())
     }
 
@@ -583,7 +648,7 @@ impl ProxyHttp for CutoverProxy {
             }
         };
         if status > 0 {
-            if let Err(write_err) = session.respond_error(status).await {
+            if let Err(write_err) = write_answer(session, status, "").await {
                 debug!("could not send {status} to the client: {write_err}");
             }
         }
@@ -706,47 +771,6 @@ pub(crate) fn connect_failed(
             .unwrap_or_default()
     );
     next
-}
-
-/// The fields of `headers` the policy does not forward (`keep` says which
-/// stay) and, when `nominates`, those its `Connection` values name. Read
-/// first, removed by the caller: `RequestHeader` and `ResponseHeader` keep a
-/// case map beside the `HeaderMap`, and `remove_header` updates both.
-fn unforwarded(
-    headers: &http::HeaderMap,
-    nominates: bool,
-    keep: impl Fn(&[u8]) -> bool,
-) -> Vec<HeaderName> {
-    let connection = || {
-        headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .map(|v| v.as_bytes())
-    };
-    headers
-        .keys()
-        .filter(|n| {
-            let n = n.as_str().as_bytes();
-            !keep(n) || (nominates && nominated(n, connection()))
-        })
-        .cloned()
-        .collect()
-}
-
-fn strip_request_fields(req: &mut RequestHeader, nominates: bool, upgrade: bool) {
-    for name in unforwarded(&req.headers, nominates, |n| {
-        policy::fields::forward_request_field(n, upgrade)
-    }) {
-        req.remove_header(&name);
-    }
-}
-
-fn strip_response_fields(resp: &mut ResponseHeader, nominates: bool, status: u16) {
-    for name in unforwarded(&resp.headers, nominates, |n| {
-        policy::fields::forward_response_field(n, status)
-    }) {
-        resp.remove_header(&name);
-    }
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`).

@@ -5,6 +5,7 @@
 pub mod client_ip;
 pub mod failure;
 pub mod fields;
+pub mod forward;
 pub mod framing;
 pub mod refusal;
 pub mod routing;

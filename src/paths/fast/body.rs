@@ -12,6 +12,7 @@ use tokio::time::timeout;
 
 use super::chunked::ChunkedEnd;
 use super::{BODY_BATCH, CLIENT_SEND, READ_CHUNK};
+use crate::policy;
 
 /// How the upstream's response body is delimited.
 pub(super) enum Framing {
@@ -167,12 +168,17 @@ pub(super) async fn to_client<T>(
 
 /// Tell the client the proxying failed; `false` if it is gone.
 pub(super) async fn write_error(stream: &mut Stream, status: u16) -> bool {
-    let head: &[u8] = match status {
-        504 => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
-        _ => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nCache-Control: private, no-store\r\nConnection: close\r\n\r\n",
-    };
+    let mut head = Vec::with_capacity(160);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(policy::forward::reason(status).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    let date = pingora::protocols::http::date::get_cached_date();
+    policy::forward::answer(b"", date.as_bytes(), &mut head);
+    head.extend_from_slice(b"\r\n");
     let sent = to_client(async {
-        stream.write_all(head).await?;
+        stream.write_all(&head).await?;
         stream.flush().await
     })
     .await

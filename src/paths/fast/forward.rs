@@ -21,7 +21,7 @@ use super::body::{
 use super::request::{build_request, header_str, header_values, route_request, Ask};
 use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
 use super::{Conn, FastPath, Held, Step, READ_CHUNK};
-use crate::model::{Route, Upstream};
+use crate::model::Upstream;
 use crate::paths::pingora::connect_failed;
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::failure::ErrorKind;
@@ -115,16 +115,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                 },
             };
-            build_request(
-                &mut conn.out,
-                req,
-                &ask,
-                route,
-                up,
-                conn.peer_text.as_deref(),
-            );
+            build_request(&mut conn.out, req, &ask, up, conn.peer_text.as_deref());
             let exchanged = self
-                .exchange(conn, ups, reused, &ask, route, up, addr, closing)
+                .exchange(conn, ups, reused, &ask, up, addr, closing)
                 .await;
             match exchanged {
                 Ok((done, reusable)) => {
@@ -203,7 +196,6 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         mut ups: Stream,
         mut reused: bool,
         ask: &Ask<'_>,
-        route: &Route,
         up: &Upstream,
         addr: SocketAddr,
         closing: bool,
@@ -250,7 +242,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let close = closing || ask.client_close;
         let (status, head_len, framing, upstream_keep) = loop {
             let head = &conn.resp[..end];
-            match client_head(head, folded, ask.head, route, close, &mut conn.out) {
+            match client_head(head, folded, ask.head, &up.plan, close, &mut conn.out) {
                 Err(why) => return fail(ErrorKind::Other, why),
                 Ok(UpstreamHead::Final { status, framing }) => {
                     break (status, end, framing.body, framing.reusable)

@@ -1,26 +1,30 @@
 //! Byte-level helpers for message heads: where a head ends, and writing
 //! one field.
 
-/// A response field, each obs-fold (CRLF and the whitespace after it) of
-/// its value written as one space.
-pub(super) fn push_unfolded(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    let mut rest = value;
-    while let Some(i) = memchr::memchr2(b'\r', b'\n', rest) {
-        out.extend_from_slice(&rest[..i]);
-        out.push(b' ');
-        rest = rest[i..].trim_ascii_start();
-    }
-    out.extend_from_slice(rest);
-    out.extend_from_slice(b"\r\n");
-}
+use crate::policy::forward::HeadWriter;
 
-pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+/// A head writer that writes each obs-fold (CRLF and the whitespace after
+/// it) of a value as one space.
+pub(super) struct Unfolding<'a>(pub(super) &'a mut Vec<u8>);
+
+impl HeadWriter for Unfolding<'_> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        let out = &mut *self.0;
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        let mut rest = value;
+        while let Some(i) = memchr::memchr2(b'\r', b'\n', rest) {
+            out.extend_from_slice(&rest[..i]);
+            out.push(b' ');
+            rest = rest[i..].trim_ascii_start();
+        }
+        out.extend_from_slice(rest);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn list<'v>(&mut self, name: &[u8], values: impl Iterator<Item = &'v [u8]>) {
+        self.0.list(name, values);
+    }
 }
 
 /// The length of the head at the start of `buf`, once it is complete.
@@ -70,7 +74,7 @@ mod tests {
     #[test]
     pub(super) fn unfolded_values_are_one_space_per_fold() {
         let mut out = Vec::new();
-        push_unfolded(&mut out, b"X", b"a\r\n  b\r\n\tc");
+        Unfolding(&mut out).field(b"X", b"a\r\n  b\r\n\tc");
         assert_eq!(out, b"X: a b c\r\n");
     }
 }

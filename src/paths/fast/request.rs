@@ -4,12 +4,11 @@
 
 use std::mem::MaybeUninit;
 
-use super::head::push_header;
 use super::MAX_REQUEST_HEADERS;
-use crate::config::HeaderEdits;
-use crate::model::{Route, Runtime, Upstream};
+use crate::model::{Runtime, Upstream};
 use crate::policy;
-use crate::policy::fields::{nominated, ConnectionOptions};
+use crate::policy::fields::ConnectionOptions;
+use crate::policy::forward::RequestFacts;
 use crate::policy::framing::{FramingFields, RequestBody};
 use crate::policy::refusal::TargetForm;
 use crate::policy::routing::normalize_authority;
@@ -52,7 +51,7 @@ pub fn prepare_request(head: &[u8], rt: &Runtime, peer: Option<&str>, out: &mut 
     let Some(idx) = choose(&route.upstreams, 0, None) else {
         return false;
     };
-    build_request(out, &req, &ask, route, &route.upstreams[idx], peer);
+    build_request(out, &req, &ask, &route.upstreams[idx], peer);
     true
 }
 
@@ -121,47 +120,13 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
     })
 }
 
-/// Whether a client field goes upstream as it came: not a hop-by-hop field
-/// (the shared policy), not one cutover writes itself, not one the route
-/// edits.
-pub(super) fn forwarded_as_is(
-    name: &str,
-    req: &httparse::Request<'_, '_>,
-    ask: &Ask<'_>,
-    route: &Route,
-) -> bool {
-    const WRITTEN: [&str; 5] = [
-        "host",
-        "content-length",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    ];
-    let n = name.as_bytes();
-    let replaced = WRITTEN.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || edited(&route.request_headers, name)
-        || (ask.nominates && nominated(n, header_values(req, Some("connection"))));
-    policy::fields::forward_request_field(n, false) && !replaced
-}
-
-/// Whether the route removes or sets the header `name`.
-pub(super) fn edited(edits: &HeaderEdits, name: &str) -> bool {
-    !edits.is_empty()
-        && edits
-            .remove
-            .iter()
-            .chain(edits.set.iter().map(|(n, _)| n))
-            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-}
-
-/// The upstream request, as the Pingora path would send it: origin-form
-/// target, Host rewritten to the upstream's `host_header`, forwarding headers
-/// and the route's edits.
+/// The upstream request: the request line as received (origin-form, so
+/// already what goes upstream), then the fields as the upstream's
+/// forwarding plan lists them ([`crate::policy::forward`]).
 pub(super) fn build_request(
     out: &mut Vec<u8>,
     req: &httparse::Request<'_, '_>,
     ask: &Ask<'_>,
-    route: &Route,
     up: &Upstream,
     peer: Option<&str>,
 ) {
@@ -169,48 +134,16 @@ pub(super) fn build_request(
     out.reserve(2048);
     out.extend_from_slice(if ask.head { b"HEAD " } else { b"GET " });
     out.extend_from_slice(ask.path);
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(up.host_header.as_ref().map_or(ask.host, |h| h.as_bytes()));
-    out.extend_from_slice(b"\r\n");
-    let edits = &route.request_headers;
-    let mut xff_seen = false;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("x-forwarded-for") && !edited(edits, "x-forwarded-for") {
-            out.extend_from_slice(if xff_seen {
-                b", "
-            } else {
-                b"X-Forwarded-For: "
-            });
-            out.extend_from_slice(h.value.trim_ascii());
-            xff_seen = true;
-        }
-    }
-    if let Some(peer) = peer.filter(|_| !edited(edits, "x-forwarded-for")) {
-        out.extend_from_slice(if xff_seen {
-            b", "
-        } else {
-            b"X-Forwarded-For: "
-        });
-        out.extend_from_slice(peer.as_bytes());
-        xff_seen = true;
-    }
-    if xff_seen {
-        out.extend_from_slice(b"\r\n");
-    }
-    if !edited(edits, "x-forwarded-proto") {
-        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
-    }
-    if !edited(edits, "x-forwarded-host") {
-        push_header(out, b"X-Forwarded-Host", ask.host);
-    }
-    for h in req.headers.iter() {
-        if forwarded_as_is(h.name, req, ask, route) {
-            push_header(out, h.name.as_bytes(), h.value);
-        }
-    }
-    for (name, value) in &route.request_headers.set {
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
-    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let facts = RequestFacts {
+        authority: ask.host,
+        peer: peer.map(str::as_bytes),
+        tls: false,
+        upgrade: false,
+        nominates: ask.nominates,
+    };
+    let fields = req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    up.plan.request(&facts, fields, out);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -9,22 +9,20 @@ use tokio::io::AsyncReadExt;
 
 use super::body::Framing;
 use super::chunked::ChunkedEnd;
-use super::head::{head_end_and_folds, push_header, push_unfolded};
-use super::request::edited;
+use super::head::{head_end_and_folds, Unfolding};
 use super::{MAX_HEAD, MAX_RESPONSE_HEADERS, READ_CHUNK};
-use crate::model::Route;
-use crate::policy;
 use crate::policy::failure::ErrorKind;
-use crate::policy::fields::{nominated, ConnectionOptions};
+use crate::policy::fields::ConnectionOptions;
+use crate::policy::forward::{Plan, ResponseFacts};
 use crate::policy::framing::{FramingFields, ResponseBody};
 
 /// The same for a response head from the upstream: parse it, find its
 /// framing, and write the head the client gets into `out`; `false` if the
 /// upstream's head is refused (or is an interim one).
-pub fn prepare_response(head: &[u8], route: &Route, out: &mut Vec<u8>) -> bool {
+pub fn prepare_response(head: &[u8], plan: &Plan, out: &mut Vec<u8>) -> bool {
     let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
     matches!(
-        client_head(head, folded, false, route, false, out),
+        client_head(head, folded, false, plan, false, out),
         Ok(UpstreamHead::Final { .. })
     )
 }
@@ -48,7 +46,7 @@ pub(super) fn client_head(
     head: &[u8],
     folded: bool,
     head_request: bool,
-    route: &Route,
+    plan: &Plan,
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<UpstreamHead, String> {
@@ -63,7 +61,7 @@ pub(super) fn client_head(
     }
     let framing =
         response_framing(&resp, head_request).map_err(|why| format!("response framing: {why}"))?;
-    build_response_head(out, &resp, route, &framing, close, folded);
+    build_response_head(out, &resp, plan, &framing, close, folded);
     Ok(UpstreamHead::Final { status, framing })
 }
 
@@ -74,11 +72,11 @@ pub(super) fn client_head(
 pub fn client_head_for_fuzzing(
     head: &[u8],
     head_request: bool,
-    route: &Route,
+    plan: &Plan,
     out: &mut Vec<u8>,
 ) -> Result<Option<u16>, String> {
     let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
-    client_head(head, folded, head_request, route, false, out).map(|h| match h {
+    client_head(head, folded, head_request, plan, false, out).map(|h| match h {
         UpstreamHead::Interim => None,
         UpstreamHead::Final { status, .. } => Some(status),
     })
@@ -103,13 +101,13 @@ pub(super) fn parse_response<'h, 'b>(
     }
 }
 
-/// The response head for the client: the upstream's, minus the fields the
-/// shared policy does not forward, with the route's edits, and
-/// `Connection: close` when this is the connection's last response.
+/// The response head for the client: the upstream's status line, then
+/// the fields as the forwarding plan lists them ([`crate::policy::forward`]),
+/// each obs-fold of a value written as one space.
 pub(super) fn build_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
-    route: &Route,
+    plan: &Plan,
     framing: &ResponseFraming,
     close: bool,
     folded: bool,
@@ -122,33 +120,19 @@ pub(super) fn build_response_head(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let edits = &route.response_headers;
-    let connection_values = || {
-        resp.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .map(|h| h.value)
+    let date = pingora::protocols::http::date::get_cached_date();
+    let facts = ResponseFacts {
+        status,
+        drop_content_length: framing.drop_content_length,
+        nominates: framing.nominates,
+        date: date.as_bytes(),
+        close: close || matches!(framing.body, Framing::Close),
     };
-    let nominates = framing.nominates;
-    for h in resp.headers.iter() {
-        let n = h.name.as_bytes();
-        let dropped = (framing.drop_content_length
-            && h.name.eq_ignore_ascii_case("content-length"))
-            || (nominates && nominated(n, connection_values()))
-            || edited(edits, h.name);
-        if policy::fields::forward_response_field(n, status) && !dropped {
-            if folded {
-                push_unfolded(out, n, h.value);
-            } else {
-                push_header(out, n, h.value);
-            }
-        }
-    }
-    for (name, value) in &edits.set {
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    if close || matches!(framing.body, Framing::Close) {
-        out.extend_from_slice(b"Connection: close\r\n");
+    let fields = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    if folded {
+        plan.response(&facts, fields, &mut Unfolding(out));
+    } else {
+        plan.response(&facts, fields, out);
     }
     out.extend_from_slice(b"\r\n");
 }

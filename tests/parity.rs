@@ -1,0 +1,420 @@
+//! One policy, two carriers: the same request served by the fast path and
+//! by the Pingora path must reach the origin as the same bytes, come back as
+//! the same response head, and leave the same access-log record and metrics.
+//!
+//! A request takes the fast path on a fresh connection; after a `POST` on
+//! the same connection every later request takes the Pingora path (the
+//! connection was handed over). The warm-up `POST` goes to another route
+//! (`warm.example.test`), so it touches none of the records compared here.
+//!
+//! What may differ, by design, and is masked before comparing:
+//! - `Date` in the client's response head (the clock);
+//! - `time` and `duration` in the access-log record;
+//! - the metrics that describe the connection rather than the request
+//!   (`cutover_connections_handed_over_total`) and the duration histogram's
+//!   buckets and sum (its count is compared).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::strict_origin::{echo_answer, RawClient, Script, Step, StrictOrigin, ORIGIN_NAME};
+use common::*;
+use cutover::rehearsal::demo::PUBLIC_NAME;
+use cutover::rehearsal::pki::TestCa;
+use cutover::rehearsal::strict::Message;
+
+const WARM_NAME: &str = "warm.example.test";
+const REFUSE_NAME: &str = "refuse.example.test";
+const STALL_NAME: &str = "stall.example.test";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Carrier {
+    Fast,
+    Pingora,
+}
+
+struct Bed {
+    dir: tempfile::TempDir,
+    origin: StrictOrigin,
+    proxy: Proxy,
+    access_log: PathBuf,
+}
+
+async fn start() -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("parity CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let script: Script = Arc::new(|msg: &Message| {
+        let target = msg.target();
+        if target.contains("/stall") {
+            return Some(vec![Step::Hang]);
+        }
+        let mut answer = echo_answer(msg);
+        // Fields the response edits remove and the policy drops.
+        let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2;
+        answer.splice(
+            head_end..head_end,
+            b"X-Origin-Secret: s3cret\r\nKeep-Alive: timeout=5\r\nCache-Control: max-age=60\r\n"
+                .iter()
+                .copied(),
+        );
+        Some(vec![Step::Send(answer)])
+    });
+    let origin = StrictOrigin::start(&ca, script).await;
+    let closed = free_port();
+    let access_log = dir.path().join("access.log");
+    let upstream = |name: &str, addr: SocketAddr, read: &str| {
+        format!(
+            "      - name: {name}\n        address: {addr}\n        sni: {ORIGIN_NAME}\n        host_header: {ORIGIN_NAME}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, read: {read} }}\n",
+            ca = ca_path.display()
+        )
+    };
+    let yaml = format!(
+        "phase: parity\n\
+         listeners:\n  - address: 127.0.0.1:0\n\
+         admin:\n  address: 127.0.0.1:0\n\
+         server:\n  threads: 2\n  grace_period: 4s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
+         client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n\
+         access_log: {{ format: json, path: {log} }}\n\
+         routes:\n\
+         \x20 - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    sticky: client_ip\n\
+         \x20   request_headers: {{ set: {{ X-Migration: parity }}, remove: [Cookie] }}\n\
+         \x20   response_headers: {{ set: {{ X-Served-Via: cutover }}, remove: [X-Origin-Secret] }}\n\
+         \x20   upstreams:\n{cdn}\
+         \x20 - name: warm\n    hosts: [{WARM_NAME}]\n    upstreams:\n{warm}\
+         \x20 - name: refuse\n    hosts: [{REFUSE_NAME}]\n    upstreams:\n{refuse}\
+         \x20 - name: stall\n    hosts: [{STALL_NAME}]\n    upstreams:\n{stall}",
+        dir = dir.path().display(),
+        log = access_log.display(),
+        cdn = upstream("strict", origin.addr, "3s"),
+        warm = upstream("strict", origin.addr, "3s"),
+        refuse = upstream("closed", closed, "3s"),
+        stall = upstream("stalling", origin.addr, "1s"),
+    );
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    Bed {
+        dir,
+        origin,
+        proxy,
+        access_log,
+    }
+}
+
+/// A connection on the wanted carrier: for Pingora's, a `POST` to the warm
+/// route first.
+async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
+    let mut c = RawClient::connect(bed.proxy.listen).await;
+    if carrier == Carrier::Pingora {
+        c.send(
+            format!(
+                "POST /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\nContent-Length: 4\r\n\r\nwarm"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let warm = c
+            .response(false)
+            .await
+            .expect("the warm-up POST is answered");
+        assert_eq!(warm.status(), 200);
+        wait_for_log(&bed.access_log, "/parity/warm", 1).await;
+    }
+    c
+}
+
+/// The access-log records for `path`, once there are `n` of them.
+async fn wait_for_log(log: &Path, path: &str, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(path)))
+            .collect();
+        if records.len() >= n {
+            return records;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} access-log records for {path} never appeared; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every sample of `/metrics` that describes requests, by name and labels.
+async fn samples(proxy: &Proxy) -> BTreeMap<String, f64> {
+    let text = proxy.metrics().await;
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (key, value) = line.rsplit_once(' ').unwrap();
+        let by_design = key.starts_with("cutover_connections_handed_over_total")
+            || key.starts_with("cutover_request_duration_seconds_bucket")
+            || key.starts_with("cutover_request_duration_seconds_sum")
+            || key.contains("route=\"warm\"");
+        if key.starts_with("cutover_") && !by_design {
+            out.insert(key.to_string(), value.parse().unwrap());
+        }
+    }
+    out
+}
+
+fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0.0);
+            (d != 0.0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+/// The response head as the client got it, `Date` masked.
+fn client_head(m: &Message) -> String {
+    let head = String::from_utf8_lossy(&m.raw_head).into_owned();
+    head.split("\r\n")
+        .map(|l| {
+            if l.len() > 5 && l[..5].eq_ignore_ascii_case("date:") {
+                "Date: (masked)"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+fn record_fields(mut r: serde_json::Value) -> serde_json::Value {
+    let o = r.as_object_mut().unwrap();
+    assert!(o.remove("time").is_some() && o.remove("duration").is_some());
+    r
+}
+
+/// What one carrier made of one request.
+#[derive(Debug)]
+struct Seen {
+    response: Message,
+    upstream_head: Option<String>,
+    record: serde_json::Value,
+    metrics: BTreeMap<String, f64>,
+    closed_after: bool,
+}
+
+/// Send `request` (with `{T}` the target) on `carrier`, and collect what
+/// the origin, the client, the access log and the metrics saw of it.
+async fn serve(bed: &Bed, carrier: Carrier, target: &str, request: &str) -> Seen {
+    let mut c = open(bed, carrier).await;
+    let before_upstream = bed.origin.requests(target).len();
+    let before_log = wait_for_log(&bed.access_log, target, 0).await.len();
+    let before = samples(&bed.proxy).await;
+    c.send(request.replace("{T}", target).as_bytes()).await;
+    let response = c
+        .response(request.starts_with("HEAD"))
+        .await
+        .unwrap_or_else(|e| panic!("{carrier:?}: no response to {target}: {e}"));
+    let record = wait_for_log(&bed.access_log, target, before_log + 1)
+        .await
+        .pop()
+        .unwrap();
+    let metrics = delta(&before, &samples(&bed.proxy).await);
+    let upstream = bed.origin.requests(target);
+    let upstream_head = upstream
+        .get(before_upstream)
+        .map(|r| String::from_utf8_lossy(&r.msg.raw_head).into_owned());
+    let closed_after = c.closes_within(Duration::from_millis(500)).await.is_ok();
+    Seen {
+        response,
+        upstream_head,
+        record: record_fields(record),
+        metrics,
+        closed_after,
+    }
+}
+
+fn assert_same(name: &str, fast: &Seen, pingora: &Seen) {
+    assert_eq!(
+        fast.upstream_head, pingora.upstream_head,
+        "{name}: the origin got different request heads (fast, then Pingora)"
+    );
+    assert_eq!(
+        client_head(&fast.response),
+        client_head(&pingora.response),
+        "{name}: the client got different response heads (fast, then Pingora)"
+    );
+    assert_eq!(
+        fast.response.body, pingora.response.body,
+        "{name}: different response bodies"
+    );
+    assert_eq!(
+        fast.record, pingora.record,
+        "{name}: different access-log records (fast, then Pingora)"
+    );
+    assert_eq!(
+        fast.metrics, pingora.metrics,
+        "{name}: the metrics moved differently (fast, then Pingora)"
+    );
+    assert_eq!(
+        fast.closed_after, pingora.closed_after,
+        "{name}: one carrier closed the connection after the response, the other did not"
+    );
+}
+
+const GET: &str = "GET {T}?q=1 HTTP/1.1\r\nHost: cdn.example.test\r\nUser-Agent: parity/1\r\nAccept: */*\r\nX-Forwarded-For: 203.0.113.7\r\nCookie: secret=1\r\nReferer: https://example.test/\r\nX-Extra: kept\r\nTE: trailers\r\nConnection: X-Hop\r\nX-Hop: dropped\r\n\r\n";
+
+#[tokio::test]
+async fn a_get_reaches_the_origin_and_the_client_the_same_on_both_carriers() {
+    let bed = start().await;
+    let fast = serve(&bed, Carrier::Fast, "/parity/get", GET).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/get", GET).await;
+    assert_eq!(fast.response.status(), 200, "{fast:?}");
+    let head = fast
+        .upstream_head
+        .as_deref()
+        .expect("the origin got the GET");
+    for (want, why) in [
+        (format!("Host: {ORIGIN_NAME}\r\n"), "Host rewritten"),
+        (
+            "X-Forwarded-For: 203.0.113.7, 127.0.0.1\r\n".to_string(),
+            "peer appended to a trusted X-Forwarded-For",
+        ),
+        ("X-Forwarded-Proto: http\r\n".to_string(), "plain listener"),
+        (
+            format!("X-Forwarded-Host: {PUBLIC_NAME}\r\n"),
+            "the name the client asked for",
+        ),
+        ("X-Migration: parity\r\n".to_string(), "request edit"),
+        ("X-Extra: kept\r\n".to_string(), "ordinary field"),
+    ] {
+        assert!(head.contains(&want), "{why}: {want:?} missing in {head:?}");
+    }
+    for gone in ["cookie:", "te:", "x-hop:", "connection:"] {
+        assert!(
+            !head.to_ascii_lowercase().contains(&format!("\r\n{gone}")),
+            "{gone} must not reach the origin: {head:?}"
+        );
+    }
+    let client = client_head(&fast.response).to_ascii_lowercase();
+    assert!(client.contains("x-served-via: cutover"), "{client}");
+    assert!(!client.contains("x-origin-secret"), "{client}");
+    assert!(!client.contains("\r\nkeep-alive:"), "{client}");
+    assert!(
+        client.contains("\r\nconnection: keep-alive\r\n"),
+        "{client}"
+    );
+    assert_eq!(fast.record["client"], "203.0.113.7", "{:?}", fast.record);
+    assert_same("GET", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn a_head_request_is_carried_the_same() {
+    let bed = start().await;
+    let req = GET.replacen("GET", "HEAD", 1);
+    let fast = serve(&bed, Carrier::Fast, "/parity/head", &req).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/head", &req).await;
+    assert_eq!(fast.response.status(), 200);
+    assert_same("HEAD", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_is_the_same_502() {
+    let bed = start().await;
+    let req = GET.replace("cdn.example.test", REFUSE_NAME);
+    let fast = serve(&bed, Carrier::Fast, "/parity/refused", &req).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/refused", &req).await;
+    assert_eq!(fast.response.status(), 502, "{fast:?}");
+    assert!(
+        fast.metrics.keys().any(|k| k.contains("kind=\"connect\"")),
+        "{:?}",
+        fast.metrics
+    );
+    assert_same("502", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_is_the_same_504() {
+    let bed = start().await;
+    let req = GET.replace("cdn.example.test", STALL_NAME);
+    let fast = serve(&bed, Carrier::Fast, "/parity/stall", &req).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/stall", &req).await;
+    assert_eq!(fast.response.status(), 504, "{fast:?}");
+    assert_same("504", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn an_unknown_host_is_the_same_421() {
+    let bed = start().await;
+    let req = GET.replace("cdn.example.test", "unknown.example.test");
+    let fast = serve(&bed, Carrier::Fast, "/parity/unknown", &req).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/unknown", &req).await;
+    assert_eq!(fast.response.status(), 421, "{fast:?}");
+    assert!(fast.upstream_head.is_none());
+    assert_same("421", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn a_malformed_request_is_refused_the_same() {
+    let bed = start().await;
+    let req = "GET {T} HTTP/1.1\r\nHost: cdn.example.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let fast = serve(&bed, Carrier::Fast, "/parity/malformed", req).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/malformed", req).await;
+    assert_eq!(fast.response.status(), 400, "{fast:?}");
+    assert!(fast.upstream_head.is_none());
+    assert!(
+        fast.metrics
+            .keys()
+            .any(|k| k.contains("reason=\"bad_framing\"")),
+        "{:?}",
+        fast.metrics
+    );
+    assert_same("400", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn while_draining_both_carriers_answer_with_connection_close() {
+    let mut bed = start().await;
+    let fast_conn = open(&bed, Carrier::Fast).await;
+    let pingora_conn = open(&bed, Carrier::Pingora).await;
+    bed.proxy.signal(libc::SIGTERM);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !bed
+        .proxy
+        .log()
+        .contains("draining: answering with Connection: close")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut seen = Vec::new();
+    for (carrier, mut c) in [(Carrier::Fast, fast_conn), (Carrier::Pingora, pingora_conn)] {
+        c.send(GET.replace("{T}", "/parity/drain").as_bytes()).await;
+        let response = c.response(false).await.expect("answered while draining");
+        let closed = c.closes_within(Duration::from_secs(2)).await.is_ok();
+        seen.push((carrier, client_head(&response), closed));
+    }
+    for (carrier, head, closed) in &seen {
+        assert!(
+            head.to_ascii_lowercase().contains("\r\nconnection: close"),
+            "{carrier:?}: {head}"
+        );
+        assert!(
+            closed,
+            "{carrier:?}: the connection stayed open after its last response"
+        );
+    }
+    assert_eq!(
+        seen[0].1, seen[1].1,
+        "different response heads while draining"
+    );
+    bed.proxy.wait_exit(Duration::from_secs(15));
+    drop(bed.dir);
+}
