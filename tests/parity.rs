@@ -338,6 +338,14 @@ async fn an_upstream_that_refuses_is_the_same_502() {
         fast.metrics
     );
     assert_same("502", &fast, &pingora);
+    // One log line per failure, the same words from either carrier.
+    let log = bed.proxy.log();
+    for line in [
+        "upstream connect (no retry left) failed: route=refuse upstream=closed",
+        "502 route=refuse upstream=closed kind=connect cause=",
+    ] {
+        assert_eq!(log.matches(line).count(), 2, "{line:?} twice in:\n{log}");
+    }
 }
 
 #[tokio::test]
@@ -348,6 +356,9 @@ async fn an_upstream_that_stalls_is_the_same_504() {
     let pingora = serve(&bed, Carrier::Pingora, "/parity/stall", &req).await;
     assert_eq!(fast.response.status(), 504, "{fast:?}");
     assert_same("504", &fast, &pingora);
+    let log = bed.proxy.log();
+    let line = "504 route=stall upstream=stalling kind=timeout cause=";
+    assert_eq!(log.matches(line).count(), 2, "{line:?} twice in:\n{log}");
 }
 
 #[tokio::test]

@@ -21,14 +21,14 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::limited;
 use crate::model::{Route, Runtime, Shared, Upstream};
+use crate::paths::request;
 use crate::policy;
-use crate::policy::client_ip::{client_ip, Source};
-use crate::policy::failure::{classify, ErrorKind, Outcome};
+use crate::policy::failure::{classify, Outcome};
 use crate::policy::fields::connection_options;
 use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
 use crate::policy::refusal::Refusal;
 use crate::policy::routing::{normalize_authority, BadAuthority};
-use crate::shift::selection::{choose, client_point};
+use crate::shift::selection::choose;
 
 pub struct CutoverProxy {
     pub shared: Arc<Shared>,
@@ -253,18 +253,14 @@ impl ProxyHttp for CutoverProxy {
         session.set_ignore_info_resp(true);
         let rt = self.shared.runtime();
         let req = session.req_header();
-        let peer = peer_ip(session);
-        let (client, client_source) = match peer {
-            Some(p) => {
-                let (ip, source) = client_ip(&rt.client_ip, p, &req.headers);
-                (Some(ip), source)
-            }
-            None => (None, Source::Peer),
-        };
-        if client_source == Source::MalformedHeader {
-            rt.phase.client_ip_ignored.inc();
-            debug!("ignoring malformed client address header from {peer:?}");
-        }
+        let values = rt
+            .client_ip
+            .header
+            .as_ref()
+            .into_iter()
+            .flat_map(|name| req.headers.get_all(name).iter())
+            .map(|v| v.as_bytes());
+        let client = request::client_address(&rt, peer_ip(session), values);
         ctx.client = client;
         if req.method == Method::CONNECT {
             return refuse(session, &rt, Refusal::ConnectMethod, "CONNECT").await;
@@ -340,12 +336,7 @@ impl ProxyHttp for CutoverProxy {
         };
 
         let route = &rt.routes[route_idx];
-        ctx.point = match route.sticky {
-            crate::config::Sticky::None => fastrand::u64(..),
-            crate::config::Sticky::ClientIp => {
-                client.map_or_else(|| fastrand::u64(..), client_point)
-            }
-        };
+        ctx.point = request::sticky_point(route, client);
         ctx.route = route_idx;
         ctx.original_host = Some(authority);
         ctx.runtime = Some(rt);
@@ -372,17 +363,18 @@ impl ProxyHttp for CutoverProxy {
         // rather than in Pingora: count it and fail over the same way, once.
         if !route.upstreams[idx].addresses.has_addresses() && ctx.failed.is_none() {
             let up = &route.upstreams[idx];
-            up.metrics.count_error(ErrorKind::Connect);
-            limited!(
-                warn,
-                "upstream connect failed: route={} upstream={} kind=connect cause={}:{} has no address yet",
-                route.name, up.name, up.addresses.host, up.addresses.port
-            );
+            let shown = format!("{}:{}", up.addresses.host, up.addresses.port);
             ctx.failed = Some(idx);
-            if let Some(other) = choose(&route.upstreams, ctx.point, Some(idx)) {
-                idx = other;
-            } else {
-                ctx.connect_error_counted = true;
+            match request::connect_failed(
+                route,
+                idx,
+                ctx.point,
+                true,
+                &shown,
+                &request::unresolved(up),
+            ) {
+                Some(other) => idx = other,
+                None => ctx.connect_error_counted = true,
             }
         }
         ctx.upstream = Some(idx);
@@ -392,14 +384,7 @@ impl ProxyHttp for CutoverProxy {
                 ctx.upstream_addr = Some(addr);
                 Ok(upstream.peer.for_address(addr))
             }
-            None => Err(Error::explain(
-                ErrorType::ConnectNoRoute,
-                format!(
-                    "{}:{} has not resolved to any address yet",
-                    upstream.addresses.host, upstream.addresses.port
-                ),
-            )
-            .into_up()),
+            None => Err(request::unresolved(upstream).into_up()),
         }
     }
 
@@ -416,7 +401,8 @@ impl ProxyHttp for CutoverProxy {
             let failed = ctx.upstream?;
             let route = &rt.routes[ctx.route];
             let first = ctx.failed.is_none();
-            connect_failed(route, failed, ctx.point, first, &peer._address, &e).map(|_| failed)
+            request::connect_failed(route, failed, ctx.point, first, &peer._address, &e)
+                .map(|_| failed)
         });
         ctx.connect_error_counted = true;
         match retry_on {
@@ -593,23 +579,13 @@ impl ProxyHttp for CutoverProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let status = match classify(e) {
-            Outcome::Upstream { status, kind } => {
-                if let Some((route, up)) = ctx.route_and_upstream() {
-                    if !ctx.connect_error_counted {
-                        up.metrics.count_error(kind);
-                    }
-                    limited!(
-                        warn,
-                        "{status} route={} upstream={} kind={} cause={e}",
-                        route.name,
-                        up.name,
-                        kind.label()
-                    );
-                } else {
+            Outcome::Upstream { status, kind } => match ctx.route_and_upstream() {
+                Some((route, up)) => request::failed(route, up, kind, e, ctx.connect_error_counted),
+                None => {
                     limited!(warn, "{status} cause={e}");
+                    status
                 }
-                status
-            }
+            },
             Outcome::Status(code) => {
                 if let Some((route, up)) = ctx.route_and_upstream() {
                     limited!(
@@ -694,11 +670,9 @@ impl ProxyHttp for CutoverProxy {
             .map_or(499, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed();
         let bytes = session.body_bytes_sent() as u64;
-        let names = ctx.route_and_upstream().map(|(route, up)| {
-            up.metrics.record(status, elapsed, bytes);
-            (route.name.as_str(), up.name.as_str())
-        });
-        if let Some(log) = &self.shared.access_log {
+        let served = ctx.route_and_upstream();
+        let names = served.map(|(route, up)| (route.name.as_str(), up.name.as_str()));
+        {
             let req = session.req_header();
             let header = |name: http::header::HeaderName| {
                 req.headers
@@ -709,7 +683,7 @@ impl ProxyHttp for CutoverProxy {
             let (route, upstream) = names.unwrap_or(("-", "-"));
             // The model this request ran on (a refused request never took one).
             let rt = ctx.runtime.clone().unwrap_or_else(|| self.shared.runtime());
-            log.log(&crate::observe::access_log::Entry {
+            let entry = crate::observe::access_log::Entry {
                 time: std::time::SystemTime::now(),
                 client: ctx.client,
                 method: req.method.as_str(),
@@ -733,44 +707,10 @@ impl ProxyHttp for CutoverProxy {
                 phase: &rt.config.phase,
                 referer: header(http::header::REFERER),
                 user_agent: header(http::header::USER_AGENT),
-            });
+            };
+            request::finish(&self.shared, served.map(|(_, up)| up), &entry);
         }
     }
-}
-
-/// Count and log a connect or TLS-handshake failure; the upstream to retry on,
-/// if this was the first failure and another eligible one exists.
-pub(crate) fn connect_failed(
-    route: &Route,
-    failed: usize,
-    point: u64,
-    first: bool,
-    addr: &dyn std::fmt::Display,
-    e: &Error,
-) -> Option<usize> {
-    let kind = ErrorKind::of(e);
-    let up = &route.upstreams[failed];
-    up.metrics.count_error(kind);
-    let next = if first {
-        choose(&route.upstreams, point, Some(failed))
-    } else {
-        None
-    };
-    limited!(
-        warn,
-        "upstream {} failed: route={} upstream={} addr={addr} kind={} cause={e}{}",
-        if next.is_some() {
-            "connect"
-        } else {
-            "connect (no retry left)"
-        },
-        route.name,
-        up.name,
-        kind.label(),
-        next.map(|n| format!("; retrying on {}", route.upstreams[n].name))
-            .unwrap_or_default()
-    );
-    next
 }
 
 /// The authority of an absolute-form request target (`http://host:port/path`).

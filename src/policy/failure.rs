@@ -31,6 +31,16 @@ impl ErrorKind {
         }
     }
 
+    /// The status a request gets when its upstream fails this way before
+    /// any of the response reached the client: 504 for a timeout, else 502.
+    pub fn status(self) -> u16 {
+        if self == ErrorKind::Timeout {
+            504
+        } else {
+            502
+        }
+    }
+
     pub fn of(e: &Error) -> ErrorKind {
         use ErrorType::*;
         match e.etype() {
@@ -72,8 +82,10 @@ pub fn classify(e: &Error) -> Outcome {
     match e.esource() {
         ErrorSource::Upstream => {
             let kind = ErrorKind::of(e);
-            let status = if kind == ErrorKind::Timeout { 504 } else { 502 };
-            Outcome::Upstream { status, kind }
+            Outcome::Upstream {
+                status: kind.status(),
+                kind,
+            }
         }
         ErrorSource::Downstream => match e.etype() {
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {

@@ -10,7 +10,6 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
-use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -21,12 +20,12 @@ use super::body::{
 use super::request::{build_request, header_str, header_values, route_request, Ask};
 use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
 use super::{Conn, FastPath, Held, Step, READ_CHUNK};
-use crate::model::Upstream;
-use crate::paths::pingora::connect_failed;
-use crate::policy::client_ip::{client_ip_from, Source};
+use crate::model::{Route, Upstream};
+use crate::observe::access_log::Entry;
+use crate::paths::request;
+use crate::policy;
 use crate::policy::failure::ErrorKind;
-use crate::shift::selection::{choose, client_point};
-use crate::{limited, policy};
+use crate::shift::selection::choose;
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     pub(super) async fn forward(
@@ -41,21 +40,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             return Step::Handover;
         };
         let route = &rt.routes[route_idx];
-        let client = conn.peer.map(|peer| {
-            let values = header_values(req, rt.client_ip.header.as_ref().map(|h| h.as_str()));
-            let (ip, source) = client_ip_from(&rt.client_ip, peer, values);
-            if source == Source::MalformedHeader {
-                rt.phase.client_ip_ignored.inc();
-                debug!("ignoring malformed client address header from {peer}");
-            }
-            ip
-        });
-        let point = match route.sticky {
-            crate::config::Sticky::None => fastrand::u64(..),
-            crate::config::Sticky::ClientIp => {
-                client.map_or_else(|| fastrand::u64(..), client_point)
-            }
-        };
+        let values = header_values(req, rt.client_ip.header.as_ref().map(|h| h.as_str()));
+        let client = request::client_address(&rt, conn.peer, values);
+        let point = request::sticky_point(route, client);
         let Some(mut idx) = choose(&route.upstreams, point, None) else {
             return Step::Handover;
         };
@@ -67,10 +54,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             let up = &route.upstreams[idx];
             tried = up.addresses.pick();
             let Some(addr) = tried else {
-                // Never resolved: a connect failure, failed over like one.
-                let e = Error::explain(ErrorType::ConnectNoRoute, "the name has no address yet");
+                let e = request::unresolved(up);
                 let shown = format!("{}:{}", up.addresses.host, up.addresses.port);
-                match connect_failed(route, idx, point, first_attempt, &shown, &e) {
+                match request::connect_failed(route, idx, point, first_attempt, &shown, &e) {
                     Some(next) => {
                         first_attempt = false;
                         idx = next;
@@ -103,21 +89,23 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                     s
                 }
-                Err(e) => match connect_failed(route, idx, point, first_attempt, &addr, &e) {
-                    Some(next) => {
-                        first_attempt = false;
-                        idx = next;
-                        continue;
+                Err(e) => {
+                    match request::connect_failed(route, idx, point, first_attempt, &addr, &e) {
+                        Some(next) => {
+                            first_attempt = false;
+                            idx = next;
+                            continue;
+                        }
+                        None => {
+                            let kind = ErrorKind::of(&e);
+                            break Err((kind, e.to_string(), true));
+                        }
                     }
-                    None => {
-                        let kind = ErrorKind::of(&e);
-                        break Err((kind, e.to_string(), true));
-                    }
-                },
+                }
             };
             build_request(&mut conn.out, req, &ask, up, conn.peer_text.as_deref());
             let exchanged = self
-                .exchange(conn, ups, reused, &ask, up, addr, closing)
+                .exchange(conn, ups, reused, &ask, route, up, addr, closing)
                 .await;
             match exchanged {
                 Ok((done, reusable)) => {
@@ -142,17 +130,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let (status, bytes, keep_client) = match outcome {
             Ok(done) => (done.status, done.bytes, done.keep_client),
             Err((kind, cause, counted)) => {
-                let status = if kind == ErrorKind::Timeout { 504 } else { 502 };
-                if !counted {
-                    up.metrics.count_error(kind);
-                }
-                limited!(
-                    warn,
-                    "{status} route={} upstream={} kind={} cause={cause}",
-                    route.name,
-                    up.name,
-                    kind.label()
-                );
+                let status = request::failed(route, up, kind, &cause, counted);
                 let status = if write_error(&mut conn.stream, status).await {
                     status
                 } else {
@@ -161,27 +139,24 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 (status, 0, false)
             }
         };
-        let elapsed = started.elapsed();
-        up.metrics.record(status, elapsed, bytes);
-        if let Some(log) = &self.shared.access_log {
-            log.log(&crate::observe::access_log::Entry {
-                time: std::time::SystemTime::now(),
-                client,
-                method: req.method.unwrap_or("-"),
-                host: std::str::from_utf8(ask.host).unwrap_or("-"),
-                path: std::str::from_utf8(ask.path).unwrap_or("-"),
-                version: "HTTP/1.1",
-                status,
-                route: &route.name,
-                upstream: &up.name,
-                upstream_addr: tried,
-                duration: elapsed,
-                bytes,
-                phase: &rt.config.phase,
-                referer: header_str(req, "referer"),
-                user_agent: header_str(req, "user-agent"),
-            });
-        }
+        let entry = Entry {
+            time: std::time::SystemTime::now(),
+            client,
+            method: req.method.unwrap_or("-"),
+            host: std::str::from_utf8(ask.host).unwrap_or("-"),
+            path: std::str::from_utf8(ask.path).unwrap_or("-"),
+            version: "HTTP/1.1",
+            status,
+            route: &route.name,
+            upstream: &up.name,
+            upstream_addr: tried,
+            duration: started.elapsed(),
+            bytes,
+            phase: &rt.config.phase,
+            referer: header_str(req, "referer"),
+            user_agent: header_str(req, "user-agent"),
+        };
+        request::finish(&self.shared, Some(up), &entry);
         Step::Served { keep_client }
     }
 
@@ -196,6 +171,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         mut ups: Stream,
         mut reused: bool,
         ask: &Ask<'_>,
+        route: &Route,
         up: &Upstream,
         addr: SocketAddr,
         closing: bool,
@@ -310,8 +286,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     clean = false;
                     break;
                 }
-                up.metrics.count_error(ErrorKind::Reset);
-                limited!(warn, "upstream {} closed the connection mid-body", up.name);
+                let cause = "the upstream closed the connection mid-body";
+                request::failed_mid_body(route, up, ErrorKind::Reset, &cause);
                 return Ok((done(body_bytes, false), None));
             }
             conn.resp.clear();
@@ -319,13 +295,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             let n = match timeout(t.read, ups.read_buf(&mut conn.resp)).await {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
-                    up.metrics.count_error(ErrorKind::Reset);
-                    limited!(warn, "upstream {} failed mid-body: {e}", up.name);
+                    let cause = format_args!("reading the body: {e}");
+                    request::failed_mid_body(route, up, ErrorKind::Reset, &cause);
                     return Ok((done(body_bytes, false), None));
                 }
                 Err(_) => {
-                    up.metrics.count_error(ErrorKind::Timeout);
-                    limited!(warn, "upstream {} timed out mid-body", up.name);
+                    let cause = "no body bytes within the read timeout";
+                    request::failed_mid_body(route, up, ErrorKind::Timeout, &cause);
                     return Ok((done(body_bytes, false), None));
                 }
             };
@@ -340,12 +316,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             let Some(part) = body_part(&mut framing, &conn.resp) else {
                 // What went out so far was well-formed; the client sees the
                 // response cut short, never the malformed bytes.
-                up.metrics.count_error(ErrorKind::Other);
-                limited!(
-                    warn,
-                    "upstream {} sent a malformed chunked body; response cut",
-                    up.name
-                );
+                let cause = "malformed chunked body";
+                request::failed_mid_body(route, up, ErrorKind::Other, &cause);
                 return Ok((done(body_bytes, false), None));
             };
             finished = part.finished;

@@ -20,9 +20,11 @@ use crate::policy::framing::{FramingFields, ResponseBody};
 /// framing, and write the head the client gets into `out`; `false` if the
 /// upstream's head is refused (or is an interim one).
 pub fn prepare_response(head: &[u8], plan: &Plan, out: &mut Vec<u8>) -> bool {
-    let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
+    let Some((end, folded)) = head_end_and_folds(head) else {
+        return false;
+    };
     matches!(
-        client_head(head, folded, false, plan, false, out),
+        client_head(&head[..end], folded, false, plan, false, out),
         Ok(UpstreamHead::Final { .. })
     )
 }
@@ -75,8 +77,10 @@ pub fn client_head_for_fuzzing(
     plan: &Plan,
     out: &mut Vec<u8>,
 ) -> Result<Option<u16>, String> {
-    let folded = head_end_and_folds(head).is_some_and(|(_, f)| f);
-    client_head(head, folded, head_request, plan, false, out).map(|h| match h {
+    // The fast path reads up to the first empty line, and hands exactly
+    // that to `client_head`: so does this.
+    let (end, folded) = head_end_and_folds(head).ok_or("incomplete head")?;
+    client_head(&head[..end], folded, head_request, plan, false, out).map(|h| match h {
         UpstreamHead::Interim => None,
         UpstreamHead::Final { status, .. } => Some(status),
     })

@@ -1,0 +1,140 @@
+//! What both carriers do for a request around the bytes they move: the
+//! client address and sticky point, a connect failure and the failover it
+//! allows, the one status and log line of a failure, and the finished
+//! record that feeds the metrics and the access log. Each carrier calls
+//! these; neither writes its own version.
+
+use std::fmt::Display;
+use std::net::IpAddr;
+
+use log::debug;
+use pingora::{Error, ErrorType};
+
+use crate::config::Sticky;
+use crate::limited;
+use crate::model::{Route, Runtime, Shared, Upstream};
+use crate::observe::access_log::Entry;
+use crate::policy::client_ip::{client_ip_from, Source};
+use crate::policy::failure::ErrorKind;
+use crate::shift::selection::{choose, client_point};
+
+/// The client's address: the TCP peer's, or the one a trusted peer wrote
+/// in the configured header (`values`: that header's values). A header
+/// that does not parse is ignored, counted and logged at debug level.
+pub fn client_address<'a>(
+    rt: &Runtime,
+    peer: Option<IpAddr>,
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Option<IpAddr> {
+    let peer = peer?;
+    let (ip, source) = client_ip_from(&rt.client_ip, peer, values);
+    if source == Source::MalformedHeader {
+        rt.phase.client_ip_ignored.inc();
+        debug!("ignoring malformed client address header from {peer}");
+    }
+    Some(ip)
+}
+
+/// The request's point on the route's upstream range: a stable hash of
+/// the client address (`sticky: client_ip`), else random.
+pub fn sticky_point(route: &Route, client: Option<IpAddr>) -> u64 {
+    match (route.sticky, client) {
+        (Sticky::ClientIp, Some(ip)) => client_point(ip),
+        _ => fastrand::u64(..),
+    }
+}
+
+/// The error of an upstream whose name has never resolved: a connect
+/// failure, failed over like one.
+pub fn unresolved(up: &Upstream) -> Box<Error> {
+    Error::explain(
+        ErrorType::ConnectNoRoute,
+        format!(
+            "{}:{} has not resolved to any address yet",
+            up.addresses.host, up.addresses.port
+        ),
+    )
+}
+
+/// Count and log a connect or TLS-handshake failure; the upstream to retry
+/// on, if this was the first failure and another eligible one exists.
+pub fn connect_failed(
+    route: &Route,
+    failed: usize,
+    point: u64,
+    first: bool,
+    addr: &dyn Display,
+    e: &Error,
+) -> Option<usize> {
+    let kind = ErrorKind::of(e);
+    let up = &route.upstreams[failed];
+    up.metrics.count_error(kind);
+    let next = if first {
+        choose(&route.upstreams, point, Some(failed))
+    } else {
+        None
+    };
+    limited!(
+        warn,
+        "upstream {} failed: route={} upstream={} addr={addr} kind={} cause={e}{}",
+        if next.is_some() {
+            "connect"
+        } else {
+            "connect (no retry left)"
+        },
+        route.name,
+        up.name,
+        kind.label(),
+        next.map(|n| format!("; retrying on {}", route.upstreams[n].name))
+            .unwrap_or_default()
+    );
+    next
+}
+
+/// A request the upstream side failed before the response head reached the
+/// client: counted (unless `counted`: a connect failure already was),
+/// logged once with route, upstream and kind, and the status to answer.
+pub fn failed(
+    route: &Route,
+    up: &Upstream,
+    kind: ErrorKind,
+    cause: &dyn Display,
+    counted: bool,
+) -> u16 {
+    let status = kind.status();
+    if !counted {
+        up.metrics.count_error(kind);
+    }
+    limited!(
+        warn,
+        "{status} route={} upstream={} kind={} cause={cause}",
+        route.name,
+        up.name,
+        kind.label()
+    );
+    status
+}
+
+/// The upstream failed after the response head went to the client: the
+/// response is cut short (the client connection closes), counted and logged.
+pub fn failed_mid_body(route: &Route, up: &Upstream, kind: ErrorKind, cause: &dyn Display) {
+    up.metrics.count_error(kind);
+    limited!(
+        warn,
+        "response cut: route={} upstream={} kind={} cause={cause}",
+        route.name,
+        up.name,
+        kind.label()
+    );
+}
+
+/// A request is done: its metrics (when it reached an upstream decision)
+/// and its access-log line, from one record.
+pub fn finish(shared: &Shared, up: Option<&Upstream>, entry: &Entry<'_>) {
+    if let Some(up) = up {
+        up.metrics.record(entry.status, entry.duration, entry.bytes);
+    }
+    if let Some(log) = &shared.access_log {
+        log.log(entry);
+    }
+}
