@@ -373,8 +373,8 @@ async fn every_framing_passes_through_one_keep_alive_connection() {
     );
     // All of it on the fast path.
     assert_eq!(
-        sample(&m, "cutover_connections_handed_over_total", &[]),
-        Some(0.0),
+        sample_sum(&m, "cutover_connections_handed_over_total"),
+        0.0,
         "{m}"
     );
 }
@@ -417,8 +417,8 @@ async fn unusual_requests_are_handed_to_pingora_mid_connection() {
     let mut c = Conn::open(s.proxy.listen).await;
     let r = c.send("GET", "/", "").await;
     assert_eq!(r.status, 200);
-    let handed_over = |m: &str| sample(m, "cutover_connections_handed_over_total", &[]);
-    assert_eq!(handed_over(&s.proxy.metrics().await), Some(0.0));
+    let handed_over = |m: &str| sample_sum(m, "cutover_connections_handed_over_total");
+    assert_eq!(handed_over(&s.proxy.metrics().await), 0.0);
     // A body: Pingora's path takes the connection from here on.
     let r = c.send("POST", "/", "field=value").await;
     assert_eq!(r.status, 200, "{}", s.proxy.log());
@@ -429,7 +429,17 @@ async fn unusual_requests_are_handed_to_pingora_mid_connection() {
     );
     let r = c.send("GET", "/chunked", "").await;
     assert_eq!((r.status, text(&r.body)), (200, "hello world"));
-    assert_eq!(handed_over(&s.proxy.metrics().await), Some(1.0));
+    let m = s.proxy.metrics().await;
+    assert_eq!(handed_over(&m), 1.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "cutover_connections_handed_over_total",
+            &[("reason", "method")]
+        ),
+        Some(1.0),
+        "a POST is handed over for its method: {m}"
+    );
 
     // Pipelined: two requests in one write, answered in order; the second
     // asks to close, and the connection ends after its answer.

@@ -220,3 +220,33 @@ impl crate::shift::selection::Candidate for Upstream {
         self.health.is_healthy()
     }
 }
+
+/// A model for unit tests: one route for `cdn.example.test` with request
+/// and response edits and a trusted `X-Forwarded-For`, one upstream at a
+/// fixed address (no DNS) whose Host is `cdn-new.example.test`.
+#[cfg(test)]
+pub(crate) fn test_model() -> Arc<Runtime> {
+    const CONFIG: &str = "
+phase: test
+listeners:
+  - address: 127.0.0.1:8080
+client_ip: { header: X-Forwarded-For, trusted: [127.0.0.1] }
+routes:
+  - name: cdn
+    hosts: [cdn.example.test]
+    request_headers: { set: { X-Migration: test }, remove: [Cookie] }
+    response_headers: { set: { X-Served-Via: cutover }, remove: [Server] }
+    upstreams:
+      - name: new
+        address: 127.0.0.1:443
+        host_header: cdn-new.example.test
+";
+    let config = crate::config::parse(std::path::Path::new("test.yaml"), CONFIG).unwrap();
+    Shared::new(
+        config,
+        Arc::new(Metrics::new()),
+        Arc::new(Resolver::new(None)),
+        None,
+    )
+    .runtime()
+}

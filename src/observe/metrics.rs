@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::policy::failure::ErrorKind;
+use crate::policy::handover::Handover;
 
 /// The metric families, registered once per process.
 pub struct Metrics {
@@ -29,7 +30,8 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     pub access_log_write_errors: IntCounter,
     /// Client connections the fast path handed to Pingora's general path.
-    pub handed_over: IntCounter,
+    /// By [`Handover`] reason.
+    pub handed_over: [IntCounter; Handover::ALL.len()],
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -90,12 +92,16 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Self {
-            handed_over: plain_counter(
-                r,
-                "cutover_connections_handed_over_total",
-                "Client connections passed from the fast path to the general proxy path \
-                 (request bodies, HTTP/1.0, upgrades, TLS listeners, unusual or refused requests)",
-            ),
+            handed_over: {
+                let by_reason = counter(
+                    r,
+                    "cutover_connections_handed_over_total",
+                    "Client connections passed from the fast path to the Pingora path, by the \
+                     reason of the first request it did not serve",
+                    &["reason"],
+                );
+                Handover::ALL.map(|h| by_reason.with_label_values(&[h.label()]))
+            },
             requests: counter(
                 r,
                 "cutover_requests_total",

@@ -7,5 +7,6 @@ pub mod failure;
 pub mod fields;
 pub mod forward;
 pub mod framing;
+pub mod handover;
 pub mod refusal;
 pub mod routing;

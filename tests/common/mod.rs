@@ -299,6 +299,14 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The sum of every sample of `name` (all label sets).
+pub fn sample_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Read lines from a child's stdout until one contains `needle` (or EOF).
 pub fn read_until(reader: &mut BufReader<std::process::ChildStdout>, needle: &str) -> String {
     let mut all = String::new();

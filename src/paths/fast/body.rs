@@ -188,3 +188,48 @@ pub(super) async fn write_error(stream: &mut Stream, status: u16) -> bool {
     }
     sent
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(mut framing: Framing, reads: &[&[u8]]) -> Vec<(usize, bool, bool)> {
+        reads
+            .iter()
+            .map(|r| {
+                let p = body_part(&mut framing, r).expect("well-formed");
+                (p.relay, p.finished, p.clean)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn where_a_body_ends_in_what_was_read() {
+        assert_eq!(parts(Framing::None, &[b""]), [(0, true, true)]);
+        assert_eq!(parts(Framing::None, &[b"x"]), [(0, true, false)]);
+        assert_eq!(
+            parts(Framing::Length(5), &[b"hel", b"loNEXT"]),
+            [(3, false, true), (2, true, false)]
+        );
+        assert_eq!(
+            parts(
+                Framing::Chunked(ChunkedEnd::default()),
+                &[b"2\r\nhi\r\n", b"0\r\n\r\n"]
+            ),
+            [(7, false, true), (5, true, true)]
+        );
+        assert_eq!(parts(Framing::Close, &[b"abc"]), [(3, false, false)]);
+        let mut chunked = Framing::Chunked(ChunkedEnd::default());
+        assert!(
+            body_part(&mut chunked, b"zz\r\n").is_none(),
+            "not a chunk size"
+        );
+    }
+
+    #[test]
+    fn batches_never_pass_a_length_delimited_end() {
+        assert_eq!(batch_size(&Framing::Length(10)), 10);
+        assert_eq!(batch_size(&Framing::Length(1 << 40)), BODY_BATCH);
+        assert_eq!(batch_size(&Framing::Close), BODY_BATCH);
+    }
+}

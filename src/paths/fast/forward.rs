@@ -25,6 +25,7 @@ use crate::observe::access_log::Entry;
 use crate::paths::request;
 use crate::policy;
 use crate::policy::failure::ErrorKind;
+use crate::policy::handover::Handover;
 use crate::shift::selection::choose;
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
@@ -36,15 +37,16 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     ) -> Step {
         let started = Instant::now();
         let rt = self.shared.runtime();
-        let Some((ask, route_idx)) = route_request(req, &rt) else {
-            return Step::Handover;
+        let (ask, route_idx) = match route_request(req, &rt) {
+            Ok(routed) => routed,
+            Err(reason) => return Step::Handover(reason),
         };
         let route = &rt.routes[route_idx];
         let values = header_values(req, rt.client_ip.header.as_ref().map(|h| h.as_str()));
         let client = request::client_address(&rt, conn.peer, values);
         let point = request::sticky_point(route, client);
         let Some(mut idx) = choose(&route.upstreams, point, None) else {
-            return Step::Handover;
+            return Step::Handover(Handover::NoUpstream);
         };
         let closing = self.shared.draining.load(Ordering::Relaxed) || *shutdown.borrow();
 

@@ -48,6 +48,7 @@ use self::head::head_end;
 use self::request::parse_request;
 
 use crate::model::{Runtime, Shared};
+use crate::policy::handover::Handover;
 /// Larger request heads go to Pingora, whose limit is higher.
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_REQUEST_HEADERS: usize = 64;
@@ -97,7 +98,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         let _open = self.open.open();
         // Only a plain TCP stream can be rewound for the handover.
         if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
-            self.shared.metrics.handed_over.inc();
+            self.shared.metrics.handed_over[Handover::Tls as usize].inc();
             return self.pingora.process_new(stream, shutdown).await;
         }
         let peer = stream
@@ -116,10 +117,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         if let Some(held) = conn.held.take() {
             held.release(&self.connector);
         }
-        if !handover {
-            return None;
-        }
-        self.shared.metrics.handed_over.inc();
+        let reason = handover?;
+        self.shared.metrics.handed_over[reason as usize].inc();
         let mut stream = conn.stream;
         let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
         l4.rewind(&conn.buf);
@@ -187,20 +186,29 @@ impl Held {
     }
 }
 
+/// What the client has sent so far.
+enum Head {
+    /// A whole request head, this long.
+    Whole(usize),
+    /// No head end within [`MAX_HEAD`] bytes.
+    TooLarge,
+}
+
 enum Step {
     /// Served; go on with the next request if the client connection stays.
     Served { keep_client: bool },
     /// Not for the fast path: hand the connection, unread, to Pingora.
-    Handover,
+    Handover(Handover),
 }
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
-    /// Serve requests until the connection ends (`false`) or one must go to
-    /// Pingora (`true`, with the unserved bytes still in `conn.buf`).
-    async fn serve(&self, conn: &mut Conn, shutdown: &ShutdownWatch) -> bool {
+    /// Serve requests until the connection ends (`None`) or one must go to
+    /// Pingora (why, with the unserved bytes still in `conn.buf`).
+    async fn serve(&self, conn: &mut Conn, shutdown: &ShutdownWatch) -> Option<Handover> {
         loop {
-            let Some(head_end) = self.read_head(conn).await else {
-                return false;
+            let head_end = match self.read_head(conn).await? {
+                Head::Whole(end) => end,
+                Head::TooLarge => return Some(Handover::HeadSize),
             };
             match self.one_request(conn, head_end, shutdown).await {
                 Step::Served { keep_client: true } => {
@@ -212,27 +220,27 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 }
                 Step::Served { keep_client: false } => {
                     let _ = to_client(conn.stream.shutdown()).await;
-                    return false;
+                    return None;
                 }
-                Step::Handover => return true,
+                Step::Handover(reason) => return Some(reason),
             }
         }
     }
 
-    /// Read until `conn.buf` holds a whole request head; its length, or `None`
-    /// when the connection ended or went idle too long. A head that is too
-    /// large or never ends is handed over as it is (Pingora answers it).
-    async fn read_head(&self, conn: &mut Conn) -> Option<usize> {
+    /// Read until `conn.buf` holds a whole request head; `None` when the
+    /// connection ended or went idle too long. A head that is too large is
+    /// handed over as it is (Pingora answers it).
+    async fn read_head(&self, conn: &mut Conn) -> Option<Head> {
         // A started head must be complete within CLIENT_IDLE in all (like
         // nginx's client_header_timeout), not per read: a client trickling
         // one byte at a time cannot hold the connection open forever.
         let mut head_deadline: Option<Instant> = None;
         loop {
             if let Some(end) = head_end(&conn.buf) {
-                return Some(end);
+                return Some(Head::Whole(end));
             }
             if conn.buf.len() >= MAX_HEAD {
-                return Some(conn.buf.len());
+                return Some(Head::TooLarge);
             }
             if conn.buf.is_empty() {
                 // Between requests. The upstream connection stays with this
@@ -291,7 +299,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let buf = std::mem::take(&mut conn.buf);
         let step = match parse_request(&buf[..head_end], &mut headers) {
             Some(req) => self.forward(conn, &req, shutdown).await,
-            None => Step::Handover,
+            None => Step::Handover(Handover::Malformed),
         };
         conn.buf = buf;
         step

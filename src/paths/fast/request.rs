@@ -10,6 +10,7 @@ use crate::policy;
 use crate::policy::fields::ConnectionOptions;
 use crate::policy::forward::RequestFacts;
 use crate::policy::framing::{FramingFields, RequestBody};
+use crate::policy::handover::Handover;
 use crate::policy::refusal::TargetForm;
 use crate::policy::routing::normalize_authority;
 use crate::shift::selection::choose;
@@ -25,15 +26,18 @@ pub(super) struct Ask<'b> {
 }
 
 /// The fast path's part of a request and the route that owns its Host, or
-/// `None` when the request is not one it serves.
+/// why the request is not one it serves.
 pub(super) fn route_request<'b>(
     req: &httparse::Request<'_, 'b>,
     rt: &Runtime,
-) -> Option<(Ask<'b>, usize)> {
+) -> Result<(Ask<'b>, usize), Handover> {
     let ask = eligible(req)?;
-    let host = normalize_authority(ask.host).ok()?;
-    let route = rt.hosts.route_for_host(host.as_str())?;
-    Some((ask, route))
+    let host = normalize_authority(ask.host).map_err(|_| Handover::Host)?;
+    let route = rt
+        .hosts
+        .route_for_host(host.as_str())
+        .ok_or(Handover::Host)?;
+    Ok((ask, route))
 }
 
 /// The per-request work of the fast path that needs no I/O, for the
@@ -44,7 +48,7 @@ pub fn prepare_request(head: &[u8], rt: &Runtime, peer: Option<&str>, out: &mut 
     let Some(req) = parse_request(head, &mut headers) else {
         return false;
     };
-    let Some((ask, route_idx)) = route_request(&req, rt) else {
+    let Ok((ask, route_idx)) = route_request(&req, rt) else {
         return false;
     };
     let route = &rt.routes[route_idx];
@@ -69,21 +73,22 @@ pub(super) fn parse_request<'h, 'b>(
     }
 }
 
-/// The request line and headers the fast path forwards, or `None` when the
-/// request is not one it serves. What it does not serve goes to the Pingora
-/// path, which applies the same policy and refuses what must be refused.
-pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
+/// The request line and headers the fast path forwards, or why the request
+/// is not one it serves ([`Handover`]). What it does not serve goes to the
+/// Pingora path, which applies the same policy and refuses what must be
+/// refused.
+pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, Handover> {
     if req.version != Some(1) {
-        return None;
+        return Err(Handover::Version);
     }
-    let head = match req.method? {
-        "GET" => false,
-        "HEAD" => true,
-        _ => return None,
+    let head = match req.method {
+        Some("GET") => false,
+        Some("HEAD") => true,
+        _ => return Err(Handover::Method),
     };
-    let path = req.path?.as_bytes();
+    let path = req.path.ok_or(Handover::Malformed)?.as_bytes();
     if policy::refusal::request_target(b"GET", path) != Ok(TargetForm::Origin) {
-        return None;
+        return Err(Handover::TargetForm);
     }
     // One pass over the fields; what the policy decides from them is decided
     // by the policy's own collectors.
@@ -97,23 +102,23 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Option<Ask<'b>> {
         }
         match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") && host.replace(h.value).is_some() => {
-                return None;
+                return Err(Handover::Host);
             }
             10 if name.eq_ignore_ascii_case(b"connection") => connection.add(h.value),
-            6 if name.eq_ignore_ascii_case(b"expect") => return None,
-            7 if name.eq_ignore_ascii_case(b"upgrade") => return None,
+            6 if name.eq_ignore_ascii_case(b"expect") => return Err(Handover::Expect),
+            7 if name.eq_ignore_ascii_case(b"upgrade") => return Err(Handover::Upgrade),
             _ => {}
         }
     }
     if framing.request_body(false) != Ok(RequestBody::None) {
-        return None;
+        return Err(Handover::Body);
     }
     if connection.upgrade {
-        return None;
+        return Err(Handover::Upgrade);
     }
-    Some(Ask {
+    Ok(Ask {
         head,
-        host: host?,
+        host: host.ok_or(Handover::Host)?,
         path,
         client_close: connection.close,
         nominates: connection.nominates,
@@ -163,4 +168,87 @@ pub(super) fn header_str<'a>(req: &'a httparse::Request<'_, '_>, name: &str) -> 
         .find(|h| h.name.eq_ignore_ascii_case(name))
         .and_then(|h| std::str::from_utf8(h.value).ok())
         .unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_model;
+
+    fn eligibility(head: &str) -> Result<(), Handover> {
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
+        let req = parse_request(head.as_bytes(), &mut headers).ok_or(Handover::Malformed)?;
+        route_request(&req, &test_model()).map(|_| ())
+    }
+
+    #[test]
+    fn what_the_fast_path_serves_and_why_it_hands_the_rest_over() {
+        use Handover::*;
+        let h = "Host: cdn.example.test\r\n";
+        for (head, want) in [
+            (format!("GET / HTTP/1.1\r\n{h}\r\n"), Ok(())),
+            (format!("HEAD /a?b HTTP/1.1\r\n{h}\r\n"), Ok(())),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Content-Length: 0\r\n\r\n"),
+                Ok(()),
+            ),
+            (format!("POST / HTTP/1.1\r\n{h}\r\n"), Err(Method)),
+            (format!("GET / HTTP/1.0\r\n{h}\r\n"), Err(Version)),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Content-Length: 3\r\n\r\n"),
+                Err(Body),
+            ),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n"),
+                Err(Body),
+            ),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Upgrade: websocket\r\n\r\n"),
+                Err(Upgrade),
+            ),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Connection: Upgrade\r\n\r\n"),
+                Err(Upgrade),
+            ),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Expect: 100-continue\r\n\r\n"),
+                Err(Expect),
+            ),
+            (
+                format!("GET http://cdn.example.test/ HTTP/1.1\r\n{h}\r\n"),
+                Err(TargetForm),
+            ),
+            (format!("GET * HTTP/1.1\r\n{h}\r\n"), Err(TargetForm)),
+            ("GET / HTTP/1.1\r\n\r\n".to_string(), Err(Host)),
+            (format!("GET / HTTP/1.1\r\n{h}{h}\r\n"), Err(Host)),
+            (
+                "GET / HTTP/1.1\r\nHost: other.test\r\n\r\n".to_string(),
+                Err(Host),
+            ),
+            ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n".to_string(), Err(Host)),
+            (
+                format!("GET / HTTP/1.1\r\n{h}Bad Name: x\r\n\r\n"),
+                Err(Malformed),
+            ),
+        ] {
+            assert_eq!(eligibility(&head), want, "{head:?}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_request_byte_for_byte() {
+        let rt = test_model();
+        let head = b"GET /p?q=1 HTTP/1.1\r\nHost: CDN.example.test\r\nUser-Agent: t\r\n\
+            X-Forwarded-For: 192.0.2.9\r\nCookie: s=1\r\nTE: trailers\r\n\
+            Connection: X-Hop\r\nX-Hop: 1\r\nAccept: */*\r\n\r\n";
+        let mut out = Vec::new();
+        assert!(prepare_request(head, &rt, Some("127.0.0.1"), &mut out));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /p?q=1 HTTP/1.1\r\nHost: cdn-new.example.test\r\nUser-Agent: t\r\n\
+             Accept: */*\r\nX-Forwarded-For: 192.0.2.9, 127.0.0.1\r\n\
+             X-Forwarded-Proto: http\r\nX-Forwarded-Host: CDN.example.test\r\n\
+             X-Migration: test\r\n\r\n"
+        );
+    }
 }
