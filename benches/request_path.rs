@@ -142,16 +142,16 @@ fn header_rewrite(c: &mut Criterion) {
 /// upstream request; then parse the upstream's response head and write the
 /// client's.
 fn fast_path(c: &mut Criterion) {
-    use cutover::model::Shared;
+    use cutover::model::Process;
     let yaml = "phase: bench\nlisteners:\n  - address: 127.0.0.1:8080\nroutes:\n  - name: cdn\n    hosts: [cdn.example.test]\n    upstreams:\n      - name: new\n        address: 127.0.0.1:443\n        sni: cdn-new.example.test\n        host_header: cdn-new.example.test\n";
     let config = cutover::config::parse(std::path::Path::new("bench.yaml"), yaml).unwrap();
-    let shared = Shared::new(
+    let process = Process::new(
         config,
         std::sync::Arc::new(Metrics::new()),
         std::sync::Arc::new(cutover::model::dns::Resolver::new(None)),
         None,
     );
-    let rt = shared.runtime();
+    let model = process.model();
     let request = b"GET /ruok HTTP/1.1\r\nHost: cdn.example.test\r\n\r\n";
     let browser = b"GET /assets/app.js?v=3 HTTP/1.1\r\nHost: cdn.example.test\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0\r\nAccept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\nReferer: https://www.example.test/\r\nConnection: keep-alive\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 28 Nov 2026 08:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: keep-alive\r\n\r\n";
@@ -160,7 +160,7 @@ fn fast_path(c: &mut Criterion) {
         b.iter(|| {
             assert!(cutover::paths::fast::prepare_request(
                 black_box(request),
-                &rt,
+                &model,
                 Some("127.0.0.1"),
                 &mut out
             ))
@@ -170,7 +170,7 @@ fn fast_path(c: &mut Criterion) {
         b.iter(|| {
             assert!(cutover::paths::fast::prepare_request(
                 black_box(browser),
-                &rt,
+                &model,
                 Some("127.0.0.1"),
                 &mut out
             ))
@@ -180,7 +180,7 @@ fn fast_path(c: &mut Criterion) {
         b.iter(|| {
             assert!(cutover::paths::fast::prepare_response(
                 black_box(response),
-                &rt.routes[0].upstreams[0].plan,
+                &model.routes[0].upstreams[0].plan,
                 &mut out
             ))
         })

@@ -89,7 +89,7 @@ const fn case(
 use Then::*;
 use Want::*;
 
-/// Requests a client (or an ALB shared by many clients) might send.
+/// Requests a client (or an ALB process by many clients) might send.
 const REQUESTS: &[Case] = &[
     // --- Content-Length ---
     case("cl-plain", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nContent-Length: 5\r\n\r\nhello"], &[("POST", "/a", "hello")], &[Echo], Open),
@@ -899,7 +899,7 @@ async fn a_flood_of_bad_requests_is_counted_whole_and_logged_a_few_lines_a_secon
                 "/flood",
             )
         } else {
-            // Refused by the shared policy.
+            // Refused by the process policy.
             fill("POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "/flood")
         };
         c.send(bytes.as_bytes()).await;

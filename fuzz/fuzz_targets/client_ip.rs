@@ -22,8 +22,8 @@ fuzz_target!(|data: &[u8]| {
         _ => "192.0.2.50".parse().unwrap(),
     };
     let values: Vec<&[u8]> = rest.split(|&b| b == b'\n').collect();
-    let rt = common::runtime();
-    let (ip, source) = client_ip_from(&rt.client_ip, peer, values.iter().copied());
+    let model = common::model();
+    let (ip, source) = client_ip_from(&model.client_ip, peer, values.iter().copied());
     let canonical = match peer {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
         v4 => v4,

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cutover::model::{Runtime, Shared};
+use cutover::model::{Model, Process};
 
 pub const HOST_HEADER: &str = "cdn-new.example.test";
 
@@ -28,18 +28,18 @@ routes:
         sni: cdn-new.example.test
 ";
 
-pub fn runtime() -> Arc<Runtime> {
-    static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
-    SHARED
+pub fn model() -> Arc<Model> {
+    static PROCESS: OnceLock<Arc<Process>> = OnceLock::new();
+    PROCESS
         .get_or_init(|| {
             let config = cutover::config::parse(std::path::Path::new("fuzz.yaml"), CONFIG)
                 .expect("the fuzz config is valid");
-            Shared::new(
+            Process::new(
                 config,
                 Arc::new(cutover::observe::metrics::Metrics::new()),
                 Arc::new(cutover::model::dns::Resolver::new(None)),
                 None,
             )
         })
-        .runtime()
+        .model()
 }

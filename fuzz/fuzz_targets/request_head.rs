@@ -11,9 +11,9 @@ use cutover::rehearsal::strict::{self, Read};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let rt = common::runtime();
+    let model = common::model();
     let mut out = Vec::new();
-    if !cutover::paths::fast::prepare_request(data, &rt, Some("192.0.2.1"), &mut out) {
+    if !cutover::paths::fast::prepare_request(data, &model, Some("192.0.2.1"), &mut out) {
         return;
     }
     let mut headers = [httparse::EMPTY_HEADER; 64];

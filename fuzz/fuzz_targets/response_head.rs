@@ -14,8 +14,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, head)) = data.split_first() else {
         return;
     };
-    let rt = common::runtime();
-    let plan = &rt.routes[0].upstreams[0].plan;
+    let model = common::model();
+    let plan = &model.routes[0].upstreams[0].plan;
     let mut out = Vec::new();
     let head_request = flags & 1 == 1;
     let Ok(Some(status)) =

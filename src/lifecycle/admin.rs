@@ -10,10 +10,10 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::model::Shared;
+use crate::model::Process;
 
 pub struct AdminApp {
-    pub shared: Arc<Shared>,
+    pub process: Arc<Process>,
 }
 
 fn text(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -32,7 +32,7 @@ impl ServeHttp for AdminApp {
         let plain = "text/plain; charset=utf-8";
         match path {
             "/metrics" => {
-                let families = self.shared.metrics.registry.gather();
+                let families = self.process.metrics.registry.gather();
                 let mut body = Vec::with_capacity(16 * 1024);
                 match TextEncoder::new().encode(&families, &mut body) {
                     Ok(()) => text(StatusCode::OK, prometheus::TEXT_FORMAT, body),
@@ -45,7 +45,7 @@ impl ServeHttp for AdminApp {
             }
             "/healthz" => text(StatusCode::OK, plain, b"ok\n".to_vec()),
             "/readyz" => {
-                let reasons = self.shared.runtime().not_ready_reasons();
+                let reasons = self.process.model().not_ready_reasons();
                 if reasons.is_empty() {
                     text(StatusCode::OK, plain, b"ready\n".to_vec())
                 } else {

@@ -5,7 +5,7 @@
 //! every connection that is waiting for its next request. A client that just
 //! connected, or is about to reuse an idle connection, then sees a reset. This
 //! wrapper delays that cleanup by a short notice period during which every
-//! response carries `Connection: close` (see `Shared::draining`), so busy
+//! response carries `Connection: close` (see `Process::draining`), so busy
 //! clients finish their request and reconnect — to the successor, after a
 //! handover — instead of having the connection pulled from under them.
 
@@ -19,11 +19,11 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
-use crate::model::Shared;
+use crate::model::Process;
 
 pub struct DrainingApp<A> {
     pub inner: Arc<A>,
-    pub shared: Arc<Shared>,
+    pub process: Arc<Process>,
     pub notice: Duration,
 }
 
@@ -38,7 +38,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for DrainingApp<A> {
     }
 
     async fn cleanup(&self) {
-        self.shared.draining.store(true, Ordering::Relaxed);
+        self.process.draining.store(true, Ordering::Relaxed);
         info!(
             "draining: answering with Connection: close for {:?} before closing idle connections",
             self.notice

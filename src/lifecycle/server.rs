@@ -22,11 +22,11 @@ use crate::lifecycle::drain::DrainingApp;
 use crate::lifecycle::signals::Signals;
 use crate::model::checks::HealthChecker;
 use crate::model::dns::{DnsRefresh, Resolver};
-use crate::model::Shared;
+use crate::model::Process;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::paths::fast::FastPath;
-use crate::paths::pingora::CutoverProxy;
+use crate::paths::pingora::PingoraPath;
 
 pub struct RunOptions {
     /// Re-read on SIGHUP.
@@ -80,7 +80,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
             .context("starting the access log")?,
         ),
     };
-    let shared = Shared::new(config.clone(), metrics, resolver.clone(), access_log);
+    let process = Process::new(config.clone(), metrics, resolver.clone(), access_log);
 
     // Resolve every upstream name before accepting traffic; a name that does
     // not resolve is logged and retried each refresh, it does not stop startup.
@@ -97,7 +97,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     });
     drop(startup);
 
-    let server = build_server(&config, &shared, &opts)?;
+    let server = build_server(&config, &process, &opts)?;
     info!(
         "cutover {} serving phase {:?}: {} route(s), listeners {}",
         env!("CARGO_PKG_VERSION"),
@@ -117,7 +117,7 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     let pid_file = PidFile::write(&config.server.pid_file);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
-            shared,
+            process,
             config_path: opts.config_path,
             running: config,
             exe: opts.exe,
@@ -160,7 +160,7 @@ impl Drop for PidFile {
 
 fn build_server(
     config: &Config,
-    shared: &Arc<Shared>,
+    process: &Arc<Process>,
     opts: &RunOptions,
 ) -> anyhow::Result<Server> {
     let opt = Opt {
@@ -176,8 +176,8 @@ fn build_server(
     server_options.allow_connect_method_proxying = true;
     let mut http = pingora::proxy::http_proxy(
         &server.configuration,
-        CutoverProxy {
-            shared: shared.clone(),
+        PingoraPath {
+            process: process.clone(),
         },
     );
     http.server_options = Some(server_options);
@@ -186,10 +186,10 @@ fn build_server(
         DrainingApp {
             inner: Arc::new(FastPath::new(
                 Arc::new(http),
-                shared.clone(),
+                process.clone(),
                 &server.configuration,
             )),
-            shared: shared.clone(),
+            process: process.clone(),
             notice: (config.server.grace_period / 2).min(std::time::Duration::from_secs(1)),
         },
     );
@@ -224,7 +224,7 @@ fn build_server(
         let mut svc = Service::new(
             "cutover admin".to_string(),
             AdminApp {
-                shared: shared.clone(),
+                process: process.clone(),
             },
         );
         svc.add_tcp(&admin.to_string());
@@ -234,13 +234,13 @@ fn build_server(
     server.add_service(background_service(
         "health checks",
         HealthChecker {
-            shared: shared.clone(),
+            process: process.clone(),
         },
     ));
     server.add_service(background_service(
         "dns refresh",
         DnsRefresh {
-            resolver: shared.resolver.clone(),
+            resolver: process.resolver.clone(),
             interval: config.dns_refresh,
         },
     ));

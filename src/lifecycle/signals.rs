@@ -20,14 +20,14 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Config};
-use crate::model::Shared;
+use crate::model::Process;
 
 /// How long a successor may take to start listening on the upgrade socket.
 const SUCCESSOR_START: Duration = Duration::from_secs(15);
 
 /// Pingora's shutdown signals, plus SIGHUP = reload, which Pingora lacks.
 pub struct Signals {
-    pub shared: Arc<Shared>,
+    pub process: Arc<Process>,
     pub config_path: PathBuf,
     /// The config whose listeners/admin/server settings this process runs with.
     pub running: Config,
@@ -74,9 +74,9 @@ impl ShutdownSignalWatch for Signals {
 impl Signals {
     /// Re-read the file; on any problem keep the running model and say why.
     async fn reload(&self) {
-        let metrics = &self.shared.metrics;
+        let metrics = &self.process.metrics;
         // logrotate's postrotate sends SIGHUP too: reopen whatever the config says.
-        if let Some(log) = &self.shared.access_log {
+        if let Some(log) = &self.process.access_log {
             log.reopen();
         }
         let config = match config::load(&self.config_path) {
@@ -103,7 +103,7 @@ impl Signals {
         }
 
         let summary = format!("phase {:?}, {} route(s)", config.phase, config.routes.len());
-        self.shared.install(config).await;
+        self.process.install(config).await;
         metrics.reload_result(true);
         info!("reloaded {}: {summary}", self.config_path.display());
     }
@@ -115,7 +115,7 @@ impl Signals {
     /// moves keep-alive clients to fresh connections, which the successor
     /// takes more and more of. (On SIGTERM, [`crate::lifecycle::drain`] does this.)
     fn announce_drain(&self) {
-        self.shared
+        self.process
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -124,7 +124,7 @@ impl Signals {
     /// our sockets. On any failure the successor is stopped, we keep serving,
     /// and the failure is logged and counted.
     async fn start_successor(&self) -> bool {
-        let metrics = &self.shared.metrics;
+        let metrics = &self.process.metrics;
         let fail = |why: String| {
             metrics.upgrade_result(false);
             error!("binary upgrade aborted, still serving: {why}");

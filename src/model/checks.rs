@@ -15,7 +15,7 @@ use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::model::{Shared, Upstream};
+use crate::model::{Process, Upstream};
 use crate::shift::probe::{self, Target, TlsTarget};
 
 /// How often the scheduler looks for due checks.
@@ -85,7 +85,7 @@ async fn check(upstream: &Upstream) -> Result<(), String> {
 
 /// The background service running every due check of the current model.
 pub struct HealthChecker {
-    pub shared: Arc<Shared>,
+    pub process: Arc<Process>,
 }
 
 #[async_trait]
@@ -104,9 +104,9 @@ impl BackgroundService for HealthChecker {
 
 impl HealthChecker {
     fn run_due_checks(&self) {
-        let rt = self.shared.runtime();
+        let model = self.process.model();
         let now = Instant::now();
-        for (r, route) in rt.routes.iter().enumerate() {
+        for (r, route) in model.routes.iter().enumerate() {
             for (u, up) in route.upstreams.iter().enumerate() {
                 let Some(hc) = &up.config.health_check else {
                     continue;
@@ -114,9 +114,9 @@ impl HealthChecker {
                 if !up.health.claim(now, hc.interval) {
                     continue;
                 }
-                let rt = rt.clone();
+                let model = model.clone();
                 tokio::spawn(async move {
-                    let route = &rt.routes[r];
+                    let route = &model.routes[r];
                     let up = &route.upstreams[u];
                     let result = check(up).await;
                     let Some(healthy) = up.health.record(result.is_ok()) else {

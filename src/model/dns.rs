@@ -89,7 +89,7 @@ impl Resolver {
         }
     }
 
-    /// The shared entry for `host:port`; a reload that keeps a name keeps its
+    /// The process entry for `host:port`; a reload that keeps a name keeps its
     /// addresses (and so its pooled connections).
     pub fn entry(&self, host: &str, port: u16) -> Arc<ResolvedName> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());

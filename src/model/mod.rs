@@ -1,7 +1,7 @@
 //! The model the request path runs on: a validated [`Config`] joined with the
 //! live handles it needs (DNS entries, metric handles, health flags). Built at
 //! start and on every reload, then swapped in whole; a request keeps the
-//! `Arc<Runtime>` it started with, so a reload never changes a request midway.
+//! `Arc<Model>` it started with, so a reload never changes a request midway.
 
 pub mod checks;
 pub mod dns;
@@ -22,7 +22,7 @@ use crate::policy::forward::Plan;
 use crate::policy::routing::HostTable;
 use crate::shift::health::Health;
 
-pub struct Runtime {
+pub struct Model {
     pub config: Arc<Config>,
     pub phase: PhaseMetrics,
     pub hosts: HostTable,
@@ -63,8 +63,8 @@ fn identity(route: &str, u: &UpstreamConfig) -> String {
 
 /// Everything that outlives one runtime model: the process-wide handles a
 /// reload reuses.
-pub struct Shared {
-    pub current: ArcSwap<Runtime>,
+pub struct Process {
+    pub current: ArcSwap<Model>,
     pub metrics: Arc<Metrics>,
     pub resolver: Arc<Resolver>,
     /// `None` when `access_log: off`.
@@ -77,7 +77,7 @@ pub struct Shared {
     health: std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
 }
 
-impl Shared {
+impl Process {
     pub fn new(
         config: Config,
         metrics: Arc<Metrics>,
@@ -97,7 +97,7 @@ impl Shared {
         })
     }
 
-    pub fn runtime(&self) -> Arc<Runtime> {
+    pub fn model(&self) -> Arc<Model> {
         self.current.load_full()
     }
 
@@ -116,7 +116,7 @@ fn build(
     metrics: &Metrics,
     resolver: &Resolver,
     health: &std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
-) -> Runtime {
+) -> Model {
     let config = Arc::new(config.clone());
     let phase = config.phase.as_str();
     metrics.set_phase(phase);
@@ -173,7 +173,7 @@ fn build(
         })
         .collect();
 
-    Runtime {
+    Model {
         phase: metrics.phase(phase),
         hosts: HostTable::new(
             config
@@ -188,7 +188,7 @@ fn build(
     }
 }
 
-impl Runtime {
+impl Model {
     /// Why the proxy is not ready, if it is not: a route none of whose
     /// upstreams has an address yet.
     pub fn not_ready_reasons(&self) -> Vec<String> {
@@ -225,7 +225,7 @@ impl crate::shift::selection::Candidate for Upstream {
 /// and response edits and a trusted `X-Forwarded-For`, one upstream at a
 /// fixed address (no DNS) whose Host is `cdn-new.example.test`.
 #[cfg(test)]
-pub(crate) fn test_model() -> Arc<Runtime> {
+pub(crate) fn test_model() -> Arc<Model> {
     const CONFIG: &str = "
 phase: test
 listeners:
@@ -242,11 +242,11 @@ routes:
         host_header: cdn-new.example.test
 ";
     let config = crate::config::parse(std::path::Path::new("test.yaml"), CONFIG).unwrap();
-    Shared::new(
+    Process::new(
         config,
         Arc::new(Metrics::new()),
         Arc::new(Resolver::new(None)),
         None,
     )
-    .runtime()
+    .model()
 }

@@ -35,14 +35,14 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What the request path shares with the writer thread.
 #[derive(Default)]
-struct Shared {
+struct Pending {
     pending: Mutex<Vec<u8>>,
     reopen: AtomicBool,
     stop: AtomicBool,
 }
 
 pub struct AccessLog {
-    shared: Arc<Shared>,
+    pending: Arc<Pending>,
     format: AccessLogFormat,
     dropped: IntCounter,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -91,13 +91,13 @@ impl AccessLog {
         write_errors: IntCounter,
     ) -> io::Result<AccessLog> {
         let sink = Sink::open(destination)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Pending::default());
         let for_writer = shared.clone();
         let writer = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_loop(sink, &for_writer, write_errors))?;
         Ok(AccessLog {
-            shared,
+            pending: shared,
             format,
             dropped,
             writer: Some(writer),
@@ -144,7 +144,7 @@ impl AccessLog {
         }
         line.push(b'\n');
         let mut pending = self
-            .shared
+            .pending
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -158,14 +158,14 @@ impl AccessLog {
 
     /// Reopen the file (after logrotate); a no-op for stdout/stderr.
     pub fn reopen(&self) {
-        self.shared.reopen.store(true, Ordering::Relaxed);
+        self.pending.reopen.store(true, Ordering::Relaxed);
     }
 }
 
 impl Drop for AccessLog {
     /// Write what is pending before the process exits.
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.pending.stop.store(true, Ordering::Relaxed);
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -293,7 +293,7 @@ impl Sink {
     }
 }
 
-fn write_loop(mut sink: Sink, shared: &Shared, write_errors: IntCounter) {
+fn write_loop(mut sink: Sink, shared: &Pending, write_errors: IntCounter) {
     let mut last_rotation_check = Instant::now();
     let mut last_error_log: Option<Instant> = None;
     let mut report = |e: io::Error| {

@@ -20,25 +20,25 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::limited;
-use crate::model::{Route, Runtime, Shared, Upstream};
+use crate::model::{Model, Process, Route, Upstream};
 use crate::paths::request;
 use crate::policy;
-use crate::policy::failure::{classify, Outcome};
+use crate::policy::failure::{classify, Failure};
 use crate::policy::fields::connection_options;
 use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
 use crate::policy::refusal::Refusal;
 use crate::policy::routing::{normalize_authority, BadAuthority};
 use crate::shift::selection::choose;
 
-pub struct CutoverProxy {
-    pub shared: Arc<Shared>,
+pub struct PingoraPath {
+    pub process: Arc<Process>,
 }
 
 /// Per-request state, carried between the stages.
 pub struct RequestCtx {
     started: Instant,
     /// The model this request runs on, fixed at its first stage.
-    runtime: Option<Arc<Runtime>>,
+    model: Option<Arc<Model>>,
     route: usize,
     upstream: Option<usize>,
     /// Stickiness point: hash of the client address, or random.
@@ -64,8 +64,8 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     fn route_and_upstream(&self) -> Option<(&Route, &Upstream)> {
-        let rt = self.runtime.as_ref()?;
-        let route = rt.routes.get(self.route)?;
+        let model = self.model.as_ref()?;
+        let route = model.routes.get(self.route)?;
         let upstream = route.upstreams.get(self.upstream?)?;
         Some((route, upstream))
     }
@@ -146,15 +146,15 @@ impl<H: Append> HeadWriter for Render<'_, H> {
     }
 }
 
-/// Refuse a request the shared policy refuses: counted by reason, logged at
+/// Refuse a request the process policy refuses: counted by reason, logged at
 /// most a few times a second, answered, and the connection closed.
 async fn refuse(
     session: &mut Session,
-    rt: &Runtime,
+    model: &Model,
     refusal: Refusal,
     why: &'static str,
 ) -> Result<bool> {
-    rt.phase.rejected[refusal as usize].inc();
+    model.phase.rejected[refusal as usize].inc();
     limited!(
         info,
         "{} {}: {why} (from {:?})",
@@ -213,7 +213,7 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
 }
 
 #[async_trait]
-impl ProxyHttp for CutoverProxy {
+impl ProxyHttp for PingoraPath {
     type CTX = RequestCtx;
 
     /// No downstream modules: Pingora's default adds a (disabled) response
@@ -224,7 +224,7 @@ impl ProxyHttp for CutoverProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
-            runtime: None,
+            model: None,
             route: 0,
             upstream: None,
             point: 0,
@@ -251,24 +251,24 @@ impl ProxyHttp for CutoverProxy {
         // except 100 Continue to a request that expects it.
         session.set_pipelining_enabled(true);
         session.set_ignore_info_resp(true);
-        let rt = self.shared.runtime();
+        let model = self.process.model();
         let req = session.req_header();
-        let values = rt
+        let values = model
             .client_ip
             .header
             .as_ref()
             .into_iter()
             .flat_map(|name| req.headers.get_all(name).iter())
             .map(|v| v.as_bytes());
-        let client = request::client_address(&rt, peer_ip(session), values);
+        let client = request::client_address(&model, peer_ip(session), values);
         ctx.client = client;
         if req.method == Method::CONNECT {
-            return refuse(session, &rt, Refusal::ConnectMethod, "CONNECT").await;
+            return refuse(session, &model, Refusal::ConnectMethod, "CONNECT").await;
         }
         if head_size(req) > policy::refusal::MAX_REQUEST_HEAD {
             return refuse(
                 session,
-                &rt,
+                &model,
                 Refusal::HeadTooLarge,
                 "request head too large",
             )
@@ -277,10 +277,10 @@ impl ProxyHttp for CutoverProxy {
         if let Err(why) =
             policy::refusal::request_target(req.method.as_str().as_bytes(), req.raw_path())
         {
-            return refuse(session, &rt, Refusal::BadTarget, why).await;
+            return refuse(session, &model, Refusal::BadTarget, why).await;
         }
         if let Some(why) = framing_refusal(session) {
-            return refuse(session, &rt, Refusal::BadFraming, why).await;
+            return refuse(session, &model, Refusal::BadFraming, why).await;
         }
         let req = session.req_header();
         let connection = connection_options(
@@ -299,7 +299,9 @@ impl ProxyHttp for CutoverProxy {
         // :authority.
         let mut hosts = req.headers.get_all(HOST).iter();
         let authority: HeaderValue = match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return bad_host(session, &rt, "more than one Host header").await,
+            (Some(_), Some(_)) => {
+                return bad_host(session, &model, "more than one Host header").await
+            }
             (Some(h), None) => h.clone(),
             (None, _) => {
                 let from_target = req
@@ -309,18 +311,20 @@ impl ProxyHttp for CutoverProxy {
                     .or_else(|| absolute_form_authority(req.raw_path()));
                 match from_target.map(HeaderValue::from_bytes) {
                     Some(Ok(v)) => v,
-                    Some(Err(_)) => return bad_host(session, &rt, "unusable authority").await,
-                    None => return bad_host(session, &rt, "no Host header").await,
+                    Some(Err(_)) => return bad_host(session, &model, "unusable authority").await,
+                    None => return bad_host(session, &model, "no Host header").await,
                 }
             }
         };
         let host = match normalize_authority(authority.as_bytes()) {
             Ok(h) => h,
-            Err(BadAuthority::Empty) => return bad_host(session, &rt, "empty Host").await,
-            Err(BadAuthority::Malformed) => return bad_host(session, &rt, "malformed Host").await,
+            Err(BadAuthority::Empty) => return bad_host(session, &model, "empty Host").await,
+            Err(BadAuthority::Malformed) => {
+                return bad_host(session, &model, "malformed Host").await
+            }
         };
-        let Some(route_idx) = rt.hosts.route_for_host(host.as_str()) else {
-            rt.phase.unmatched.inc();
+        let Some(route_idx) = model.hosts.route_for_host(host.as_str()) else {
+            model.phase.unmatched.inc();
             limited!(
                 info,
                 "421 no route for host {:?} from {:?}",
@@ -335,11 +339,11 @@ impl ProxyHttp for CutoverProxy {
             .await;
         };
 
-        let route = &rt.routes[route_idx];
+        let route = &model.routes[route_idx];
         ctx.point = request::sticky_point(route, client);
         ctx.route = route_idx;
         ctx.original_host = Some(authority);
-        ctx.runtime = Some(rt);
+        ctx.model = Some(model);
         Ok(false)
     }
 
@@ -351,11 +355,11 @@ impl ProxyHttp for CutoverProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let rt = ctx
-            .runtime
+        let model = ctx
+            .model
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
-        let route = &rt.routes[ctx.route];
+        let route = &model.routes[ctx.route];
         let no_upstream = || Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try");
         let mut idx = choose(&route.upstreams, ctx.point, ctx.failed).ok_or_else(no_upstream)?;
         ctx.connect_error_counted = false;
@@ -397,9 +401,9 @@ impl ProxyHttp for CutoverProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let retry_on = ctx.runtime.as_ref().and_then(|rt| {
+        let retry_on = ctx.model.as_ref().and_then(|model| {
             let failed = ctx.upstream?;
-            let route = &rt.routes[ctx.route];
+            let route = &model.routes[ctx.route];
             let first = ctx.failed.is_none();
             request::connect_failed(route, failed, ctx.point, first, &peer._address, &e)
                 .map(|_| failed)
@@ -481,7 +485,7 @@ impl ProxyHttp for CutoverProxy {
         Ok(())
     }
 
-    /// The upstream's response head, checked and cleaned by the shared
+    /// The upstream's response head, checked and cleaned by the process
     /// policy before anything of it reaches the client: a 101 nobody asked
     /// for, a flood of 1xx, or framing that could be read two ways is a 502
     /// (the upstream connection is not reused); hop-by-hop fields and the
@@ -533,7 +537,7 @@ impl ProxyHttp for CutoverProxy {
             return Ok(());
         };
         let close = self
-            .shared
+            .process
             .draining
             .load(std::sync::atomic::Ordering::Relaxed);
         if close {
@@ -579,14 +583,14 @@ impl ProxyHttp for CutoverProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let status = match classify(e) {
-            Outcome::Upstream { status, kind } => match ctx.route_and_upstream() {
+            Failure::Upstream { status, kind } => match ctx.route_and_upstream() {
                 Some((route, up)) => request::failed(route, up, kind, e, ctx.connect_error_counted),
                 None => {
                     limited!(warn, "{status} cause={e}");
                     status
                 }
             },
-            Outcome::Status(code) => {
+            Failure::Status(code) => {
                 if let Some((route, up)) = ctx.route_and_upstream() {
                     limited!(
                         warn,
@@ -597,15 +601,15 @@ impl ProxyHttp for CutoverProxy {
                 }
                 code
             }
-            Outcome::Downstream { status: 400 } => {
-                // A request body that does not parse (a chunk line the shared
+            Failure::Downstream { status: 400 } => {
+                // A request body that does not parse (a chunk line the process
                 // policy refuses, see vendor/httparse): refused, counted.
                 let refusal = match e.etype() {
                     ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd") => Refusal::BadFraming,
                     _ => Refusal::Malformed,
                 };
-                let rt = ctx.runtime.clone().unwrap_or_else(|| self.shared.runtime());
-                rt.phase.rejected[refusal as usize].inc();
+                let model = ctx.model.clone().unwrap_or_else(|| self.process.model());
+                model.phase.rejected[refusal as usize].inc();
                 limited!(
                     info,
                     "400 {}: request body: {e} (from {:?})",
@@ -614,11 +618,11 @@ impl ProxyHttp for CutoverProxy {
                 );
                 400
             }
-            Outcome::Downstream { status } => {
+            Failure::Downstream { status } => {
                 debug!("client side error ({status}): {e}");
                 status
             }
-            Outcome::Internal => {
+            Failure::Internal => {
                 limited!(warn, "500 internal error: {e}");
                 500
             }
@@ -645,8 +649,8 @@ impl ProxyHttp for CutoverProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
-            let rt = self.shared.runtime();
-            rt.phase.rejected[Refusal::Malformed as usize].inc();
+            let model = self.process.model();
+            model.phase.rejected[Refusal::Malformed as usize].inc();
             let cause: String = e.to_string().chars().take(200).collect();
             limited!(info, "400 malformed: {cause} (from {peer:?})");
         } else {
@@ -682,7 +686,7 @@ impl ProxyHttp for CutoverProxy {
             };
             let (route, upstream) = names.unwrap_or(("-", "-"));
             // The model this request ran on (a refused request never took one).
-            let rt = ctx.runtime.clone().unwrap_or_else(|| self.shared.runtime());
+            let model = ctx.model.clone().unwrap_or_else(|| self.process.model());
             let entry = crate::observe::access_log::Entry {
                 time: std::time::SystemTime::now(),
                 client: ctx.client,
@@ -704,11 +708,11 @@ impl ProxyHttp for CutoverProxy {
                 upstream_addr: ctx.upstream_addr,
                 duration: elapsed,
                 bytes,
-                phase: &rt.config.phase,
+                phase: &model.config.phase,
                 referer: header(http::header::REFERER),
                 user_agent: header(http::header::USER_AGENT),
             };
-            request::finish(&self.shared, served.map(|(_, up)| up), &entry);
+            request::finish(&self.process, served.map(|(_, up)| up), &entry);
         }
     }
 }
@@ -728,8 +732,8 @@ fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
     Some(&rest[..end])
 }
 
-async fn bad_host(session: &mut Session, rt: &Runtime, why: &'static str) -> Result<bool> {
-    refuse(session, rt, Refusal::BadHost, why).await
+async fn bad_host(session: &mut Session, model: &Model, why: &'static str) -> Result<bool> {
+    refuse(session, model, Refusal::BadHost, why).await
 }
 
 #[cfg(test)]

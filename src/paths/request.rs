@@ -12,7 +12,7 @@ use pingora::{Error, ErrorType};
 
 use crate::config::Sticky;
 use crate::limited;
-use crate::model::{Route, Runtime, Shared, Upstream};
+use crate::model::{Model, Process, Route, Upstream};
 use crate::observe::access_log::Entry;
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::failure::ErrorKind;
@@ -22,14 +22,14 @@ use crate::shift::selection::{choose, client_point};
 /// in the configured header (`values`: that header's values). A header
 /// that does not parse is ignored, counted and logged at debug level.
 pub fn client_address<'a>(
-    rt: &Runtime,
+    model: &Model,
     peer: Option<IpAddr>,
     values: impl Iterator<Item = &'a [u8]>,
 ) -> Option<IpAddr> {
     let peer = peer?;
-    let (ip, source) = client_ip_from(&rt.client_ip, peer, values);
+    let (ip, source) = client_ip_from(&model.client_ip, peer, values);
     if source == Source::MalformedHeader {
-        rt.phase.client_ip_ignored.inc();
+        model.phase.client_ip_ignored.inc();
         debug!("ignoring malformed client address header from {peer}");
     }
     Some(ip)
@@ -130,11 +130,11 @@ pub fn failed_mid_body(route: &Route, up: &Upstream, kind: ErrorKind, cause: &dy
 
 /// A request is done: its metrics (when it reached an upstream decision)
 /// and its access-log line, from one record.
-pub fn finish(shared: &Shared, up: Option<&Upstream>, entry: &Entry<'_>) {
+pub fn finish(process: &Process, up: Option<&Upstream>, entry: &Entry<'_>) {
     if let Some(up) = up {
         up.metrics.record(entry.status, entry.duration, entry.bytes);
     }
-    if let Some(log) = &shared.access_log {
+    if let Some(log) = &process.access_log {
         log.log(entry);
     }
 }

@@ -60,7 +60,7 @@ impl ErrorKind {
 }
 
 /// What the client is told when proxying fails.
-pub enum Outcome {
+pub enum Failure {
     /// The upstream side failed: count it, answer 502 or 504.
     Upstream {
         status: u16,
@@ -75,28 +75,28 @@ pub enum Outcome {
     Internal,
 }
 
-pub fn classify(e: &Error) -> Outcome {
+pub fn classify(e: &Error) -> Failure {
     if let ErrorType::HTTPStatus(code) = e.etype() {
-        return Outcome::Status(*code);
+        return Failure::Status(*code);
     }
     match e.esource() {
         ErrorSource::Upstream => {
             let kind = ErrorKind::of(e);
-            Outcome::Upstream {
+            Failure::Upstream {
                 status: kind.status(),
                 kind,
             }
         }
         ErrorSource::Downstream => match e.etype() {
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                Outcome::Downstream { status: 0 }
+                Failure::Downstream { status: 0 }
             }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                Outcome::Downstream { status: 408 }
+                Failure::Downstream { status: 408 }
             }
-            _ => Outcome::Downstream { status: 400 },
+            _ => Failure::Downstream { status: 400 },
         },
-        ErrorSource::Internal | ErrorSource::Unset => Outcome::Internal,
+        ErrorSource::Internal | ErrorSource::Unset => Failure::Internal,
     }
 }
 
@@ -109,7 +109,7 @@ mod tests {
         let timeout = Error::new_up(ErrorType::ReadTimedout);
         assert!(matches!(
             classify(&timeout),
-            Outcome::Upstream {
+            Failure::Upstream {
                 status: 504,
                 kind: ErrorKind::Timeout
             }
@@ -117,7 +117,7 @@ mod tests {
         let cert = Error::new_up(ErrorType::InvalidCert);
         assert!(matches!(
             classify(&cert),
-            Outcome::Upstream {
+            Failure::Upstream {
                 status: 502,
                 kind: ErrorKind::Tls
             }
@@ -125,12 +125,12 @@ mod tests {
         let refused = Error::new_up(ErrorType::ConnectRefused);
         assert!(matches!(
             classify(&refused),
-            Outcome::Upstream {
+            Failure::Upstream {
                 status: 502,
                 kind: ErrorKind::Connect
             }
         ));
         let gone = Error::new_down(ErrorType::ConnectionClosed);
-        assert!(matches!(classify(&gone), Outcome::Downstream { status: 0 }));
+        assert!(matches!(classify(&gone), Failure::Downstream { status: 0 }));
     }
 }

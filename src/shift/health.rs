@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 const FALL: u32 = 2;
 const RISE: u32 = 2;
 
-/// Health of one upstream; shared across reloads while the upstream keeps its
+/// Health of one upstream; process across reloads while the upstream keeps its
 /// identity (route, name, address, TLS settings, check settings).
 #[derive(Debug)]
 pub struct Health {

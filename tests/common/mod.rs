@@ -1,4 +1,4 @@
-//! Test bed shared by the integration tests: a throwaway CA, the rehearsal
+//! Test bed process by the integration tests: a throwaway CA, the rehearsal
 //! edge on loopback, and the real `cutover` binary started as a child process
 //! on free ports and stopped by its PID.
 

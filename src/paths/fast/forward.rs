@@ -36,19 +36,19 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         shutdown: &ShutdownWatch,
     ) -> Step {
         let started = Instant::now();
-        let rt = self.shared.runtime();
-        let (ask, route_idx) = match route_request(req, &rt) {
+        let model = self.process.model();
+        let (ask, route_idx) = match route_request(req, &model) {
             Ok(routed) => routed,
             Err(reason) => return Step::Handover(reason),
         };
-        let route = &rt.routes[route_idx];
-        let values = header_values(req, rt.client_ip.header.as_ref().map(|h| h.as_str()));
-        let client = request::client_address(&rt, conn.peer, values);
+        let route = &model.routes[route_idx];
+        let values = header_values(req, model.client_ip.header.as_ref().map(|h| h.as_str()));
+        let client = request::client_address(&model, conn.peer, values);
         let point = request::sticky_point(route, client);
         let Some(mut idx) = choose(&route.upstreams, point, None) else {
             return Step::Handover(Handover::NoUpstream);
         };
-        let closing = self.shared.draining.load(Ordering::Relaxed) || *shutdown.borrow();
+        let closing = self.process.draining.load(Ordering::Relaxed) || *shutdown.borrow();
 
         let mut first_attempt = true;
         let mut tried;
@@ -68,7 +68,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 }
             };
             let mut held = conn.held.take();
-            if let Some(other) = held.take_if(|h| !h.serves(&rt, route_idx, idx, addr)) {
+            if let Some(other) = held.take_if(|h| !h.serves(&model, route_idx, idx, addr)) {
                 other.release(&self.connector);
             }
             // Something arrived on it, or it closed: not reusable.
@@ -113,7 +113,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Ok((done, reusable)) => {
                     if let Some(stream) = reusable {
                         conn.held = Some(Held {
-                            runtime: rt.clone(),
+                            model: model.clone(),
                             route: route_idx,
                             upstream: idx,
                             addr,
@@ -154,11 +154,11 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             upstream_addr: tried,
             duration: started.elapsed(),
             bytes,
-            phase: &rt.config.phase,
+            phase: &model.config.phase,
             referer: header_str(req, "referer"),
             user_agent: header_str(req, "user-agent"),
         };
-        request::finish(&self.shared, Some(up), &entry);
+        request::finish(&self.process, Some(up), &entry);
         Step::Served { keep_client }
     }
 

@@ -12,7 +12,7 @@
 //! Everything else — other methods, request bodies, HTTP/1.0, `Upgrade`,
 //! `Expect`, absolute-form targets, a missing or unknown Host, anything
 //! malformed, TLS listeners — is handed, bytes untouched, to the Pingora
-//! proxy ([`crate::paths::pingora::CutoverProxy`]) for the rest of the connection, so
+//! proxy ([`crate::paths::pingora::PingoraPath`]) for the rest of the connection, so
 //! each unusual case has exactly one implementation. Both paths share the
 //! runtime model, upstream selection, failover, metrics and access log.
 
@@ -47,7 +47,7 @@ use self::body::to_client;
 use self::head::head_end;
 use self::request::parse_request;
 
-use crate::model::{Runtime, Shared};
+use crate::model::{Model, Process};
 use crate::policy::handover::Handover;
 /// Larger request heads go to Pingora, whose limit is higher.
 const MAX_HEAD: usize = 16 * 1024;
@@ -60,7 +60,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Body bytes gathered per client write when more is already waiting.
 const BODY_BATCH: usize = 64 * 1024;
 /// How long an idle client keeps its upstream connection before it goes back
-/// to the shared pool (where Pingora watches it for the idle timeout).
+/// to the process pool (where Pingora watches it for the idle timeout).
 const HOLD_UPSTREAM: Duration = Duration::from_secs(1);
 /// How long a write to the client may wait (nginx's `send_timeout` default).
 const CLIENT_SEND: Duration = Duration::from_secs(60);
@@ -68,7 +68,7 @@ const CLIENT_SEND: Duration = Duration::from_secs(60);
 pub struct FastPath<A> {
     /// The Pingora proxy that serves whatever this module hands over.
     pub pingora: Arc<A>,
-    shared: Arc<Shared>,
+    process: Arc<Process>,
     connector: TransportConnector,
     closing: AtomicBool,
     open: crate::paths::memory::OpenConnections,
@@ -76,10 +76,10 @@ pub struct FastPath<A> {
 }
 
 impl<A> FastPath<A> {
-    pub fn new(pingora: Arc<A>, shared: Arc<Shared>, conf: &ServerConf) -> Self {
+    pub fn new(pingora: Arc<A>, process: Arc<Process>, conf: &ServerConf) -> Self {
         Self {
             pingora,
-            shared,
+            process,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
             closing: AtomicBool::new(false),
             open: crate::paths::memory::OpenConnections::default(),
@@ -98,7 +98,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         let _open = self.open.open();
         // Only a plain TCP stream can be rewound for the handover.
         if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
-            self.shared.metrics.handed_over[Handover::Tls as usize].inc();
+            self.process.metrics.handed_over[Handover::Tls as usize].inc();
             return self.pingora.process_new(stream, shutdown).await;
         }
         let peer = stream
@@ -118,7 +118,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             held.release(&self.connector);
         }
         let reason = handover?;
-        self.shared.metrics.handed_over[reason as usize].inc();
+        self.process.metrics.handed_over[reason as usize].inc();
         let mut stream = conn.stream;
         let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
         l4.rewind(&conn.buf);
@@ -153,7 +153,7 @@ struct Conn {
 /// to the same upstream address, on the same model, uses it without a pool
 /// round trip.
 struct Held {
-    runtime: Arc<Runtime>,
+    model: Arc<Model>,
     route: usize,
     upstream: usize,
     addr: SocketAddr,
@@ -178,8 +178,8 @@ impl Held {
         connector.release_stream(self.stream, self.reuse_hash, Some(self.idle));
     }
 
-    fn serves(&self, rt: &Arc<Runtime>, route: usize, upstream: usize, addr: SocketAddr) -> bool {
-        Arc::ptr_eq(&self.runtime, rt)
+    fn serves(&self, model: &Arc<Model>, route: usize, upstream: usize, addr: SocketAddr) -> bool {
+        Arc::ptr_eq(&self.model, model)
             && self.route == route
             && self.upstream == upstream
             && self.addr == addr
@@ -246,7 +246,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 // Between requests. The upstream connection stays with this
                 // client for a moment (a busy client's next request reuses
                 // it without a pool round trip), then goes back to the
-                // shared pool rather than sit idle here.
+                // process pool rather than sit idle here.
                 let wait = if conn.held.is_some() {
                     HOLD_UPSTREAM
                 } else {

@@ -5,7 +5,7 @@
 use std::mem::MaybeUninit;
 
 use super::MAX_REQUEST_HEADERS;
-use crate::model::{Runtime, Upstream};
+use crate::model::{Model, Upstream};
 use crate::policy;
 use crate::policy::fields::ConnectionOptions;
 use crate::policy::forward::RequestFacts;
@@ -29,11 +29,11 @@ pub(super) struct Ask<'b> {
 /// why the request is not one it serves.
 pub(super) fn route_request<'b>(
     req: &httparse::Request<'_, 'b>,
-    rt: &Runtime,
+    model: &Model,
 ) -> Result<(Ask<'b>, usize), Handover> {
     let ask = eligible(req)?;
     let host = normalize_authority(ask.host).map_err(|_| Handover::Host)?;
-    let route = rt
+    let route = model
         .hosts
         .route_for_host(host.as_str())
         .ok_or(Handover::Host)?;
@@ -43,15 +43,15 @@ pub(super) fn route_request<'b>(
 /// The per-request work of the fast path that needs no I/O, for the
 /// benchmarks: parse a request head, check and route it, and write the
 /// upstream request into `out`; `false` if it would be handed over.
-pub fn prepare_request(head: &[u8], rt: &Runtime, peer: Option<&str>, out: &mut Vec<u8>) -> bool {
+pub fn prepare_request(head: &[u8], model: &Model, peer: Option<&str>, out: &mut Vec<u8>) -> bool {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
     let Some(req) = parse_request(head, &mut headers) else {
         return false;
     };
-    let Ok((ask, route_idx)) = route_request(&req, rt) else {
+    let Ok((ask, route_idx)) = route_request(&req, model) else {
         return false;
     };
-    let route = &rt.routes[route_idx];
+    let route = &model.routes[route_idx];
     let Some(idx) = choose(&route.upstreams, 0, None) else {
         return false;
     };
@@ -237,12 +237,12 @@ mod tests {
 
     #[test]
     fn the_upstream_request_byte_for_byte() {
-        let rt = test_model();
+        let model = test_model();
         let head = b"GET /p?q=1 HTTP/1.1\r\nHost: CDN.example.test\r\nUser-Agent: t\r\n\
             X-Forwarded-For: 192.0.2.9\r\nCookie: s=1\r\nTE: trailers\r\n\
             Connection: X-Hop\r\nX-Hop: 1\r\nAccept: */*\r\n\r\n";
         let mut out = Vec::new();
-        assert!(prepare_request(head, &rt, Some("127.0.0.1"), &mut out));
+        assert!(prepare_request(head, &model, Some("127.0.0.1"), &mut out));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /p?q=1 HTTP/1.1\r\nHost: cdn-new.example.test\r\nUser-Agent: t\r\n\

@@ -1,5 +1,5 @@
 //! The upstream's response head on the fast path: read, checked against the
-//! shared policy, and the head the client gets.
+//! process policy, and the head the client gets.
 
 use std::mem::MaybeUninit;
 use std::time::Duration;
@@ -41,7 +41,7 @@ pub(super) enum UpstreamHead {
 }
 
 /// Read one whole response head (`head`, exactly; `folded`: it holds an
-/// obs-fold), check it against the shared policy, and for a final response
+/// obs-fold), check it against the process policy, and for a final response
 /// write the head the client gets into `out`; `Err` with the cause when it
 /// must not be relayed (502).
 pub(super) fn client_head(
@@ -150,7 +150,7 @@ pub(super) struct ResponseFraming {
     pub(super) nominates: bool,
 }
 
-/// How the body is delimited (the shared policy), and whether the upstream
+/// How the body is delimited (the process policy), and whether the upstream
 /// connection may be reused after it; `Err` with the reason for a response
 /// whose framing could be read two ways.
 pub(super) fn response_framing(
@@ -243,9 +243,9 @@ mod tests {
 
     /// The client's head for `head` (Date masked), or why it is refused.
     fn relayed(head: &str, head_request: bool) -> Result<Option<String>, String> {
-        let rt = test_model();
+        let model = test_model();
         let mut out = Vec::new();
-        let plan = &rt.routes[0].upstreams[0].plan;
+        let plan = &model.routes[0].upstreams[0].plan;
         client_head_for_fuzzing(head.as_bytes(), head_request, plan, &mut out).map(|status| {
             status.map(|_| {
                 let text = String::from_utf8(out).unwrap();
