@@ -28,6 +28,7 @@ use crate::policy::fields::connection_options;
 use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
 use crate::policy::refusal::Refusal;
 use crate::policy::routing::{normalize_authority, BadAuthority};
+use crate::policy::timeouts::CLIENT;
 use crate::shift::selection::choose;
 
 pub struct PingoraPath {
@@ -251,6 +252,14 @@ impl ProxyHttp for PingoraPath {
         // except 100 Continue to a request that expects it.
         session.set_pipelining_enabled(true);
         session.set_ignore_info_resp(true);
+        // The client side's timeouts, from the table both carriers use.
+        // Keep-alive only where Pingora has it on (not after `Connection:
+        // close`, not for an HTTP/1.0 client that did not ask for it).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(CLIENT.idle.as_secs()));
+        }
+        session.set_read_timeout(Some(CLIENT.body));
+        session.set_write_timeout(Some(CLIENT.send));
         let model = self.process.model();
         let req = session.req_header();
         let values = model

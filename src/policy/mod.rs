@@ -10,3 +10,4 @@ pub mod framing;
 pub mod handover;
 pub mod refusal;
 pub mod routing;
+pub mod timeouts;

@@ -11,8 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 use super::chunked::ChunkedEnd;
-use super::{BODY_BATCH, CLIENT_SEND, READ_CHUNK};
+use super::{BODY_BATCH, READ_CHUNK};
 use crate::policy;
+use crate::policy::timeouts::CLIENT;
 
 /// How the upstream's response body is delimited.
 pub(super) enum Framing {
@@ -160,7 +161,7 @@ pub(super) fn read_available(
 pub(super) async fn to_client<T>(
     write: impl Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
-    match timeout(CLIENT_SEND, write).await {
+    match timeout(CLIENT.send, write).await {
         Ok(r) => r,
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
     }

@@ -49,21 +49,17 @@ use self::request::parse_request;
 
 use crate::model::{Model, Process};
 use crate::policy::handover::Handover;
+use crate::policy::timeouts::CLIENT;
 /// Larger request heads go to Pingora, whose limit is higher.
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_REQUEST_HEADERS: usize = 64;
 const MAX_RESPONSE_HEADERS: usize = 128;
-/// How long a client connection may wait for its next request: Pingora's
-/// default for HTTP/1 keep-alive, so both paths behave alike.
-const CLIENT_IDLE: Duration = Duration::from_secs(60);
 const READ_CHUNK: usize = 16 * 1024;
 /// Body bytes gathered per client write when more is already waiting.
 const BODY_BATCH: usize = 64 * 1024;
 /// How long an idle client keeps its upstream connection before it goes back
 /// to the process pool (where Pingora watches it for the idle timeout).
 const HOLD_UPSTREAM: Duration = Duration::from_secs(1);
-/// How long a write to the client may wait (nginx's `send_timeout` default).
-const CLIENT_SEND: Duration = Duration::from_secs(60);
 
 pub struct FastPath<A> {
     /// The Pingora proxy that serves whatever this module hands over.
@@ -231,7 +227,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     /// connection ended or went idle too long. A head that is too large is
     /// handed over as it is (Pingora answers it).
     async fn read_head(&self, conn: &mut Conn) -> Option<Head> {
-        // A started head must be complete within CLIENT_IDLE in all (like
+        // A started head must be complete within CLIENT.head in all (like
         // nginx's client_header_timeout), not per read: a client trickling
         // one byte at a time cannot hold the connection open forever.
         let mut head_deadline: Option<Instant> = None;
@@ -250,7 +246,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 let wait = if conn.held.is_some() {
                     HOLD_UPSTREAM
                 } else {
-                    CLIENT_IDLE
+                    CLIENT.idle
                 };
                 // A `Notified` sees every `notify_waiters` made after it was
                 // created, polled or not; it is polled (and takes the Notify's
@@ -278,7 +274,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     _ = closed => return None,
                 }
             }
-            let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + CLIENT_IDLE);
+            let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + CLIENT.head);
             let left = deadline.saturating_duration_since(Instant::now());
             conn.buf.reserve(4096);
             match timeout(left, conn.stream.read_buf(&mut conn.buf)).await {
