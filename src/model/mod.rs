@@ -97,6 +97,13 @@ impl Process {
         })
     }
 
+    /// Whether a response now is the connection's last (`Connection:
+    /// close`): while draining, and once the server is shutting down
+    /// (`shutting_down`, as the carrier learns it).
+    pub fn closing(&self, shutting_down: bool) -> bool {
+        shutting_down || self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn model(&self) -> Arc<Model> {
         self.current.load_full()
     }

@@ -545,10 +545,7 @@ impl ProxyHttp for PingoraPath {
         let Some((_, upstream)) = ctx.route_and_upstream() else {
             return Ok(());
         };
-        let close = self
-            .process
-            .draining
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let close = self.process.closing(session.is_process_shutting_down());
         if close {
             session.set_keepalive(None);
         }

@@ -2,7 +2,6 @@
 //! the upstream, and what it came to (metrics, access log).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use log::debug;
@@ -48,7 +47,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let Some(mut idx) = choose(&route.upstreams, point, None) else {
             return Step::Handover(Handover::NoUpstream);
         };
-        let closing = self.process.draining.load(Ordering::Relaxed) || *shutdown.borrow();
+        let closing = self.process.closing(*shutdown.borrow());
 
         let mut first_attempt = true;
         let mut tried;
