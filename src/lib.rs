@@ -19,8 +19,11 @@
 //!   live handles (DNS entries, metric handles, health), built on load and
 //!   reload and swapped whole; the background services that keep those
 //!   handles fresh (DNS refresh, active health checks).
-//! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`.
-//!   They never import each other.
+//! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`,
+//!   and [`paths::request`], what both do around a request (sticky point,
+//!   failover, the failure line, the finished record). The carriers never
+//!   import each other; they render what `policy` and `paths::request`
+//!   decide, and `tests/parity.rs` checks they send the same bytes.
 //! - [`lifecycle`]: the process: server assembly (the only module that
 //!   names both carriers), signals and reload, drain, admin endpoints,
 //!   `cutover verify`.

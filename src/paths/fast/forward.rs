@@ -162,15 +162,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     }
 
     /// Send the request in `conn.out` and relay the response. On success, the
-    /// upstream stream comes back if it can serve another request. A reused
-    /// connection that the upstream closed while idle gets one fresh retry:
-    /// the request is a GET or HEAD, so sending it twice is safe.
+    /// upstream stream comes back if it can serve another request.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn exchange(
         &self,
         conn: &mut Conn,
-        mut ups: Stream,
-        mut reused: bool,
+        ups: Stream,
+        reused: bool,
         ask: &Ask<'_>,
         route: &Route,
         up: &Upstream,
@@ -179,42 +177,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     ) -> Result<(Done, Option<Stream>), (ErrorKind, String, bool)> {
         let t = &up.config.timeouts;
         let fail = |kind: ErrorKind, cause: String| Err((kind, cause, false));
-        let (mut end, mut folded) = loop {
-            conn.resp.clear();
-            let sent = match timeout(t.write, async {
-                ups.write_all(&conn.out).await?;
-                ups.flush().await
-            })
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => return fail(ErrorKind::Timeout, "writing the request timed out".into()),
-            };
-            let head = match sent {
-                Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
-                Err(e) => Err(HeadError::Io(e)),
-            };
-            match head {
-                Ok(found) => break found,
-                Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
-                    debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
-                    reused = false;
-                    let peer = up.peer.for_address(addr);
-                    ups = match self.connector.new_stream(&*peer).await {
-                        Ok(s) => {
-                            crate::model::peer::tune_tls(&s);
-                            s
-                        }
-                        Err(e) => {
-                            let kind = ErrorKind::of(&e);
-                            up.metrics.count_error(kind);
-                            return Err((kind, e.to_string(), true));
-                        }
-                    };
-                }
-                Err(e) => return fail(e.kind(), e.to_string()),
-            }
-        };
+        let (mut ups, (mut end, mut folded)) = self.send(conn, ups, reused, up, addr).await?;
         let mut interim = 0;
         let close = closing || ask.client_close;
         let (status, head_len, framing, upstream_keep) = loop {
@@ -247,16 +210,12 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             let want = head_len + batch_size(&framing);
             upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
         }
-        let keep_client = !(closing || ask.client_close || matches!(framing, Framing::Close));
+        let keep_client = !(close || matches!(framing, Framing::Close));
         let mut framing = framing;
-        let mut body_bytes = 0u64;
         let Some(first) = body_part(&mut framing, &conn.resp[head_len..]) else {
             return fail(ErrorKind::Other, "malformed chunked body".into());
         };
-        let mut finished = first.finished;
-        let mut clean = first.clean;
         let first_body = &conn.resp[head_len..head_len + first.relay];
-        body_bytes += first.relay as u64;
         let done = |bytes, keep_client| Done {
             status,
             bytes,
@@ -278,70 +237,153 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             };
             // The whole response was read: the upstream connection is fine,
             // keep it (a client giving up must not cost a TLS handshake).
-            let reusable = finished && clean && upstream_keep && !upstream_eof;
+            let reusable = first.finished && first.clean && upstream_keep && !upstream_eof;
             return Ok((gone, reusable.then_some(ups)));
         }
-        while !finished {
-            if upstream_eof {
-                if matches!(framing, Framing::Close) {
-                    clean = false;
-                    break;
+        let mut relayed = first.relay as u64;
+        let mut clean = first.clean && !upstream_eof;
+        if !first.finished {
+            let rest = relay_body(conn, &mut ups, &mut framing, upstream_eof, route, up).await;
+            match rest {
+                Ok((bytes, rest_clean)) => {
+                    relayed += bytes;
+                    clean = rest_clean;
                 }
-                let cause = "the upstream closed the connection mid-body";
-                request::failed_mid_body(route, up, ErrorKind::Reset, &cause);
-                return Ok((done(body_bytes, false), None));
+                Err(bytes) => return Ok((done(relayed + bytes, false), None)),
             }
-            conn.resp.clear();
-            conn.resp.reserve(READ_CHUNK);
-            let n = match timeout(t.read, ups.read_buf(&mut conn.resp)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    let cause = format_args!("reading the body: {e}");
-                    request::failed_mid_body(route, up, ErrorKind::Reset, &cause);
-                    return Ok((done(body_bytes, false), None));
-                }
-                Err(_) => {
-                    let cause = "no body bytes within the read timeout";
-                    request::failed_mid_body(route, up, ErrorKind::Timeout, &cause);
-                    return Ok((done(body_bytes, false), None));
-                }
-            };
-            if n == 0 {
-                // Handled with the other end-of-stream case at the loop's top.
-                upstream_eof = true;
-                continue;
-            }
-            // Whatever else is already there goes out in the same client write.
-            let want = batch_size(&framing);
-            upstream_eof = !matches!(read_available(&mut ups, &mut conn.resp, want), Ok(false));
-            let Some(part) = body_part(&mut framing, &conn.resp) else {
-                // What went out so far was well-formed; the client sees the
-                // response cut short, never the malformed bytes.
-                let cause = "malformed chunked body";
-                request::failed_mid_body(route, up, ErrorKind::Other, &cause);
-                return Ok((done(body_bytes, false), None));
-            };
-            finished = part.finished;
-            clean = part.clean;
-            let sent = to_client(write_parts(
-                &mut conn.stream,
-                &[&conn.resp[..part.relay], part.tail()],
-            ))
-            .await;
-            if sent.is_err() {
-                return Ok((done(body_bytes, false), None));
-            }
-            body_bytes += part.relay as u64;
         }
         if to_client(conn.stream.flush()).await.is_err() {
-            return Ok((done(body_bytes, false), None));
+            return Ok((done(relayed, false), None));
         }
         // A large body grew the buffer; do not keep 64 KiB per idle client.
         if conn.resp.capacity() > 2 * READ_CHUNK {
             conn.resp = Vec::with_capacity(READ_CHUNK);
         }
-        let reusable = (upstream_keep && clean && !upstream_eof).then_some(ups);
-        Ok((done(body_bytes, keep_client), reusable))
+        let reusable = (upstream_keep && clean).then_some(ups);
+        Ok((done(relayed, keep_client), reusable))
+    }
+
+    /// Write the request in `conn.out` and read the response head into
+    /// `conn.resp`; the stream it came on, the head's length and whether it
+    /// holds an obs-fold. A reused connection that the upstream closed while
+    /// idle gets one fresh retry: the request is a GET or HEAD, so sending
+    /// it twice is safe.
+    async fn send(
+        &self,
+        conn: &mut Conn,
+        mut ups: Stream,
+        mut reused: bool,
+        up: &Upstream,
+        addr: SocketAddr,
+    ) -> Result<(Stream, (usize, bool)), (ErrorKind, String, bool)> {
+        let t = &up.config.timeouts;
+        loop {
+            conn.resp.clear();
+            let sent = match timeout(t.write, async {
+                ups.write_all(&conn.out).await?;
+                ups.flush().await
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    let cause = "writing the request timed out".to_string();
+                    return Err((ErrorKind::Timeout, cause, false));
+                }
+            };
+            let head = match sent {
+                Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
+                Err(e) => Err(HeadError::Io(e)),
+            };
+            match head {
+                Ok(found) => return Ok((ups, found)),
+                Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
+                    debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
+                    reused = false;
+                    let peer = up.peer.for_address(addr);
+                    ups = match self.connector.new_stream(&*peer).await {
+                        Ok(s) => {
+                            crate::model::peer::tune_tls(&s);
+                            s
+                        }
+                        Err(e) => {
+                            let kind = ErrorKind::of(&e);
+                            up.metrics.count_error(kind);
+                            return Err((kind, e.to_string(), true));
+                        }
+                    };
+                }
+                Err(e) => return Err((e.kind(), e.to_string(), false)),
+            }
+        }
+    }
+}
+
+/// Relay the rest of a response body, after what went out with the head
+/// (`upstream_eof`: the upstream already closed). `Ok` with the bytes
+/// relayed and whether the upstream connection ended clean (reusable);
+/// `Err` with the bytes relayed when the response was cut short.
+async fn relay_body(
+    conn: &mut Conn,
+    ups: &mut Stream,
+    framing: &mut Framing,
+    mut upstream_eof: bool,
+    route: &Route,
+    up: &Upstream,
+) -> Result<(u64, bool), u64> {
+    let t = &up.config.timeouts;
+    let mut relayed = 0u64;
+    loop {
+        if upstream_eof {
+            if matches!(framing, Framing::Close) {
+                return Ok((relayed, false));
+            }
+            let cause = "the upstream closed the connection mid-body";
+            request::failed_mid_body(route, up, ErrorKind::Reset, &cause);
+            return Err(relayed);
+        }
+        conn.resp.clear();
+        conn.resp.reserve(READ_CHUNK);
+        let n = match timeout(t.read, ups.read_buf(&mut conn.resp)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                let cause = format_args!("reading the body: {e}");
+                request::failed_mid_body(route, up, ErrorKind::Reset, &cause);
+                return Err(relayed);
+            }
+            Err(_) => {
+                let cause = "no body bytes within the read timeout";
+                request::failed_mid_body(route, up, ErrorKind::Timeout, &cause);
+                return Err(relayed);
+            }
+        };
+        if n == 0 {
+            // Handled with the other end-of-stream case at the loop's top.
+            upstream_eof = true;
+            continue;
+        }
+        // Whatever else is already there goes out in the same client write.
+        let want = batch_size(framing);
+        upstream_eof = !matches!(read_available(ups, &mut conn.resp, want), Ok(false));
+        let Some(part) = body_part(framing, &conn.resp) else {
+            // What went out so far was well-formed; the client sees the
+            // response cut short, never the malformed bytes.
+            let cause = "malformed chunked body";
+            request::failed_mid_body(route, up, ErrorKind::Other, &cause);
+            return Err(relayed);
+        };
+        let sent = to_client(write_parts(
+            &mut conn.stream,
+            &[&conn.resp[..part.relay], part.tail()],
+        ))
+        .await;
+        if sent.is_err() {
+            return Err(relayed);
+        }
+        relayed += part.relay as u64;
+        if part.finished {
+            return Ok((relayed, part.clean && !upstream_eof));
+        }
     }
 }
 
