@@ -391,6 +391,37 @@ async fn a_malformed_request_is_refused_the_same() {
 }
 
 #[tokio::test]
+async fn a_head_pingoras_parser_refuses_is_answered_counted_and_logged_on_both() {
+    let bed = start().await;
+    let mut heads = Vec::new();
+    for carrier in [Carrier::Fast, Carrier::Pingora] {
+        let before = samples(&bed.proxy).await;
+        let mut c = open(&bed, carrier).await;
+        c.send(b"GET /parity/bad-name HTTP/1.1\r\nHost: cdn.example.test\r\nX(A): 1\r\n\r\n")
+            .await;
+        let r = c.response(false).await.expect("answered");
+        assert_eq!(r.status(), 400, "{carrier:?}");
+        heads.push(client_head(&r));
+        let delta = delta(&before, &samples(&bed.proxy).await);
+        assert!(
+            delta
+                .iter()
+                .any(|(k, v)| k.contains("reason=\"malformed\"") && *v == 1.0),
+            "{carrier:?}: {delta:?}"
+        );
+    }
+    assert_eq!(heads[0], heads[1]);
+    let records = wait_for_log(&bed.access_log, "-", 2).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r["status"] == 400 && r["route"] == "-"),
+        "{records:?}"
+    );
+    assert!(bed.origin.requests("/parity/bad-name").is_empty());
+}
+
+#[tokio::test]
 async fn while_draining_both_carriers_answer_with_connection_close() {
     let mut bed = start().await;
     let fast_conn = open(&bed, Carrier::Fast).await;

@@ -659,6 +659,26 @@ impl ProxyHttp for PingoraPath {
             model.phase.rejected[Refusal::Malformed as usize].inc();
             let cause: String = e.to_string().chars().take(200).collect();
             limited!(info, "400 malformed: {cause} (from {peer:?})");
+            // Pingora answers it 400 itself; it still gets its access-log
+            // line, with what is known: nothing of the head.
+            let entry = crate::observe::access_log::Entry {
+                time: std::time::SystemTime::now(),
+                client: peer,
+                method: "-",
+                host: "-",
+                path: "-",
+                version: "-",
+                status: 400,
+                route: "-",
+                upstream: "-",
+                upstream_addr: None,
+                duration: std::time::Duration::ZERO,
+                bytes: 0,
+                phase: &model.config.phase,
+                referer: "",
+                user_agent: "",
+            };
+            request::finish(&self.process, None, &entry);
         } else {
             debug!("client connection from {peer:?} failed before a whole request head: {e}");
         }
