@@ -277,13 +277,26 @@ async fn connect_failures_fail_over_to_the_backup() {
             1000.0,
         )
         .await;
-    assert_eq!(
+    // The refused address is ejected at its first failure (for 5 s), so
+    // the requests after it go to the backup without trying it again; a
+    // few that picked it at the same moment fail too.
+    let refused = sample(
+        &m,
+        "cutover_upstream_errors_total",
+        &[("upstream", "new-cloudfront"), ("kind", "connect")],
+    )
+    .unwrap();
+    assert!(
+        (1.0..=10.0).contains(&refused),
+        "{refused} connect errors: {m}"
+    );
+    assert!(
         sample(
             &m,
-            "cutover_upstream_errors_total",
-            &[("upstream", "new-cloudfront"), ("kind", "connect")]
-        ),
-        Some(1000.0),
+            "cutover_upstream_address_ejections_total",
+            &[("upstream", "new-cloudfront")]
+        )
+        .is_some_and(|n| n >= 1.0),
         "{m}"
     );
     assert_eq!(
@@ -452,6 +465,80 @@ async fn hundred_reloads_under_load_fail_no_request() {
         proxy
             .log()
             .contains("take effect only with `cutover run --upgrade`"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_address_is_ejected_and_the_old_distribution_gets_nothing() {
+    let bed = Bed::start().await;
+    // d-new resolves to the edge's address and to one where nothing listens
+    // (the seed's failure: round robin sent every other request to the
+    // backup, the old distribution).
+    std::fs::write(
+        &bed.hosts_file,
+        format!("127.0.0.1 {OLD_DIST} {NEW_DIST}\n127.0.0.2 {NEW_DIST}\n"),
+    )
+    .unwrap();
+    let yaml = shift_yaml(
+        &bed,
+        "phase-3",
+        100,
+        0,
+        "",
+        "        backup: true\n",
+        "127.0.0.0/8",
+    );
+    let proxy = Proxy::start(bed.dir.path(), &yaml, Some(&bed.hosts_file));
+    // Keep-alive clients (the fast path) ...
+    let done = distributions_of(&proxy, 400).await;
+    assert_eq!(done.get("d-new"), Some(&400), "{done:?}");
+    // ... connect-per-request clients ...
+    for _ in 0..50 {
+        let r = proxy.get(PUBLIC_NAME, "/").await;
+        assert_eq!(r.status.as_u16(), 200);
+    }
+    // ... and the Pingora path (a request with a body).
+    for _ in 0..50 {
+        let (head, _) = raw_request(
+            proxy.listen,
+            format!("POST / HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx")
+                .as_bytes(),
+        );
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let m = proxy
+        .metrics_when(
+            "cutover_requests_total",
+            &[("upstream", "new-cloudfront"), ("code", "200")],
+            500.0,
+        )
+        .await;
+    assert_eq!(
+        sample(
+            &m,
+            "cutover_requests_total",
+            &[("upstream", "old-cloudfront")]
+        ),
+        None,
+        "the old distribution served requests: {m}"
+    );
+    let ejections = sample(
+        &m,
+        "cutover_upstream_address_ejections_total",
+        &[("upstream", "new-cloudfront")],
+    )
+    .unwrap_or(0.0);
+    // Ejected at its first refusal, for 5 s, then 10 s: a handful at most.
+    assert!(
+        (1.0..=4.0).contains(&ejections),
+        "{ejections} ejections: {m}"
+    );
+    assert!(
+        proxy
+            .log()
+            .contains("address ejected for 5s; retrying on another address"),
         "{}",
         proxy.log()
     );

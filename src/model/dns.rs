@@ -17,13 +17,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+
+use crate::shift::endpoints::Ejections;
 
 /// The current addresses of one `name:port`.
 #[derive(Debug)]
@@ -33,6 +35,8 @@ pub struct ResolvedName {
     addrs: ArcSwap<Vec<SocketAddr>>,
     /// Round-robin cursor across the name's addresses.
     next: AtomicUsize,
+    /// Addresses out of the rotation after failed connects.
+    pub ejections: Ejections,
 }
 
 impl ResolvedName {
@@ -42,6 +46,7 @@ impl ResolvedName {
             port,
             addrs: ArcSwap::from_pointee(addrs),
             next: AtomicUsize::new(0),
+            ejections: Ejections::default(),
         }
     }
 
@@ -62,6 +67,38 @@ impl ResolvedName {
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         Some(addrs[i % addrs.len()])
+    }
+
+    /// The next address in round-robin order that is neither ejected nor
+    /// in `tried`; `None` when there is none (or the name never resolved).
+    pub fn pick_usable(&self, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        let addrs = self.addrs.load();
+        if addrs.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        if tried.is_empty() && self.ejections.none() {
+            return Some(addrs[start % addrs.len()]);
+        }
+        let now = Instant::now();
+        (0..addrs.len())
+            .map(|k| addrs[(start + k) % addrs.len()])
+            .find(|a| !tried.contains(a) && !self.ejections.is_ejected(*a, now))
+    }
+
+    /// Whether `addr` is out of the rotation now.
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        !self.ejections.none() && self.ejections.is_ejected(addr, Instant::now())
+    }
+
+    /// Whether the name is not out of the rotation: not every one of its
+    /// addresses ejected. (A name that never resolved is not ejected: it
+    /// fails over as a connect failure, where that is counted.)
+    pub fn usable(&self) -> bool {
+        self.ejections.none()
+            || self
+                .ejections
+                .any_usable(&self.addrs.load(), Instant::now())
     }
 
     pub fn addresses(&self) -> Arc<Vec<SocketAddr>> {

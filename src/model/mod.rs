@@ -223,8 +223,10 @@ impl crate::shift::selection::Candidate for Upstream {
     fn is_backup(&self) -> bool {
         self.backup
     }
+    /// Its checks pass and not every one of its addresses is ejected after
+    /// failed connects.
     fn is_healthy(&self) -> bool {
-        self.health.is_healthy()
+        self.health.is_healthy() && self.addresses.usable()
     }
 }
 

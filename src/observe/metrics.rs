@@ -22,6 +22,7 @@ pub struct Metrics {
     client_ip_ignored: IntCounterVec,
     healthy: IntGaugeVec,
     weight: IntGaugeVec,
+    ejections: IntCounterVec,
     response_bytes: IntCounterVec,
     reloads: IntCounterVec,
     upgrades: IntCounterVec,
@@ -133,6 +134,12 @@ impl Metrics {
                 "Client-address headers from trusted peers that did not parse (the peer address was used)",
                 &["phase"],
             ),
+            ejections: counter(
+                r,
+                "cutover_upstream_address_ejections_total",
+                "Upstream addresses taken out of the rotation after a failed connect or TLS handshake",
+                &["route", "upstream"],
+            ),
             healthy: gauge(
                 r,
                 "cutover_upstream_healthy",
@@ -199,6 +206,7 @@ impl Metrics {
             response_bytes: self.response_bytes.with_label_values(&labels),
             errors,
             healthy: self.healthy.with_label_values(&[route, upstream]),
+            ejections: self.ejections.with_label_values(&[route, upstream]),
             weight: self.weight.with_label_values(&[route, upstream]),
         }
     }
@@ -261,6 +269,7 @@ pub struct UpstreamMetrics {
     errors: [IntCounter; ErrorKind::ALL.len()],
     pub healthy: IntGauge,
     pub weight: IntGauge,
+    pub ejections: IntCounter,
 }
 
 impl UpstreamMetrics {

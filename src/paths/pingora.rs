@@ -21,7 +21,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
-use crate::paths::request;
+use crate::paths::request::{self, Retry};
 use crate::policy;
 use crate::policy::failure::{classify, Failure};
 use crate::policy::fields::connection_options;
@@ -54,6 +54,8 @@ pub struct RequestCtx {
     client: Option<IpAddr>,
     /// The upstream address last tried.
     upstream_addr: Option<std::net::SocketAddr>,
+    /// The addresses of the current upstream already tried.
+    attempted: Vec<std::net::SocketAddr>,
     /// The request is a protocol upgrade cutover forwards (`Upgrade` with
     /// `Connection: upgrade`): a 101 answer is expected, not refused.
     upgrade: bool,
@@ -234,6 +236,7 @@ impl ProxyHttp for PingoraPath {
             connect_error_counted: false,
             client: None,
             upstream_addr: None,
+            attempted: Vec::new(),
             upgrade: false,
             nominates: false,
             interim: 0,
@@ -392,7 +395,11 @@ impl ProxyHttp for PingoraPath {
         }
         ctx.upstream = Some(idx);
         let upstream = &route.upstreams[idx];
-        match upstream.addresses.pick() {
+        let addr = upstream
+            .addresses
+            .pick_usable(&ctx.attempted)
+            .or_else(|| upstream.addresses.pick());
+        match addr {
             Some(addr) => {
                 ctx.upstream_addr = Some(addr);
                 Ok(upstream.peer.for_address(addr))
@@ -402,30 +409,59 @@ impl ProxyHttp for PingoraPath {
     }
 
     /// A connect or TLS-handshake failure: nothing was sent, so the request is
-    /// retried once on another eligible upstream (a backup counts).
+    /// retried on another address of the same upstream, else once on another
+    /// eligible upstream (a backup counts); [`request::address_failed`]
+    /// decides.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        peer: &HttpPeer,
+        _peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let retry_on = ctx.model.as_ref().and_then(|model| {
-            let failed = ctx.upstream?;
-            let route = &model.routes[ctx.route];
-            let first = ctx.failed.is_none();
-            request::connect_failed(route, failed, ctx.point, first, &peer._address, &e)
-                .map(|_| failed)
-        });
-        ctx.connect_error_counted = true;
-        match retry_on {
-            Some(failed) => {
-                ctx.failed = Some(failed);
-                e.set_retry(true);
+        let retry = match (ctx.model.clone(), ctx.upstream, ctx.upstream_addr) {
+            (Some(model), Some(failed), Some(addr)) => {
+                let route = &model.routes[ctx.route];
+                let first = ctx.failed.is_none();
+                let retry = request::address_failed(
+                    route,
+                    failed,
+                    addr,
+                    ctx.point,
+                    first,
+                    &mut ctx.attempted,
+                    &e,
+                );
+                if let Retry::Upstream(_) = retry {
+                    ctx.failed = Some(failed);
+                    ctx.attempted.clear();
+                }
+                retry
             }
-            None => e.set_retry(false),
-        }
+            _ => Retry::No,
+        };
+        ctx.connect_error_counted = true;
+        e.set_retry(retry != Retry::No);
         e
+    }
+
+    /// A connection to the address: it is back in the rotation if it was out.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (false, Some((_, up)), Some(addr)) =
+            (reused, ctx.route_and_upstream(), ctx.upstream_addr)
+        {
+            request::address_answered(up, addr);
+        }
+        Ok(())
     }
 
     /// Host rewrite and forwarding headers. The Host becomes the upstream's

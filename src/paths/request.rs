@@ -5,7 +5,8 @@
 //! these; neither writes its own version.
 
 use std::fmt::Display;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use log::debug;
 use pingora::{Error, ErrorType};
@@ -89,6 +90,74 @@ pub fn connect_failed(
             .unwrap_or_default()
     );
     next
+}
+
+/// Connect attempts on the addresses of one upstream, for one request.
+pub const MAX_ADDRESS_ATTEMPTS: usize = 3;
+
+/// What a request does after a connect to one address failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Another address of the same upstream.
+    Address,
+    /// Another upstream (no usable address of this one is left).
+    Upstream(usize),
+    /// Nothing left to try.
+    No,
+}
+
+/// A connect or TLS handshake to `addr` of upstream `failed` failed: count
+/// it, eject the address ([`crate::shift::endpoints`]), log it once, and
+/// say where the request goes next. `tried`: the addresses of this upstream
+/// already tried by this request (`addr` is added); `first_upstream`: no
+/// upstream failed over yet for this request.
+pub fn address_failed(
+    route: &Route,
+    failed: usize,
+    addr: SocketAddr,
+    point: u64,
+    first_upstream: bool,
+    tried: &mut Vec<SocketAddr>,
+    e: &Error,
+) -> Retry {
+    let kind = ErrorKind::of(e);
+    let up = &route.upstreams[failed];
+    up.metrics.count_error(kind);
+    let ejected_for = up.addresses.ejections.eject(addr, Instant::now());
+    up.metrics.ejections.inc();
+    tried.push(addr);
+    let retry = if tried.len() < MAX_ADDRESS_ATTEMPTS && up.addresses.pick_usable(tried).is_some() {
+        Retry::Address
+    } else if let Some(next) = first_upstream
+        .then(|| choose(&route.upstreams, point, Some(failed)))
+        .flatten()
+    {
+        Retry::Upstream(next)
+    } else {
+        Retry::No
+    };
+    let then = match retry {
+        Retry::Address => "retrying on another address".to_string(),
+        Retry::Upstream(n) => format!(
+            "no usable address left; failing over to upstream {}",
+            route.upstreams[n].name
+        ),
+        Retry::No => "no retry left".to_string(),
+    };
+    limited!(
+        warn,
+        "upstream connect failed: route={} upstream={} addr={addr} kind={} cause={e}; address ejected for {}s; {then}",
+        route.name,
+        up.name,
+        kind.label(),
+        ejected_for.as_secs()
+    );
+    retry
+}
+
+/// A connect to `addr` succeeded: the address is back in the rotation.
+pub fn address_answered(up: &Upstream, addr: SocketAddr) {
+    up.addresses.ejections.readmit(addr);
 }
 
 /// A request the upstream side failed before the response head reached the

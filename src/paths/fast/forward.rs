@@ -21,7 +21,7 @@ use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
 use super::{Conn, FastPath, Held, Step, READ_CHUNK};
 use crate::model::{Route, Upstream};
 use crate::observe::access_log::Entry;
-use crate::paths::request;
+use crate::paths::request::{self, Retry};
 use crate::policy;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
@@ -50,10 +50,23 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let closing = self.process.closing(*shutdown.borrow());
 
         let mut first_attempt = true;
+        // Addresses of the current upstream this request tried (no
+        // allocation unless a connect fails).
+        let mut attempted: Vec<SocketAddr> = Vec::new();
         let mut tried;
         let outcome = loop {
             let up = &route.upstreams[idx];
-            tried = up.addresses.pick();
+            // The held connection's address while it is usable: a client
+            // keeps its upstream connection (and its address) while it works.
+            let held_addr = conn
+                .held
+                .as_ref()
+                .filter(|h| attempted.is_empty() && h.serves_upstream(&model, route_idx, idx))
+                .map(|h| h.addr)
+                .filter(|a| !up.addresses.is_ejected(*a));
+            tried = held_addr
+                .or_else(|| up.addresses.pick_usable(&attempted))
+                .or_else(|| up.addresses.pick());
             let Some(addr) = tried else {
                 let e = request::unresolved(up);
                 let shown = format!("{}:{}", up.addresses.host, up.addresses.port);
@@ -87,17 +100,29 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Ok(s) => {
                     if !s.1 {
                         crate::model::peer::tune_tls(&s.0);
+                        request::address_answered(up, addr);
                     }
                     s
                 }
                 Err(e) => {
-                    match request::connect_failed(route, idx, point, first_attempt, &addr, &e) {
-                        Some(next) => {
+                    let retry = request::address_failed(
+                        route,
+                        idx,
+                        addr,
+                        point,
+                        first_attempt,
+                        &mut attempted,
+                        &e,
+                    );
+                    match retry {
+                        Retry::Address => continue,
+                        Retry::Upstream(next) => {
                             first_attempt = false;
+                            attempted.clear();
                             idx = next;
                             continue;
                         }
-                        None => {
+                        Retry::No => {
                             let kind = ErrorKind::of(&e);
                             break Err((kind, e.to_string(), true));
                         }

@@ -174,6 +174,12 @@ impl Held {
         connector.release_stream(self.stream, self.reuse_hash, Some(self.idle));
     }
 
+    /// Whether it is a connection to this upstream of this route, on this
+    /// model.
+    fn serves_upstream(&self, model: &Arc<Model>, route: usize, upstream: usize) -> bool {
+        Arc::ptr_eq(&self.model, model) && self.route == route && self.upstream == upstream
+    }
+
     fn serves(&self, model: &Arc<Model>, route: usize, upstream: usize, addr: SocketAddr) -> bool {
         Arc::ptr_eq(&self.model, model)
             && self.route == route

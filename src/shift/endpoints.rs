@@ -1,0 +1,170 @@
+//! Passive outlier detection for the addresses of an upstream name.
+//!
+//! A CloudFront name resolves to several addresses; one of them refusing or
+//! not completing a TLS handshake says nothing about the others. An address
+//! that fails a connect is ejected for a while, the next request goes to
+//! another address of the same upstream, and only when no address is usable
+//! does the upstream itself stop being a candidate (so a request fails over
+//! to another upstream). The ejection doubles while the address keeps
+//! failing when it is tried again, up to [`MAX_EJECTION`] (CloudFront's DNS
+//! TTL: by then the name's answer has probably changed); a successful
+//! connect readmits it and resets the count, as Envoy's outlier detection
+//! does.
+//!
+//! The request path asks [`Ejections::is_ejected`] for each address it
+//! considers: one atomic load while nothing is ejected.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The first ejection of an address.
+pub const BASE_EJECTION: Duration = Duration::from_secs(5);
+/// The longest ejection.
+pub const MAX_EJECTION: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct Entry {
+    addr: SocketAddr,
+    until: Instant,
+    /// Ejections in a row without a successful connect in between.
+    times: u32,
+}
+
+/// The ejected addresses of one name.
+#[derive(Debug, Default)]
+pub struct Ejections {
+    /// How many entries `entries` holds: the request path's fast check.
+    count: AtomicUsize,
+    entries: Mutex<Vec<Entry>>,
+}
+
+impl Ejections {
+    /// Nothing is ejected (one atomic load).
+    pub fn none(&self) -> bool {
+        self.count.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether `addr` is out of the rotation at `now`.
+    pub fn is_ejected(&self, addr: SocketAddr, now: Instant) -> bool {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.iter().any(|e| e.addr == addr && now < e.until)
+    }
+
+    /// Take `addr` out after a failed connect; how long for.
+    pub fn eject(&self, addr: SocketAddr, now: Instant) -> Duration {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let times = match entries.iter_mut().find(|e| e.addr == addr) {
+            // Failed while still ejected (a request that picked it before
+            // the ejection): the same ejection, not a longer one.
+            Some(e) if now < e.until => return e.until - now,
+            Some(e) => {
+                e.times += 1;
+                e.times
+            }
+            None => {
+                entries.push(Entry {
+                    addr,
+                    until: now,
+                    times: 1,
+                });
+                self.count.store(entries.len(), Ordering::Relaxed);
+                1
+            }
+        };
+        let length = BASE_EJECTION
+            .saturating_mul(1 << (times - 1).min(16))
+            .min(MAX_EJECTION);
+        if let Some(e) = entries.iter_mut().find(|e| e.addr == addr) {
+            e.until = now + length;
+        }
+        length
+    }
+
+    /// `addr` connected: back in, its count reset.
+    pub fn readmit(&self, addr: SocketAddr) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|e| e.addr != addr);
+        self.count.store(entries.len(), Ordering::Relaxed);
+    }
+
+    /// Whether any address in `addrs` is usable at `now`.
+    pub fn any_usable(&self, addrs: &[SocketAddr], now: Instant) -> bool {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return !addrs.is_empty();
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        addrs
+            .iter()
+            .any(|a| !entries.iter().any(|e| e.addr == *a && now < e.until))
+    }
+
+    /// How many of `addrs` are ejected at `now`.
+    pub fn ejected_among(&self, addrs: &[SocketAddr], now: Instant) -> usize {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        addrs
+            .iter()
+            .filter(|a| entries.iter().any(|e| e.addr == **a && now < e.until))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 443))
+    }
+
+    #[test]
+    fn an_ejection_grows_while_the_address_keeps_failing() {
+        let e = Ejections::default();
+        let t0 = Instant::now();
+        assert!(!e.is_ejected(addr(1), t0));
+        assert_eq!(e.eject(addr(1), t0), BASE_EJECTION);
+        assert!(e.is_ejected(addr(1), t0 + Duration::from_secs(1)));
+        assert!(!e.is_ejected(addr(2), t0));
+        // A second failure during the ejection does not lengthen it.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(e.eject(addr(1), t1), BASE_EJECTION - Duration::from_secs(1));
+        // Tried again after it and failing: twice as long, then capped.
+        let t2 = t0 + BASE_EJECTION;
+        assert!(!e.is_ejected(addr(1), t2));
+        assert_eq!(e.eject(addr(1), t2), 2 * BASE_EJECTION);
+        let mut t = t2;
+        for _ in 0..10 {
+            t += MAX_EJECTION;
+            e.eject(addr(1), t);
+        }
+        assert_eq!(e.eject(addr(1), t + MAX_EJECTION), MAX_EJECTION);
+    }
+
+    #[test]
+    fn a_successful_connect_readmits_and_resets() {
+        let e = Ejections::default();
+        let t0 = Instant::now();
+        e.eject(addr(1), t0);
+        let addrs = [addr(1), addr(2)];
+        assert!(e.any_usable(&addrs, t0));
+        assert!(!e.any_usable(&addrs[..1], t0));
+        assert_eq!(e.ejected_among(&addrs, t0), 1);
+        e.readmit(addr(1));
+        assert!(!e.is_ejected(addr(1), t0));
+        assert_eq!(
+            e.eject(addr(1), t0),
+            BASE_EJECTION,
+            "the count starts again"
+        );
+    }
+}
