@@ -290,6 +290,21 @@ async fn connect_failures_fail_over_to_the_backup() {
         (1.0..=10.0).contains(&refused),
         "{refused} connect errors: {m}"
     );
+    // Every request left the new distribution: counted as a failover, by why.
+    let failovers = |reason| {
+        sample(
+            &m,
+            "cutover_upstream_failovers_total",
+            &[("upstream", "new-cloudfront"), ("reason", reason)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(failovers("connect"), refused, "{m}");
+    assert_eq!(
+        failovers("connect") + failovers("no_address"),
+        1000.0,
+        "{m}"
+    );
     assert!(
         sample(
             &m,
@@ -530,6 +545,16 @@ async fn a_refusing_address_is_ejected_and_the_old_distribution_gets_nothing() {
         &[("upstream", "new-cloudfront")],
     )
     .unwrap_or(0.0);
+    let left: String = m
+        .lines()
+        .filter(|l| l.contains("upstream=\"new-cloudfront\""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        sample_sum(&left, "cutover_upstream_failovers_total"),
+        0.0,
+        "no request left the new distribution: {m}"
+    );
     // Ejected at its first refusal, for 5 s, then 10 s: a handful at most.
     assert!(
         (1.0..=4.0).contains(&ejections),

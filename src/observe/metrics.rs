@@ -23,6 +23,7 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     weight: IntGaugeVec,
     ejections: IntCounterVec,
+    failovers: IntCounterVec,
     response_bytes: IntCounterVec,
     reloads: IntCounterVec,
     upgrades: IntCounterVec,
@@ -134,6 +135,13 @@ impl Metrics {
                 "Client-address headers from trusted peers that did not parse (the peer address was used)",
                 &["phase"],
             ),
+            failovers: counter(
+                r,
+                "cutover_upstream_failovers_total",
+                "Requests sent to another upstream than their own, by the upstream they left and why \
+                 (connect: its connect failed; no_address: every address of it was ejected)",
+                &["route", "upstream", "reason"],
+            ),
             ejections: counter(
                 r,
                 "cutover_upstream_address_ejections_total",
@@ -207,6 +215,10 @@ impl Metrics {
             errors,
             healthy: self.healthy.with_label_values(&[route, upstream]),
             ejections: self.ejections.with_label_values(&[route, upstream]),
+            failovers: Failover::ALL.map(|f| {
+                self.failovers
+                    .with_label_values(&[route, upstream, f.label()])
+            }),
             weight: self.weight.with_label_values(&[route, upstream]),
         }
     }
@@ -270,6 +282,29 @@ pub struct UpstreamMetrics {
     pub healthy: IntGauge,
     pub weight: IntGauge,
     pub ejections: IntCounter,
+    /// By [`Failover`] reason: requests that left this upstream for another.
+    pub failovers: [IntCounter; Failover::ALL.len()],
+}
+
+/// Why a request left its upstream for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failover {
+    /// A connect or TLS handshake failed on its last usable address (or the
+    /// name never resolved).
+    Connect = 0,
+    /// Every address of it was ejected: not tried at all.
+    NoAddress = 1,
+}
+
+impl Failover {
+    pub const ALL: [Failover; 2] = [Failover::Connect, Failover::NoAddress];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Failover::Connect => "connect",
+            Failover::NoAddress => "no_address",
+        }
+    }
 }
 
 impl UpstreamMetrics {

@@ -373,7 +373,13 @@ impl ProxyHttp for PingoraPath {
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
         let route = &model.routes[ctx.route];
         let no_upstream = || Error::explain(ErrorType::HTTPStatus(502), "no upstream left to try");
-        let mut idx = choose(&route.upstreams, ctx.point, ctx.failed).ok_or_else(no_upstream)?;
+        let first_choice = ctx.failed.is_none() && ctx.upstream.is_none();
+        let chosen = if first_choice {
+            request::choose_upstream(route, ctx.point)
+        } else {
+            choose(&route.upstreams, ctx.point, ctx.failed)
+        };
+        let mut idx = chosen.ok_or_else(no_upstream)?;
         ctx.connect_error_counted = false;
         // A name that has never resolved is a connect failure found here
         // rather than in Pingora: count it and fail over the same way, once.

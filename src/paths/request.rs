@@ -15,9 +15,10 @@ use crate::config::Sticky;
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
 use crate::observe::access_log::Entry;
+use crate::observe::metrics::Failover;
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::failure::ErrorKind;
-use crate::shift::selection::{choose, client_point};
+use crate::shift::selection::{choose, client_point, Candidate};
 
 /// The client's address: the TCP peer's, or the one a trusted peer wrote
 /// in the configured header (`values`: that header's values). A header
@@ -75,6 +76,9 @@ pub fn connect_failed(
     } else {
         None
     };
+    if next.is_some() {
+        up.metrics.failovers[Failover::Connect as usize].inc();
+    }
     limited!(
         warn,
         "upstream {} failed: route={} upstream={} addr={addr} kind={} cause={e}{}",
@@ -90,6 +94,45 @@ pub fn connect_failed(
             .unwrap_or_default()
     );
     next
+}
+
+/// The request's upstream: the one its point falls on among the eligible
+/// ones. When that is another than the one it would have had but for
+/// ejected addresses (every address of that one is out), the failover is
+/// counted and logged here, once per request.
+pub fn choose_upstream(route: &Route, point: u64) -> Option<usize> {
+    let chosen = choose(&route.upstreams, point, None)?;
+    if route.upstreams.iter().all(|u| u.addresses.ejections.none()) {
+        return Some(chosen);
+    }
+    let by_health: Vec<ByHealth<'_>> = route.upstreams.iter().map(ByHealth).collect();
+    if let Some(own) = choose(&by_health, point, None).filter(|own| *own != chosen) {
+        let up = &route.upstreams[own];
+        up.metrics.failovers[Failover::NoAddress as usize].inc();
+        limited!(
+            warn,
+            "upstream has no usable address: route={} upstream={} (every address ejected); sent to upstream {}",
+            route.name,
+            up.name,
+            route.upstreams[chosen].name
+        );
+    }
+    Some(chosen)
+}
+
+/// An upstream as the selection sees it when ejections are ignored.
+struct ByHealth<'a>(&'a Upstream);
+
+impl Candidate for ByHealth<'_> {
+    fn weight(&self) -> u32 {
+        self.0.weight
+    }
+    fn is_backup(&self) -> bool {
+        self.0.backup
+    }
+    fn is_healthy(&self) -> bool {
+        self.0.health.is_healthy()
+    }
 }
 
 /// Connect attempts on the addresses of one upstream, for one request.
@@ -138,10 +181,13 @@ pub fn address_failed(
     };
     let then = match retry {
         Retry::Address => "retrying on another address".to_string(),
-        Retry::Upstream(n) => format!(
-            "no usable address left; failing over to upstream {}",
-            route.upstreams[n].name
-        ),
+        Retry::Upstream(n) => {
+            up.metrics.failovers[Failover::Connect as usize].inc();
+            format!(
+                "no usable address left; failing over to upstream {}",
+                route.upstreams[n].name
+            )
+        }
         Retry::No => "no retry left".to_string(),
     };
     limited!(

@@ -25,7 +25,6 @@ use crate::paths::request::{self, Retry};
 use crate::policy;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
-use crate::shift::selection::choose;
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     pub(super) async fn forward(
@@ -44,7 +43,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let values = header_values(req, model.client_ip.header.as_ref().map(|h| h.as_str()));
         let client = request::client_address(&model, conn.peer, values);
         let point = request::sticky_point(route, client);
-        let Some(mut idx) = choose(&route.upstreams, point, None) else {
+        let Some(mut idx) = request::choose_upstream(route, point) else {
             return Step::Handover(Handover::NoUpstream);
         };
         let closing = self.process.closing(*shutdown.borrow());
