@@ -322,6 +322,17 @@ mod tests {
             .collect()
     }
 
+    /// A plain-listener request, not an upgrade.
+    fn plain<'a>(authority: &'a [u8], peer: &'a [u8], nominates: bool) -> RequestFacts<'a> {
+        RequestFacts {
+            authority,
+            peer: Some(peer),
+            tls: false,
+            upgrade: false,
+            nominates,
+        }
+    }
+
     #[test]
     fn a_request_in_the_plan_order() {
         let plan = Plan::new(
@@ -341,13 +352,7 @@ mod tests {
             ("Accept", "*/*"),
         ]);
         let mut out = Vec::new();
-        let facts = RequestFacts {
-            authority: b"pub.example",
-            peer: Some(b"127.0.0.1"),
-            tls: false,
-            upgrade: false,
-            nominates: true,
-        };
+        let facts = plain(b"pub.example", b"127.0.0.1", true);
         plan.request(&facts, client.iter().copied(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -366,13 +371,7 @@ mod tests {
         );
         let client = fields(&[("Host", "a.example"), ("X-Forwarded-For", "192.0.2.1")]);
         let mut out = Vec::new();
-        let facts = RequestFacts {
-            authority: b"a.example",
-            peer: Some(b"10.0.0.1"),
-            tls: false,
-            upgrade: false,
-            nominates: false,
-        };
+        let facts = plain(b"a.example", b"10.0.0.1", false);
         plan.request(&facts, client.iter().copied(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),

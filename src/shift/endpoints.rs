@@ -32,6 +32,13 @@ struct Entry {
     times: u32,
 }
 
+impl Entry {
+    /// Whether this entry keeps `addr` out at `now`.
+    fn holds(&self, addr: SocketAddr, now: Instant) -> bool {
+        self.addr == addr && now < self.until
+    }
+}
+
 /// The ejected addresses of one name.
 #[derive(Debug, Default)]
 pub struct Ejections {
@@ -52,7 +59,7 @@ impl Ejections {
             return false;
         }
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.iter().any(|e| e.addr == addr && now < e.until)
+        entries.iter().any(|e| e.holds(addr, now))
     }
 
     /// Take `addr` out after a failed connect; how long for.
@@ -103,19 +110,7 @@ impl Ejections {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         addrs
             .iter()
-            .any(|a| !entries.iter().any(|e| e.addr == *a && now < e.until))
-    }
-
-    /// How many of `addrs` are ejected at `now`.
-    pub fn ejected_among(&self, addrs: &[SocketAddr], now: Instant) -> usize {
-        if self.count.load(Ordering::Relaxed) == 0 {
-            return 0;
-        }
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        addrs
-            .iter()
-            .filter(|a| entries.iter().any(|e| e.addr == **a && now < e.until))
-            .count()
+            .any(|a| !entries.iter().any(|e| e.holds(*a, now)))
     }
 }
 
@@ -158,7 +153,6 @@ mod tests {
         let addrs = [addr(1), addr(2)];
         assert!(e.any_usable(&addrs, t0));
         assert!(!e.any_usable(&addrs[..1], t0));
-        assert_eq!(e.ejected_among(&addrs, t0), 1);
         e.readmit(addr(1));
         assert!(!e.is_ejected(addr(1), t0));
         assert_eq!(

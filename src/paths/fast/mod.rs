@@ -181,10 +181,7 @@ impl Held {
     }
 
     fn serves(&self, model: &Arc<Model>, route: usize, upstream: usize, addr: SocketAddr) -> bool {
-        Arc::ptr_eq(&self.model, model)
-            && self.route == route
-            && self.upstream == upstream
-            && self.addr == addr
+        self.serves_upstream(model, route, upstream) && self.addr == addr
     }
 }
 
