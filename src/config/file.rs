@@ -120,6 +120,8 @@ pub struct UpstreamFile {
     pub weight: Option<serde_yaml::Value>,
     pub backup: Option<bool>,
     pub expect_body: Option<String>,
+    /// `auto` (the default), `ipv4` or `ipv6`.
+    pub address_family: Option<String>,
     pub health_check: Option<HealthCheckFile>,
     #[serde(default)]
     pub timeouts: TimeoutsFile,

@@ -150,8 +150,40 @@ pub struct UpstreamConfig {
     pub weight: u32,
     pub backup: bool,
     pub expect_body: Option<String>,
+    pub address_family: AddressFamily,
     pub health_check: Option<HealthCheck>,
     pub timeouts: Timeouts,
+}
+
+/// Which of a name's addresses an upstream uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AddressFamily {
+    /// Both families, minus the addresses this host has no route to (checked
+    /// at every DNS refresh, as `getaddrinfo`'s `AI_ADDRCONFIG` does per
+    /// family but per address).
+    #[default]
+    Auto,
+    Ipv4,
+    Ipv6,
+}
+
+impl AddressFamily {
+    /// Whether `ip` is of this family.
+    pub fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            AddressFamily::Auto => true,
+            AddressFamily::Ipv4 => ip.is_ipv4(),
+            AddressFamily::Ipv6 => ip.is_ipv6(),
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AddressFamily::Auto => "auto",
+            AddressFamily::Ipv4 => "ipv4",
+            AddressFamily::Ipv6 => "ipv6",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -718,6 +718,30 @@ fn check_upstream(
         idle: c.duration(&format!("{tpath}.idle"), t.idle.as_deref(), defaults.idle),
     };
 
+    let address_family = match u.address_family.as_deref().map(str::trim) {
+        None | Some("auto") => AddressFamily::Auto,
+        Some("ipv4") => AddressFamily::Ipv4,
+        Some("ipv6") => AddressFamily::Ipv6,
+        Some(other) => {
+            c.problem(
+                format!("{path}.address_family"),
+                format!("`{other}` is not an address family: use auto, ipv4 or ipv6"),
+            );
+            AddressFamily::Auto
+        }
+    };
+    if let Some((_, _, Some(ip))) = &address {
+        if !address_family.admits(*ip) {
+            c.problem(
+                format!("{path}.address_family"),
+                format!(
+                    "is {} but the address {ip} is not: drop one of them",
+                    address_family.label()
+                ),
+            );
+        }
+    }
+
     let (host, port, ip) = address?;
     (c.problems.len() == before).then(|| UpstreamConfig {
         name: u.name.trim().to_string(),
@@ -733,6 +757,7 @@ fn check_upstream(
         weight,
         backup: u.backup.unwrap_or(false),
         expect_body: u.expect_body.clone(),
+        address_family,
         health_check,
         timeouts,
     })

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
-//! serves), `/readyz` (config loaded and every route has an upstream it can use).
+//! serves), `/readyz` (config loaded and every route has an upstream it can use;
+//! the body also names every upstream with no live address).
 //! Meant for Prometheus and for an ALB target-group health check.
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ impl ServeHttp for AdminApp {
         let plain = "text/plain; charset=utf-8";
         match path {
             "/metrics" => {
+                self.process.model().sample_address_gauges();
                 let families = self.process.metrics.registry.gather();
                 let mut body = Vec::with_capacity(16 * 1024);
                 match TextEncoder::new().encode(&families, &mut body) {
@@ -45,13 +47,23 @@ impl ServeHttp for AdminApp {
             }
             "/healthz" => text(StatusCode::OK, plain, b"ok\n".to_vec()),
             "/readyz" => {
-                let reasons = self.process.model().not_ready_reasons();
-                if reasons.is_empty() {
-                    text(StatusCode::OK, plain, b"ready\n".to_vec())
+                let model = self.process.model();
+                let reasons = model.not_ready_reasons();
+                let mut body = if reasons.is_empty() {
+                    "ready\n".to_string()
                 } else {
-                    let body = format!("not ready:\n{}\n", reasons.join("\n"));
-                    text(StatusCode::SERVICE_UNAVAILABLE, plain, body.into_bytes())
+                    format!("not ready:\n{}\n", reasons.join("\n"))
+                };
+                for line in model.dead_upstreams() {
+                    body.push_str(&line);
+                    body.push('\n');
                 }
+                let status = if reasons.is_empty() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                text(status, plain, body.into_bytes())
             }
             _ => text(
                 StatusCode::NOT_FOUND,

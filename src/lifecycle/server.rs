@@ -64,7 +64,10 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         warn!("config: {w}");
     }
     let metrics = Arc::new(Metrics::new());
-    let resolver = Arc::new(Resolver::new(opts.hosts_file.clone()));
+    let resolver = Arc::new(Resolver::with_metrics(
+        opts.hosts_file.clone(),
+        metrics.dns(),
+    ));
     let access_log = match &config.access_log {
         AccessLogConfig::Off => None,
         AccessLogConfig::On {

@@ -80,7 +80,7 @@ pub async fn verify(config: &Config, opts: &VerifyOptions) -> Outcome {
         .iter()
         .flat_map(|r| &r.upstreams)
         .filter(|u| u.ip.is_none())
-        .map(|u| resolver.entry(&u.host, u.port))
+        .map(|u| resolver.entry(&u.host, u.port, u.address_family))
         .collect();
     resolver.refresh(false).await;
     let proxy = opts.proxy.or_else(|| default_proxy(config));

@@ -4,8 +4,12 @@
 //! contain that marker. The marker is how a check notices that the *wrong
 //! distribution* answers, which a status code alone cannot show.
 //!
-//! The results go to each upstream's [`crate::shift::health::Health`]; the
-//! request path reads one atomic flag there.
+//! Every address of the upstream's name is checked: one that fails is
+//! ejected as a failed connect would eject it (and counted the same way),
+//! one that passes is readmitted. The upstream is healthy while one of its
+//! addresses passes. The results go to each upstream's
+//! [`crate::shift::health::Health`]; the request path reads one atomic flag
+//! there, and the ejections per address.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,16 +25,67 @@ use crate::shift::probe::{self, Target, TlsTarget};
 /// How often the scheduler looks for due checks.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Ask `upstream` for its check path; `Err` says why it is unhealthy.
-async fn check(upstream: &Upstream) -> Result<(), String> {
+/// Check every address of `upstream`; `Err` says why none passed.
+async fn check(upstream: Arc<crate::model::Model>, r: usize, u: usize) -> Result<(), String> {
+    let up = &upstream.routes[r].upstreams[u];
+    let addrs = up.addresses.addresses();
+    if addrs.is_empty() {
+        return Err(format!(
+            "{}:{} has no address",
+            up.config.host, up.config.port
+        ));
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for addr in addrs.iter().copied() {
+        let model = upstream.clone();
+        probes.spawn(async move {
+            let up = &model.routes[r].upstreams[u];
+            (addr, check_address(up, addr).await)
+        });
+    }
+    let mut failures = Vec::new();
+    let mut passed = false;
+    while let Some(done) = probes.join_next().await {
+        let Ok((addr, result)) = done else { continue };
+        match result {
+            Ok(()) => {
+                up.addresses.ejections.readmit(addr);
+                passed = true;
+            }
+            Err(why) => {
+                if !up.addresses.is_ejected(addr) {
+                    up.metrics.ejections.inc();
+                }
+                up.addresses.ejections.eject(addr, Instant::now());
+                failures.push(why);
+            }
+        }
+    }
+    if passed {
+        if !failures.is_empty() {
+            crate::limited!(
+                warn,
+                "health: route={} upstream={}: {} of {} addresses fail their check, ejected: {}",
+                upstream.routes[r].name,
+                up.name,
+                failures.len(),
+                addrs.len(),
+                failures.join("; ")
+            );
+        }
+        Ok(())
+    } else {
+        failures.sort();
+        Err(failures.join("; "))
+    }
+}
+
+/// Ask one address of `upstream` for its check path.
+async fn check_address(upstream: &Upstream, addr: std::net::SocketAddr) -> Result<(), String> {
     let cfg = &upstream.config;
     let Some(hc) = &cfg.health_check else {
         return Ok(());
     };
-    let addr = upstream
-        .addresses
-        .pick()
-        .ok_or_else(|| format!("{}:{} has no address", cfg.host, cfg.port))?;
     let host = cfg
         .host_header
         .as_ref()
@@ -57,7 +112,7 @@ async fn check(upstream: &Upstream) -> Result<(), String> {
     };
     let reply = probe::get(&target, hc.timeout)
         .await
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(|e| format!("{addr}: {e:#}"))?;
     if reply.status.as_u16() != hc.expect_status {
         return Err(format!(
             "status {} (expected {}) from {addr}",
@@ -116,9 +171,9 @@ impl HealthChecker {
                 }
                 let model = model.clone();
                 tokio::spawn(async move {
+                    let result = check(model.clone(), r, u).await;
                     let route = &model.routes[r];
                     let up = &route.upstreams[u];
-                    let result = check(up).await;
                     let Some(healthy) = up.health.record(result.is_ok()) else {
                         return;
                     };

@@ -6,6 +6,15 @@
 //! addresses, because an upstream that loses its addresses to a DNS blip would
 //! fail every request for nothing.
 //!
+//! Every answer is cleaned before use ([`clean`]): addresses nobody can
+//! connect to (`0.0.0.0`, `::`, multicast, broadcast) are dropped, so is the
+//! other family for `address_family: ipv4|ipv6`, and with `auto` every
+//! address this host has no route to (a UDP `connect`, which sends nothing:
+//! an EC2 instance without IPv6 drops the AAAA answers here instead of
+//! failing a connect on each of them); at most [`MAX_ADDRESSES`] are kept,
+//! both families represented. What is dropped is counted by reason and
+//! logged once per change of the answer.
+//!
 //! An optional hosts file (`/etc/hosts` format, re-read at every refresh) is
 //! consulted before DNS: it is how `cutover demo` and the tests point
 //! CloudFront-style names at loopback, and how an operator can pin a name
@@ -25,28 +34,51 @@ use log::{info, warn};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use crate::config::AddressFamily;
+use crate::observe::metrics::DnsMetrics;
 use crate::shift::endpoints::Ejections;
+
+/// The most addresses one name keeps (CloudFront answers 4 A + 4 AAAA).
+pub const MAX_ADDRESSES: usize = 16;
 
 /// The current addresses of one `name:port`.
 #[derive(Debug)]
 pub struct ResolvedName {
     pub host: String,
     pub port: u16,
+    pub family: AddressFamily,
     addrs: ArcSwap<Vec<SocketAddr>>,
     /// Round-robin cursor across the name's addresses.
     next: AtomicUsize,
     /// Addresses out of the rotation after failed connects.
     pub ejections: Ejections,
+    /// The last answer logged, so a refresh logs only a change.
+    last_note: Mutex<String>,
 }
 
 impl ResolvedName {
-    fn new(host: String, port: u16, addrs: Vec<SocketAddr>) -> Self {
+    fn new(host: String, port: u16, family: AddressFamily, addrs: Vec<SocketAddr>) -> Self {
         Self {
             host,
             port,
+            family,
             addrs: ArcSwap::from_pointee(addrs),
             next: AtomicUsize::new(0),
             ejections: Ejections::default(),
+            last_note: Mutex::default(),
+        }
+    }
+
+    /// Log `note` unless it is what was logged last for this name.
+    fn note(&self, note: String, warn_level: bool) {
+        let mut last = self.last_note.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != note {
+            if warn_level {
+                warn!("dns: {note}");
+            } else {
+                info!("dns: {note}");
+            }
+            *last = note;
         }
     }
 
@@ -55,6 +87,7 @@ impl ResolvedName {
         Arc::new(Self::new(
             ip.to_string(),
             port,
+            AddressFamily::Auto,
             vec![SocketAddr::new(ip, port)],
         ))
     }
@@ -108,33 +141,162 @@ impl ResolvedName {
     pub fn has_addresses(&self) -> bool {
         !self.addrs.load().is_empty()
     }
+
+    /// Whether `addr` is one of the name's current addresses (a held
+    /// connection to an address that left the answer is not reused).
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.addrs.load().contains(&addr)
+    }
+
+    /// (active, ejected) among the current addresses.
+    pub fn states(&self) -> (usize, usize) {
+        let addrs = self.addrs.load();
+        if self.ejections.none() {
+            return (addrs.len(), 0);
+        }
+        let now = Instant::now();
+        let ejected = addrs
+            .iter()
+            .filter(|a| self.ejections.is_ejected(**a, now))
+            .count();
+        (addrs.len() - ejected, ejected)
+    }
+}
+
+/// Why an address of an answer is not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// `0.0.0.0`, `::`, multicast, broadcast: nothing to connect to.
+    Unusable,
+    /// Beyond [`MAX_ADDRESSES`].
+    OverCap,
+    /// This host has no route to it (`auto` only).
+    Unroutable,
+}
+
+impl Dropped {
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::Unusable => "unusable",
+            Dropped::OverCap => "over_cap",
+            Dropped::Unroutable => "unroutable",
+        }
+    }
+}
+
+fn unusable(ip: IpAddr) -> bool {
+    ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// Whether this host has a route to `addr`: a UDP socket `connect`, which
+/// only looks the route up. Fails with ENETUNREACH / EADDRNOTAVAIL /
+/// EAFNOSUPPORT where the family (or that network) is unreachable.
+pub fn routable(addr: SocketAddr) -> bool {
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(local)
+        .and_then(|s| s.connect(addr))
+        .is_ok()
+}
+
+/// The addresses of an answer that are used, sorted, and those that are
+/// not, with why. `route`: whether the host can reach an address (only
+/// asked with `auto`). Family filtering (`ipv4`/`ipv6`) is not a drop: the
+/// operator asked for it.
+pub fn clean(
+    answer: Vec<SocketAddr>,
+    family: AddressFamily,
+    route: impl Fn(SocketAddr) -> bool,
+) -> (Vec<SocketAddr>, Vec<(SocketAddr, Dropped)>) {
+    let mut dropped = Vec::new();
+    let mut kept: Vec<SocketAddr> = Vec::with_capacity(answer.len());
+    for a in answer {
+        if !family.admits(a.ip()) || kept.contains(&a) {
+            continue;
+        }
+        if unusable(a.ip()) {
+            dropped.push((a, Dropped::Unusable));
+        } else {
+            kept.push(a);
+        }
+    }
+    if family == AddressFamily::Auto {
+        let (reach, unreach): (Vec<_>, Vec<_>) = kept.into_iter().partition(|a| route(*a));
+        // None routable: keep them all, so the failure shows as a connect
+        // error on this upstream rather than as an empty answer.
+        if reach.is_empty() {
+            kept = unreach;
+        } else {
+            kept = reach;
+            dropped.extend(unreach.into_iter().map(|a| (a, Dropped::Unroutable)));
+        }
+    }
+    if kept.len() > MAX_ADDRESSES {
+        // Alternate the families (RFC 8305 section 4), so the cap never
+        // drops a whole family.
+        let (v6, v4): (Vec<_>, Vec<_>) = kept.iter().partition(|a| a.is_ipv6());
+        let mut both = Vec::with_capacity(kept.len());
+        for i in 0..v6.len().max(v4.len()) {
+            both.extend(v6.get(i));
+            both.extend(v4.get(i));
+        }
+        dropped.extend(both[MAX_ADDRESSES..].iter().map(|a| (*a, Dropped::OverCap)));
+        both.truncate(MAX_ADDRESSES);
+        kept = both;
+    }
+    kept.sort();
+    (kept, dropped)
 }
 
 /// Owns the set of names in use and refreshes them.
-#[derive(Debug, Default)]
 pub struct Resolver {
     hosts_file: Option<PathBuf>,
     /// Weak, so names dropped by a reload stop being refreshed.
-    names: Mutex<HashMap<(String, u16), Weak<ResolvedName>>>,
+    names: Mutex<HashMap<(String, u16, AddressFamily), Weak<ResolvedName>>>,
+    metrics: DnsMetrics,
+    /// Bad lines in the hosts file at the last read, logged on a change.
+    hosts_bad_lines: Mutex<usize>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("hosts_file", &self.hosts_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Resolver {
+    /// A resolver whose counters are registered nowhere.
     pub fn new(hosts_file: Option<PathBuf>) -> Self {
+        Self::with_metrics(hosts_file, DnsMetrics::unregistered())
+    }
+
+    pub fn with_metrics(hosts_file: Option<PathBuf>, metrics: DnsMetrics) -> Self {
         Self {
             hosts_file,
             names: Mutex::default(),
+            metrics,
+            hosts_bad_lines: Mutex::new(0),
         }
     }
 
     /// The process entry for `host:port`; a reload that keeps a name keeps its
     /// addresses (and so its pooled connections).
-    pub fn entry(&self, host: &str, port: u16) -> Arc<ResolvedName> {
+    pub fn entry(&self, host: &str, port: u16, family: AddressFamily) -> Arc<ResolvedName> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_string(), port);
+        let key = (host.to_string(), port, family);
         if let Some(existing) = names.get(&key).and_then(Weak::upgrade) {
             return existing;
         }
-        let fresh = Arc::new(ResolvedName::new(host.to_string(), port, Vec::new()));
+        let fresh = Arc::new(ResolvedName::new(
+            host.to_string(),
+            port,
+            family,
+            Vec::new(),
+        ));
         names.insert(key, Arc::downgrade(&fresh));
         fresh
     }
@@ -153,29 +315,67 @@ impl Resolver {
             if only_unresolved && name.has_addresses() {
                 continue;
             }
-            match self.lookup(&hosts, &name.host, name.port).await {
-                Ok(mut addrs) if !addrs.is_empty() => {
-                    addrs.sort();
-                    addrs.dedup();
-                    if *name.addresses() != addrs {
-                        info!(
-                            "dns: {}:{} now resolves to {:?}",
-                            name.host, name.port, addrs
-                        );
-                        name.addrs.store(Arc::new(addrs));
-                    }
-                }
-                Ok(_) => warn!(
-                    "dns: {} resolved to no address; keeping {:?}",
+            let answer = self.lookup(&hosts, &name.host, name.port).await;
+            self.install(&name, answer);
+        }
+    }
+
+    /// Use an answer for `name`: cleaned, counted, logged on a change; an
+    /// empty or failed one keeps the last good addresses.
+    fn install(&self, name: &ResolvedName, answer: io::Result<Vec<SocketAddr>>) {
+        let result = |r: &str| {
+            self.metrics
+                .lookups
+                .with_label_values(&[&name.host, r])
+                .inc()
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                result("failed");
+                let note = format!(
+                    "cannot resolve {}: {e}; keeping {:?}",
                     name.host,
                     name.addresses()
-                ),
-                Err(e) => warn!(
-                    "dns: cannot resolve {}: {e}; keeping {:?}",
-                    name.host,
-                    name.addresses()
-                ),
+                );
+                return name.note(note, true);
             }
+        };
+        let (addrs, dropped) = clean(answer, name.family, routable);
+        for (_, why) in &dropped {
+            self.metrics
+                .dropped
+                .with_label_values(&[&name.host, why.label()])
+                .inc();
+        }
+        let dropped_text = if dropped.is_empty() {
+            String::new()
+        } else {
+            let shown: Vec<String> = dropped
+                .iter()
+                .map(|(a, why)| format!("{} ({})", a.ip(), why.label()))
+                .collect();
+            format!("; not using {}", shown.join(", "))
+        };
+        if addrs.is_empty() {
+            result("empty");
+            let note = format!(
+                "{} resolved to no usable {} address{dropped_text}; keeping {:?}",
+                name.host,
+                name.family.label(),
+                name.addresses()
+            );
+            return name.note(note, true);
+        }
+        let changed = *name.addresses() != addrs;
+        result(if changed { "changed" } else { "unchanged" });
+        let note = format!(
+            "{}:{} resolves to {addrs:?}{dropped_text}",
+            name.host, name.port
+        );
+        name.note(note, !dropped.is_empty());
+        if changed {
+            name.addrs.store(Arc::new(addrs));
         }
     }
 
@@ -204,7 +404,25 @@ impl Resolver {
             return HashMap::new();
         };
         match tokio::fs::read_to_string(path).await {
-            Ok(text) => parse_hosts(&text),
+            Ok(text) => {
+                let (map, bad) = parse_hosts(&text);
+                self.metrics.hosts_file_bad_lines.inc_by(bad.len() as u64);
+                let mut last = self
+                    .hosts_bad_lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if *last != bad.len() {
+                    if let Some(first) = bad.first() {
+                        warn!(
+                            "dns: hosts file {}: {} line(s) ignored, not `IP name...` (first: line {first})",
+                            path.display(),
+                            bad.len()
+                        );
+                    }
+                    *last = bad.len();
+                }
+                map
+            }
             Err(e) => {
                 warn!("dns: cannot read hosts file {}: {e}", path.display());
                 HashMap::new()
@@ -213,21 +431,30 @@ impl Resolver {
     }
 }
 
-/// `/etc/hosts` format: `IP name [name...]`, `#` comments.
-pub fn parse_hosts(text: &str) -> HashMap<String, Vec<IpAddr>> {
+/// `/etc/hosts` format: `IP name [name...]`, `#` comments. Also the numbers
+/// (1-based) of the lines that are none of these: ignored, and reported.
+pub fn parse_hosts(text: &str) -> (HashMap<String, Vec<IpAddr>>, Vec<usize>) {
     let mut map: HashMap<String, Vec<IpAddr>> = HashMap::new();
-    for line in text.lines() {
+    let mut bad = Vec::new();
+    for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("");
         let mut fields = line.split_whitespace();
-        let Some(ip) = fields.next().and_then(|f| f.parse::<IpAddr>().ok()) else {
+        let Some(first) = fields.next() else {
             continue;
+        };
+        let ip = match first.parse::<IpAddr>() {
+            Ok(ip) if fields.clone().next().is_some() => ip,
+            _ => {
+                bad.push(n + 1);
+                continue;
+            }
         };
         for name in fields {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             map.entry(name).or_default().push(ip);
         }
     }
-    map
+    (map, bad)
 }
 
 /// Background service: refresh all names every `interval`.
@@ -257,8 +484,10 @@ mod tests {
 
     #[test]
     fn hosts_file_format() {
-        let map =
-            parse_hosts("# comment\n127.0.0.1 a.test B.test. # x\n::1 a.test\nnot-an-ip c.test\n");
+        let (map, bad) = parse_hosts(
+            "# comment\n127.0.0.1 a.test B.test. # x\n::1 a.test\nnot-an-ip c.test\n\n10.0.0.1\n",
+        );
+        assert_eq!(bad, vec![4, 6]);
         assert_eq!(
             map["a.test"],
             vec![
@@ -276,7 +505,7 @@ mod tests {
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, "127.0.0.2 edge.invalid\n").unwrap();
         let resolver = Resolver::new(Some(hosts.clone()));
-        let name = resolver.entry("edge.invalid", 443);
+        let name = resolver.entry("edge.invalid", 443, AddressFamily::Auto);
         resolver.refresh(false).await;
         assert_eq!(name.pick(), Some("127.0.0.2:443".parse().unwrap()));
         std::fs::write(&hosts, "127.0.0.3 edge.invalid\n").unwrap();
@@ -284,10 +513,105 @@ mod tests {
         assert_eq!(name.pick(), Some("127.0.0.3:443".parse().unwrap()));
         // Both names leave the hosts file; DNS knows neither (`.invalid` never
         // resolves, RFC 6761), so edge.invalid keeps its last good address.
-        let gone = resolver.entry("nowhere.invalid", 443);
+        let gone = resolver.entry("nowhere.invalid", 443, AddressFamily::Auto);
         std::fs::write(&hosts, "").unwrap();
         resolver.refresh(false).await;
         assert_eq!(gone.pick(), None);
         assert_eq!(name.pick(), Some("127.0.0.3:443".parse().unwrap()));
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn answers_are_cleaned() {
+        let answer = vec![
+            sa("0.0.0.0:443"),
+            sa("[::]:443"),
+            sa("224.0.0.1:443"),
+            sa("255.255.255.255:443"),
+            sa("10.0.0.2:443"),
+            sa("10.0.0.1:443"),
+            sa("10.0.0.1:443"),
+            sa("[2001:db8::1]:443"),
+        ];
+        let all = |_| true;
+        let (kept, dropped) = clean(answer.clone(), AddressFamily::Auto, all);
+        assert_eq!(
+            kept,
+            vec![
+                sa("10.0.0.1:443"),
+                sa("10.0.0.2:443"),
+                sa("[2001:db8::1]:443")
+            ]
+        );
+        assert_eq!(dropped.len(), 4);
+        assert!(dropped.iter().all(|(_, d)| *d == Dropped::Unusable));
+        let (v4, _) = clean(answer.clone(), AddressFamily::Ipv4, all);
+        assert_eq!(v4, vec![sa("10.0.0.1:443"), sa("10.0.0.2:443")]);
+        let (v6, _) = clean(answer.clone(), AddressFamily::Ipv6, all);
+        assert_eq!(v6, vec![sa("[2001:db8::1]:443")]);
+        // auto: the family the host cannot reach is dropped ...
+        let (kept, dropped) = clean(answer.clone(), AddressFamily::Auto, |a| a.is_ipv4());
+        assert_eq!(kept, vec![sa("10.0.0.1:443"), sa("10.0.0.2:443")]);
+        assert!(dropped.contains(&(sa("[2001:db8::1]:443"), Dropped::Unroutable)));
+        // ... unless nothing is reachable: then all stay, to fail visibly.
+        let (kept, _) = clean(answer, AddressFamily::Auto, |_| false);
+        assert_eq!(kept.len(), 3);
+    }
+
+    #[test]
+    fn hundreds_of_addresses_are_capped_keeping_both_families() {
+        let mut answer: Vec<SocketAddr> = (0..300u16)
+            .map(|i| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 443)))
+            .collect();
+        answer.push(sa("[2001:db8::1]:443"));
+        answer.push(sa("[2001:db8::2]:443"));
+        let (kept, dropped) = clean(answer, AddressFamily::Auto, |_| true);
+        assert_eq!(kept.len(), MAX_ADDRESSES);
+        assert_eq!(kept.iter().filter(|a| a.is_ipv6()).count(), 2);
+        assert_eq!(dropped.len(), 302 - MAX_ADDRESSES);
+        assert!(dropped.iter().all(|(_, d)| *d == Dropped::OverCap));
+    }
+
+    #[test]
+    fn loopback_is_routable() {
+        // The unroutable half needs a host without a route: the network
+        // namespace test in tests/addresses.rs.
+        assert!(routable(sa("127.0.0.1:443")));
+    }
+
+    #[tokio::test]
+    async fn a_bad_answer_keeps_the_last_good_addresses_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.2 edge.invalid\n").unwrap();
+        let metrics = crate::observe::metrics::Metrics::new();
+        let resolver = Resolver::with_metrics(Some(hosts.clone()), metrics.dns());
+        let name = resolver.entry("edge.invalid", 443, AddressFamily::Auto);
+        resolver.refresh(false).await;
+        assert_eq!(name.pick(), Some(sa("127.0.0.2:443")));
+        std::fs::write(
+            &hosts,
+            "0.0.0.0 edge.invalid\n:: edge.invalid\ngarbage\n\u{0}\u{1}zz\n",
+        )
+        .unwrap();
+        resolver.refresh(false).await;
+        assert_eq!(name.pick(), Some(sa("127.0.0.2:443")), "last good kept");
+        let dns = metrics.dns();
+        assert_eq!(
+            dns.lookups
+                .with_label_values(&["edge.invalid", "empty"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            dns.dropped
+                .with_label_values(&["edge.invalid", "unusable"])
+                .get(),
+            2
+        );
+        assert_eq!(dns.hosts_file_bad_lines.get(), 2);
     }
 }

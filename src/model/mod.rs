@@ -56,8 +56,8 @@ pub struct Upstream {
 /// What makes two upstreams "the same" across a reload, for keeping health state.
 fn identity(route: &str, u: &UpstreamConfig) -> String {
     format!(
-        "{route}\0{}\0{}:{}\0{}\0{}\0{:?}\0{:?}",
-        u.name, u.host, u.port, u.tls, u.sni, u.host_header, u.health_check
+        "{route}\0{}\0{}:{}\0{:?}\0{}\0{}\0{:?}\0{:?}",
+        u.name, u.host, u.port, u.address_family, u.tls, u.sni, u.host_header, u.health_check
     )
 }
 
@@ -145,7 +145,7 @@ fn build(
                 .map(|u| {
                     let addresses = match u.ip {
                         Some(ip) => ResolvedName::fixed(ip, u.port),
-                        None => resolver.entry(&u.host, u.port),
+                        None => resolver.entry(&u.host, u.port, u.address_family),
                     };
                     let key = identity(&r.name, u);
                     let h = match health.get(&key).and_then(std::sync::Weak::upgrade) {
@@ -197,22 +197,54 @@ fn build(
 
 impl Model {
     /// Why the proxy is not ready, if it is not: a route none of whose
-    /// upstreams has an address yet.
+    /// upstreams has a live address (resolved, not ejected) and passes its
+    /// checks.
     pub fn not_ready_reasons(&self) -> Vec<String> {
         self.routes
             .iter()
             .filter(|r| {
-                !r.upstreams
-                    .iter()
-                    .any(|u| u.addresses.has_addresses() && u.health.is_healthy())
+                !r.upstreams.iter().any(|u| {
+                    u.addresses.has_addresses() && u.addresses.usable() && u.health.is_healthy()
+                })
             })
-            .map(|r| {
-                format!(
-                    "route {}: no healthy upstream with a resolved address",
-                    r.name
-                )
-            })
+            .map(|r| format!("route {}: no healthy upstream with a live address", r.name))
             .collect()
+    }
+
+    /// The upstreams with no live address, one line each: shown by
+    /// `/readyz` whether or not the proxy is ready (a backup may serve
+    /// while the new distribution has none).
+    pub fn dead_upstreams(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for r in &self.routes {
+            for u in &r.upstreams {
+                let (active, ejected) = u.addresses.states();
+                if active == 0 {
+                    lines.push(if ejected == 0 {
+                        format!(
+                            "route {} upstream {}: no live address ({}:{} has not resolved)",
+                            r.name, u.name, u.addresses.host, u.addresses.port
+                        )
+                    } else {
+                        format!(
+                            "route {} upstream {}: no live address (all {ejected} of {} ejected)",
+                            r.name, u.name, u.addresses.host
+                        )
+                    });
+                }
+            }
+        }
+        lines
+    }
+
+    /// Set `cutover_upstream_addresses` from the addresses' state now (at a
+    /// scrape: the state changes with time, not only with events).
+    pub fn sample_address_gauges(&self) {
+        for u in self.routes.iter().flat_map(|r| &r.upstreams) {
+            let (active, ejected) = u.addresses.states();
+            u.metrics.addresses_active.set(active as i64);
+            u.metrics.addresses_ejected.set(ejected as i64);
+        }
     }
 }
 

@@ -25,6 +25,10 @@ pub struct Metrics {
     ejections: IntCounterVec,
     failovers: IntCounterVec,
     response_bytes: IntCounterVec,
+    addresses: IntGaugeVec,
+    dns_lookups: IntCounterVec,
+    dns_dropped: IntCounterVec,
+    hosts_file_bad_lines: IntCounter,
     reloads: IntCounterVec,
     upgrades: IntCounterVec,
     phase_info: IntGaugeVec,
@@ -148,6 +152,33 @@ impl Metrics {
                 "Upstream addresses taken out of the rotation after a failed connect or TLS handshake",
                 &["route", "upstream"],
             ),
+            addresses: gauge(
+                r,
+                "cutover_upstream_addresses",
+                "Addresses of the upstream's name in use, by state (active, ejected after failed \
+                 connects or checks); sampled at each scrape",
+                &["route", "upstream", "state"],
+            ),
+            dns_lookups: counter(
+                r,
+                "cutover_dns_lookups_total",
+                "Refreshes of an upstream name, by result (changed, unchanged; empty and failed \
+                 keep the last good addresses)",
+                &["name", "result"],
+            ),
+            dns_dropped: counter(
+                r,
+                "cutover_dns_addresses_dropped_total",
+                "Addresses in a DNS or hosts-file answer that cutover does not use, by reason \
+                 (unusable: 0.0.0.0, ::, multicast, broadcast; over_cap: beyond the per-name cap; \
+                 unroutable: this host has no route to it)",
+                &["name", "reason"],
+            ),
+            hosts_file_bad_lines: plain_counter(
+                r,
+                "cutover_hosts_file_bad_lines_total",
+                "Lines of the hosts file that are neither an `IP name...` entry nor a comment",
+            ),
             healthy: gauge(
                 r,
                 "cutover_upstream_healthy",
@@ -220,6 +251,21 @@ impl Metrics {
                     .with_label_values(&[route, upstream, f.label()])
             }),
             weight: self.weight.with_label_values(&[route, upstream]),
+            addresses_active: self
+                .addresses
+                .with_label_values(&[route, upstream, "active"]),
+            addresses_ejected: self
+                .addresses
+                .with_label_values(&[route, upstream, "ejected"]),
+        }
+    }
+
+    /// Handles for the resolver.
+    pub fn dns(&self) -> DnsMetrics {
+        DnsMetrics {
+            lookups: self.dns_lookups.clone(),
+            dropped: self.dns_dropped.clone(),
+            hosts_file_bad_lines: self.hosts_file_bad_lines.clone(),
         }
     }
 
@@ -243,6 +289,7 @@ impl Metrics {
     pub fn clear_upstream_gauges(&self) {
         self.healthy.reset();
         self.weight.reset();
+        self.addresses.reset();
     }
 
     pub fn reload_result(&self, success: bool) {
@@ -284,6 +331,24 @@ pub struct UpstreamMetrics {
     pub ejections: IntCounter,
     /// By [`Failover`] reason: requests that left this upstream for another.
     pub failovers: [IntCounter; Failover::ALL.len()],
+    pub addresses_active: IntGauge,
+    pub addresses_ejected: IntGauge,
+}
+
+/// The resolver's counters (labelled by name: names come from the config).
+#[derive(Clone)]
+pub struct DnsMetrics {
+    pub lookups: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub hosts_file_bad_lines: IntCounter,
+}
+
+impl DnsMetrics {
+    /// Counters registered nowhere, for a resolver outside a server
+    /// (`cutover verify`, unit tests).
+    pub fn unregistered() -> Self {
+        Metrics::new().dns()
+    }
 }
 
 /// Why a request left its upstream for another.

@@ -62,7 +62,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 .as_ref()
                 .filter(|h| attempted.is_empty() && h.serves_upstream(&model, route_idx, idx))
                 .map(|h| h.addr)
-                .filter(|a| !up.addresses.is_ejected(*a));
+                // Still in the name's answer and not ejected: an address
+                // that left DNS retires its connection here.
+                .filter(|a| !up.addresses.is_ejected(*a) && up.addresses.contains(*a));
             tried = held_addr
                 .or_else(|| up.addresses.pick_usable(&attempted))
                 .or_else(|| up.addresses.pick());
