@@ -12,7 +12,10 @@
 //! - `time` and `duration` in the access-log record;
 //! - the metrics that describe the connection rather than the request
 //!   (`cutover_connections_handed_over_total`) and the duration histogram's
-//!   buckets and sum (its count is compared).
+//!   buckets and sum (its count is compared);
+//! - `cutover_upstream_addresses`, the addresses' state at the scrape (an
+//!   address the first carrier's request ejected is still out for the
+//!   second; the ejection counter is compared).
 
 mod common;
 
@@ -53,6 +56,21 @@ async fn start() -> Bed {
         let target = msg.target();
         if target.contains("/stall") {
             return Some(vec![Step::Hang]);
+        }
+        if target.contains("/edge403") {
+            // What a CloudFront edge answers for a name it has no
+            // distribution for.
+            let body = "<HTML><HEAD><TITLE>ERROR: The request could not be satisfied</TITLE></HEAD></HTML>\n";
+            return Some(vec![Step::Send(
+                format!(
+                    "HTTP/1.1 403 Forbidden\r\nServer: CloudFront\r\nContent-Type: text/html\r\n\
+                     Content-Length: {}\r\nX-Cache: Error from cloudfront\r\n\
+                     Via: 1.1 0f1e2d3c.cloudfront.net (CloudFront)\r\nX-Amz-Cf-Pop: IAD89-C1\r\n\
+                     X-Amz-Cf-Id: q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c2v3b4n5m6QQ==\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )]);
         }
         let mut answer = echo_answer(msg);
         // Fields the response edits remove and the policy drops.
@@ -161,6 +179,7 @@ async fn samples(proxy: &Proxy) -> BTreeMap<String, f64> {
         let by_design = key.starts_with("cutover_connections_handed_over_total")
             || key.starts_with("cutover_request_duration_seconds_bucket")
             || key.starts_with("cutover_request_duration_seconds_sum")
+            || key.starts_with("cutover_upstream_addresses{")
             || key.contains("route=\"warm\"");
         if key.starts_with("cutover_") && !by_design {
             out.insert(key.to_string(), value.parse().unwrap());
@@ -313,6 +332,33 @@ async fn a_get_reaches_the_origin_and_the_client_the_same_on_both_carriers() {
     );
     assert_eq!(fast.record["client"], "203.0.113.7", "{:?}", fast.record);
     assert_same("GET", &fast, &pingora);
+}
+
+#[tokio::test]
+async fn an_edge_made_403_is_told_apart_counted_and_logged_the_same() {
+    let bed = start().await;
+    let fast = serve(&bed, Carrier::Fast, "/parity/edge403", GET).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/edge403", GET).await;
+    assert_eq!(fast.response.status(), 403, "{fast:?}");
+    let refused = "cutover_edge_answers_total{kind=\"refused\",route=\"cdn\",upstream=\"strict\"}";
+    assert_eq!(fast.metrics.get(refused), Some(&1.0), "{:?}", fast.metrics);
+    let error_result =
+        "cutover_cdn_cache_results_total{result=\"error\",route=\"cdn\",upstream=\"strict\"}";
+    assert_eq!(
+        fast.metrics.get(error_result),
+        Some(&1.0),
+        "{:?}",
+        fast.metrics
+    );
+    assert_eq!(fast.record["cf_pop"], "IAD89-C1", "{:?}", fast.record);
+    assert_eq!(
+        fast.record["cf_id"],
+        "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c2v3b4n5m6QQ=="
+    );
+    assert_same("edge 403", &fast, &pingora);
+    // An origin's answer has neither field in its record.
+    let plain = serve(&bed, Carrier::Fast, "/parity/plain", GET).await;
+    assert!(plain.record.get("cf_id").is_none(), "{:?}", plain.record);
 }
 
 #[tokio::test]

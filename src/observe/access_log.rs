@@ -65,6 +65,10 @@ pub struct Entry<'a> {
     pub phase: &'a str,
     pub referer: &'a str,
     pub user_agent: &'a str,
+    /// The CDN's request id and edge location (`X-Amz-Cf-Id`,
+    /// `X-Amz-Cf-Pop`), empty when the response had none.
+    pub cf_id: &'a str,
+    pub cf_pop: &'a str,
 }
 
 #[derive(Serialize)]
@@ -81,6 +85,10 @@ struct JsonLine<'a> {
     duration: f64,
     bytes: u64,
     phase: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    cf_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    cf_pop: &'a str,
 }
 
 impl AccessLog {
@@ -121,6 +129,8 @@ impl AccessLog {
                     duration: e.duration.as_secs_f64(),
                     bytes: e.bytes,
                     phase: e.phase,
+                    cf_id: e.cf_id,
+                    cf_pop: e.cf_pop,
                 };
                 if serde_json::to_writer(&mut line, &json).is_err() {
                     return;

@@ -8,6 +8,7 @@ use prometheus::{
     Registry,
 };
 
+use crate::policy::cdn::{CacheResult, EdgeAnswer};
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
 
@@ -26,6 +27,8 @@ pub struct Metrics {
     failovers: IntCounterVec,
     response_bytes: IntCounterVec,
     addresses: IntGaugeVec,
+    cache_results: IntCounterVec,
+    edge_answers: IntCounterVec,
     dns_lookups: IntCounterVec,
     dns_dropped: IntCounterVec,
     hosts_file_bad_lines: IntCounter,
@@ -152,6 +155,21 @@ impl Metrics {
                 "Upstream addresses taken out of the rotation after a failed connect or TLS handshake",
                 &["route", "upstream"],
             ),
+            cache_results: counter(
+                r,
+                "cutover_cdn_cache_results_total",
+                "Responses by the CDN's X-Cache result (hit, miss, refresh_hit, error, redirect, \
+                 generated, other); responses without X-Cache are not counted",
+                &["route", "upstream", "result"],
+            ),
+            edge_answers: counter(
+                r,
+                "cutover_edge_answers_total",
+                "Error answers the CDN edge made itself (X-Cache: Error from cloudfront with \
+                 Server: CloudFront), by kind: refused (400, 403, 421: the edge does not serve \
+                 this name or request) or error (any other status)",
+                &["route", "upstream", "kind"],
+            ),
             addresses: gauge(
                 r,
                 "cutover_upstream_addresses",
@@ -251,6 +269,14 @@ impl Metrics {
                     .with_label_values(&[route, upstream, f.label()])
             }),
             weight: self.weight.with_label_values(&[route, upstream]),
+            cache_results: CacheResult::ALL.map(|c| {
+                self.cache_results
+                    .with_label_values(&[route, upstream, c.label()])
+            }),
+            edge_answers: EdgeAnswer::ALL.map(|k| {
+                self.edge_answers
+                    .with_label_values(&[route, upstream, k.label()])
+            }),
             addresses_active: self
                 .addresses
                 .with_label_values(&[route, upstream, "active"]),
@@ -333,6 +359,10 @@ pub struct UpstreamMetrics {
     pub failovers: [IntCounter; Failover::ALL.len()],
     pub addresses_active: IntGauge,
     pub addresses_ejected: IntGauge,
+    /// By [`CacheResult`].
+    pub cache_results: [IntCounter; CacheResult::ALL.len()],
+    /// By [`EdgeAnswer`].
+    pub edge_answers: [IntCounter; EdgeAnswer::ALL.len()],
 }
 
 /// The resolver's counters (labelled by name: names come from the config).

@@ -23,6 +23,7 @@ use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
 use crate::paths::request::{self, Retry};
 use crate::policy;
+use crate::policy::cdn::CdnFacts;
 use crate::policy::failure::{classify, Failure};
 use crate::policy::fields::connection_options;
 use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
@@ -63,6 +64,8 @@ pub struct RequestCtx {
     nominates: bool,
     /// Informational responses seen so far.
     interim: usize,
+    /// What the final response's CDN fields said.
+    cdn: CdnFacts,
 }
 
 impl RequestCtx {
@@ -240,6 +243,7 @@ impl ProxyHttp for PingoraPath {
             upgrade: false,
             nominates: false,
             interim: 0,
+            cdn: CdnFacts::default(),
         }
     }
 
@@ -584,7 +588,7 @@ impl ProxyHttp for PingoraPath {
             .map_err(bad)?;
             drop_content_length = framing.drop_content_length;
         }
-        let Some((_, upstream)) = ctx.route_and_upstream() else {
+        let Some((route, upstream)) = ctx.route_and_upstream() else {
             return Ok(());
         };
         let close = self.process.closing(session.is_process_shutting_down());
@@ -613,11 +617,17 @@ impl ProxyHttp for PingoraPath {
                 .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
                 .collect()
         };
+        let mut cdn = CdnFacts::default();
+        for (name, value) in &fields {
+            cdn.add(name, value);
+        }
+        request::answered(route, upstream, status, &cdn);
         upstream
             .plan
             .response(&facts, fields.iter().copied(), &mut render);
         render.finish()?;
         *resp = next;
+        ctx.cdn = cdn;
         Ok(())
     }
 
@@ -719,6 +729,8 @@ impl ProxyHttp for PingoraPath {
                 phase: &model.config.phase,
                 referer: "",
                 user_agent: "",
+                cf_id: "",
+                cf_pop: "",
             };
             request::finish(&self.process, None, &entry);
         } else {
@@ -779,6 +791,8 @@ impl ProxyHttp for PingoraPath {
                 phase: &model.config.phase,
                 referer: header(http::header::REFERER),
                 user_agent: header(http::header::USER_AGENT),
+                cf_id: ctx.cdn.id.as_str(),
+                cf_pop: ctx.cdn.pop.as_str(),
             };
             request::finish(&self.process, served.map(|(_, up)| up), &entry);
         }

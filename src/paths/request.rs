@@ -16,6 +16,7 @@ use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
 use crate::observe::access_log::Entry;
 use crate::observe::metrics::Failover;
+use crate::policy::cdn::{CdnFacts, EdgeAnswer};
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::failure::ErrorKind;
 use crate::shift::selection::{choose, client_point, Candidate};
@@ -199,6 +200,43 @@ pub fn address_failed(
         ejected_for.as_secs()
     );
     retry
+}
+
+/// The upstream's final response head arrived (`status`, and what its CDN
+/// fields say): its cache result is counted, and an answer the edge made
+/// itself is counted by kind and logged with the edge's request id and
+/// location ([`crate::policy::cdn`]).
+pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts) {
+    let Some(cache) = cdn.cache else {
+        return;
+    };
+    up.metrics.cache_results[cache as usize].inc();
+    if let Some(edge) = cdn.edge_answer(status) {
+        up.metrics.edge_answers[edge as usize].inc();
+        let hint = match edge {
+            EdgeAnswer::Refused => {
+                "the distribution does not serve this Host (alternate domain names, certificate) or its WAF blocked the request"
+            }
+            EdgeAnswer::Error => "the edge could not get an answer from its origin",
+        };
+        limited!(
+            warn,
+            "edge answered {status} itself ({}): route={} upstream={} cf_pop={} cf_id={}: {hint}",
+            edge.label(),
+            route.name,
+            up.name,
+            or_dash(cdn.pop.as_str()),
+            or_dash(cdn.id.as_str())
+        );
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
 }
 
 /// A connect to `addr` succeeded: the address is back in the rotation.

@@ -2,6 +2,7 @@
 //! Pingora path) make the same way: they call these functions and only
 //! render the answer in their own representation.
 
+pub mod cdn;
 pub mod client_ip;
 pub mod failure;
 pub mod fields;

@@ -23,6 +23,7 @@ use crate::model::{Route, Upstream};
 use crate::observe::access_log::Entry;
 use crate::paths::request::{self, Retry};
 use crate::policy;
+use crate::policy::cdn::CdnFacts;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
 
@@ -154,8 +155,12 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         };
 
         let up = &route.upstreams[idx];
+        let mut cdn = CdnFacts::default();
         let (status, bytes, keep_client) = match outcome {
-            Ok(done) => (done.status, done.bytes, done.keep_client),
+            Ok(done) => {
+                cdn = done.cdn;
+                (done.status, done.bytes, done.keep_client)
+            }
             Err((kind, cause, counted)) => {
                 let status = request::failed(route, up, kind, &cause, counted);
                 let status = if write_error(&mut conn.stream, status).await {
@@ -182,6 +187,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             phase: &model.config.phase,
             referer: header_str(req, "referer"),
             user_agent: header_str(req, "user-agent"),
+            cf_id: cdn.id.as_str(),
+            cf_pop: cdn.pop.as_str(),
         };
         request::finish(&self.process, Some(up), &entry);
         Step::Served { keep_client }
@@ -206,12 +213,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let (mut ups, (mut end, mut folded)) = self.send(conn, ups, reused, up, addr).await?;
         let mut interim = 0;
         let close = closing || ask.client_close;
-        let (status, head_len, framing, upstream_keep) = loop {
+        let (status, head_len, framing, upstream_keep, cdn) = loop {
             let head = &conn.resp[..end];
             match client_head(head, folded, ask.head, &up.plan, close, &mut conn.out) {
                 Err(why) => return fail(ErrorKind::Other, why),
                 Ok(UpstreamHead::Final { status, framing }) => {
-                    break (status, end, framing.body, framing.reusable)
+                    request::answered(route, up, status, &framing.cdn);
+                    break (status, end, framing.body, framing.reusable, framing.cdn);
                 }
                 Ok(UpstreamHead::Interim) => {
                     // Not forwarded (as the Pingora path and nginx); the
@@ -246,6 +254,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             status,
             bytes,
             keep_client,
+            cdn,
         };
         if let Err(e) = to_client(write_head_and_body(
             &mut conn.stream,
@@ -260,6 +269,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 status: 499,
                 bytes: 0,
                 keep_client: false,
+                cdn,
             };
             // The whole response was read: the upstream connection is fine,
             // keep it (a client giving up must not cost a TLS handshake).
@@ -418,4 +428,5 @@ pub(super) struct Done {
     pub(super) status: u16,
     pub(super) bytes: u64,
     pub(super) keep_client: bool,
+    pub(super) cdn: CdnFacts,
 }

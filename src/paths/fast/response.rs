@@ -11,6 +11,7 @@ use super::body::Framing;
 use super::chunked::ChunkedEnd;
 use super::head::{head_end_and_folds, Unfolding};
 use super::{MAX_HEAD, MAX_RESPONSE_HEADERS, READ_CHUNK};
+use crate::policy::cdn::CdnFacts;
 use crate::policy::failure::ErrorKind;
 use crate::policy::fields::ConnectionOptions;
 use crate::policy::forward::{Plan, ResponseFacts};
@@ -148,6 +149,8 @@ pub(super) struct ResponseFraming {
     pub(super) drop_content_length: bool,
     /// The response's `Connection` names fields that are not forwarded.
     pub(super) nominates: bool,
+    /// What the CDN's own fields say.
+    pub(super) cdn: CdnFacts,
 }
 
 /// How the body is delimited (the process policy), and whether the upstream
@@ -159,10 +162,15 @@ pub(super) fn response_framing(
 ) -> Result<ResponseFraming, &'static str> {
     let mut framing = FramingFields::default();
     let mut connection = ConnectionOptions::default();
+    let mut cdn = CdnFacts::default();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        if !framing.add(name, h.value) && name.eq_ignore_ascii_case(b"connection") {
-            connection.add(h.value);
+        if !framing.add(name, h.value) {
+            if name.eq_ignore_ascii_case(b"connection") {
+                connection.add(h.value);
+            } else {
+                cdn.add(name, h.value);
+            }
         }
     }
     let f = framing.response_body(
@@ -181,6 +189,7 @@ pub(super) fn response_framing(
         reusable: f.reusable,
         drop_content_length: f.drop_content_length,
         nominates: connection.nominates,
+        cdn,
     })
 }
 
