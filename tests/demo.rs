@@ -46,6 +46,18 @@ fn demo_shows_trap_and_fix_then_stops_on_ctrl_c() {
         "{text}"
     );
     assert!(text.contains("Misdirected"), "{text}");
+    // One address of the new distribution refuses: cutover routes around
+    // it, the old distribution serves nothing.
+    let dead = text
+        .lines()
+        .skip_while(|l| !l.contains("dead edge address"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        dead.contains("20 of 20 answered ok-new-cdn, 0 by old-cloudfront")
+            && !dead.contains("ejections: 0"),
+        "{text}"
+    );
     assert!(
         text.contains("verdict: the DNS flip still lands on the OLD"),
         "{text}"

@@ -6,6 +6,8 @@
 #   ROUNDS=1 DURATION=5 PEERS=nginx benches/compare/cutover.sh   # quicker; all run.sh knobs apply
 #   BASE_BIN=/path/to/old/cutover benches/compare/cutover.sh      # before/after: that binary runs beside
 #                                                                 # this build, same config, as cutover-base
+#   FOUR_ADDRESSES=1 benches/compare/cutover.sh   # also `cutover-4addr` (port +2): the same job with the
+#                                                 # origin's name resolving to 127.0.0.1-4 (hosts file)
 #
 # The job: plain HTTP in for cdn.example.test, Host rewritten to cdn-new.example.test, TLS to the
 # origin (127.0.0.1:19443) with SNI cdn-new.example.test and a verified certificate, upstream
@@ -23,6 +25,7 @@ CUTOVER_PORT=${CUTOVER_PORT:-18084}
 CUTOVER_ADMIN=${CUTOVER_ADMIN:-18094}
 ACCESS_LOG=${ACCESS_LOG:-off}          # off | json
 BASE_BIN=${BASE_BIN:-}                 # optional second cutover binary (port +1), for before/after
+FOUR_ADDRESSES=${FOUR_ADDRESSES:-}     # 1: a third cutover whose upstream name has four addresses
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/cutover-target}
 
 [ -f "$CONF_DIR/origin-bench.conf" ] || "$HERE/setup.sh"
@@ -86,6 +89,22 @@ if [ -n "$BASE_BIN" ]; then
   wait_port "$BASE_PORT" || die "the base cutover did not start; see $LOG_DIR/cutover-base.out"
   log "cutover-base ($BASE_BIN) pid ${CUTOVER_PIDS[1]} on 127.0.0.1:$BASE_PORT"
   targets+=("cutover-base=$BASE_PORT")
+fi
+
+if [ -n "$FOUR_ADDRESSES" ]; then
+  FOUR_PORT=$((CUTOVER_PORT + 2))
+  printf '127.0.0.%s origin.bench.test\n' 1 2 3 4 >"$CONF_DIR/hosts-4addr"
+  sed -e "s/127.0.0.1:$CUTOVER_PORT/127.0.0.1:$FOUR_PORT/" -e "s/127.0.0.1:$CUTOVER_ADMIN/127.0.0.1:$((CUTOVER_ADMIN + 2))/" \
+      -e "s/cutover-upgrade.sock/cutover-4addr-upgrade.sock/" -e "s/cutover.pid/cutover-4addr.pid/" \
+      -e "s/cutover-access.log/cutover-4addr-access.log/" \
+      -e "s/address: 127.0.0.1:$ORIGIN_PORT/address: origin.bench.test:$ORIGIN_PORT/" \
+      "$CONF_DIR/cutover.yaml" >"$CONF_DIR/cutover-4addr.yaml"
+  taskset -c "$PROXY_CPU" env RUST_LOG=warn CUTOVER_HOSTS_FILE="$CONF_DIR/hosts-4addr" "$BIN" run \
+      --config "$CONF_DIR/cutover-4addr.yaml" >>"$LOG_DIR/cutover-4addr.out" 2>&1 &
+  CUTOVER_PIDS+=($!)
+  wait_port "$FOUR_PORT" || die "cutover-4addr did not start; see $LOG_DIR/cutover-4addr.out"
+  log "cutover-4addr pid ${CUTOVER_PIDS[-1]} on 127.0.0.1:$FOUR_PORT (origin name on 127.0.0.1-4)"
+  targets+=("cutover-4addr=$FOUR_PORT")
 fi
 
 "$HERE/run.sh" "${targets[@]}" "$@"

@@ -136,9 +136,6 @@ impl Candidate for ByHealth<'_> {
     }
 }
 
-/// Connect attempts on the addresses of one upstream, for one request.
-pub const MAX_ADDRESS_ATTEMPTS: usize = 3;
-
 /// What a request does after a connect to one address failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
@@ -170,7 +167,12 @@ pub fn address_failed(
     let ejected_for = up.addresses.ejections.eject(addr, Instant::now());
     up.metrics.ejections.inc();
     tried.push(addr);
-    let retry = if tried.len() < MAX_ADDRESS_ATTEMPTS && up.addresses.pick_usable(tried).is_some() {
+    // Every usable address once (at most `dns::MAX_ADDRESSES`), as nginx's
+    // `proxy_next_upstream` tries every server of a group by default: a
+    // refused address costs nothing, a silent one its connect timeout once
+    // (then it is ejected for every request), and an upstream fails over
+    // only when none of its addresses connects.
+    let retry = if up.addresses.pick_usable(tried).is_some() {
         Retry::Address
     } else if let Some(next) = first_upstream
         .then(|| choose(&route.upstreams, point, Some(failed)))

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::edge::{Distribution, Edge};
+use super::edge::{AddressMode, Distribution, Edge};
 use super::pki::TestCa;
 use crate::shift::probe::{self, Target, TlsTarget};
 
@@ -14,6 +14,10 @@ pub const PUBLIC_NAME: &str = "cdn.example.test";
 pub const NEW_NAME: &str = "cdn-new.example.test";
 pub const OLD_DIST: &str = "d-old.cloudfront.test";
 pub const NEW_DIST: &str = "d-new.cloudfront.test";
+/// The new distribution's second address, dead in the demo.
+const DEAD_ADDRESS: &str = "127.0.0.2:0";
+/// Requests the demo sends through cutover to show the dead address.
+const THROUGH: usize = 20;
 
 /// The two distributions of the rehearsal: the old one still owns the public name.
 pub fn distributions() -> Vec<Distribution> {
@@ -87,11 +91,23 @@ pub fn run() -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let edge = edge_rt.block_on(Edge::start("127.0.0.1:0".parse()?, &ca, distributions()))?;
+    // The new distribution's name has two addresses, as CloudFront names
+    // have several; the second one is dead (refuses connections), and
+    // cutover routes around it without touching the old distribution.
+    let binds: [SocketAddr; 2] = ["127.0.0.1:0".parse()?, DEAD_ADDRESS.parse()?];
+    let edge = edge_rt.block_on(Edge::start_on(&binds, &ca, distributions()))?;
     let edge_addr = edge.addr();
+    let dead = SocketAddr::new(DEAD_ADDRESS.parse::<SocketAddr>()?.ip(), edge_addr.port());
+    edge_rt.block_on(edge.set_mode(dead, AddressMode::Refuse))?;
 
     let hosts = dir.join("hosts");
-    std::fs::write(&hosts, format!("127.0.0.1 {OLD_DIST} {NEW_DIST}\n"))?;
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1 {OLD_DIST} {NEW_DIST}\n{} {NEW_DIST}\n",
+            dead.ip()
+        ),
+    )?;
     let listen = loopback_port(8080)?;
     let admin = loopback_port(9091)?;
     let config_path = dir.join("cutover.yaml");
@@ -170,7 +186,9 @@ async fn probe_row(label: &'static str, how: String, target: Target) -> Row {
                     format!("served by {d}")
                 });
             let body = r.body_text();
-            let first_line = body.lines().next().unwrap_or("").to_string();
+            // An edge-made page: its explanation, after the rule.
+            let text = body.find("<HR>").map_or(body.as_str(), |i| &body[i + 4..]);
+            let first_line = text.lines().next().unwrap_or("").to_string();
             Row {
                 label,
                 how,
@@ -250,6 +268,7 @@ async fn rehearse(
             r.label, r.how, "", r.outcome
         ));
     }
+    out.push_str(&dead_address_row(listen, admin, edge).await);
     let flip_old = rows[0].marker.as_deref() == Some("ok-old-cdn");
     let proxy_new = rows[2].marker.as_deref() == Some("ok-new-cdn");
     out.push_str(&format!(
@@ -262,4 +281,56 @@ async fn rehearse(
     ));
     out.push_str(&format!("metrics: http://{admin}/metrics\n"));
     Ok(out)
+}
+
+/// Requests through cutover while one address of the new distribution's
+/// name refuses: who served them, and what the metrics say.
+async fn dead_address_row(listen: SocketAddr, admin: SocketAddr, edge: SocketAddr) -> String {
+    let mut served_new = 0;
+    for _ in 0..THROUGH {
+        let target = Target {
+            connect: listen,
+            tls: None,
+            host: PUBLIC_NAME.into(),
+            path: "/ruok".into(),
+        };
+        if let Ok(r) = probe::get(&target, Duration::from_secs(5)).await {
+            served_new += usize::from(r.body_text().trim() == "ok-new-cdn");
+        }
+    }
+    let metrics = probe::get(
+        &Target {
+            connect: admin,
+            tls: None,
+            host: "localhost".into(),
+            path: "/metrics".into(),
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .map(|r| r.body_text())
+    .unwrap_or_default();
+    let sum = |prefix: &str, needle: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(needle))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    let old = sum("cutover_requests_total{", "upstream=\"old-cloudfront\"");
+    let ejections = sum(
+        "cutover_upstream_address_ejections_total{",
+        "new-cloudfront",
+    );
+    format!(
+        "  {:<18} {:<70}\n  {:<18} -> {served_new} of {THROUGH} answered ok-new-cdn, {old} by old-cloudfront; \
+         address ejections: {ejections}\n",
+        "dead edge address",
+        format!(
+            "{NEW_DIST} -> 127.0.0.1 and {} (refuses)",
+            DEAD_ADDRESS.replace(":0", &format!(":{}", edge.port()))
+        ),
+        ""
+    )
 }

@@ -15,12 +15,27 @@
 //! - `/status/N`: an empty response with status N;
 //! - anything else: a line naming the distribution, Host and SNI.
 //!
-//! Every response carries `x-edge-distribution`, `x-edge-host`, `x-edge-sni`.
+//! Every response carries `x-edge-distribution`, `x-edge-host`, `x-edge-sni`,
+//! and CloudFront's own fields: `X-Cache` (`Miss from cloudfront` the first
+//! time a distribution serves a path, `Hit from cloudfront` after, `Error
+//! from cloudfront` for an error status), `Via: 1.1 ….cloudfront.net
+//! (CloudFront)`, `X-Amz-Cf-Pop` (one per listening address) and a fresh
+//! `X-Amz-Cf-Id`. What the edge refuses itself (403 for a Host no
+//! distribution owns, 421 for SNI and Host of different distributions) also
+//! says `Server: CloudFront`, with CloudFront's HTML body.
+//!
+//! Like a CloudFront name, an edge can listen on several addresses (one
+//! port, [`Edge::start_on`]), and each address can be switched
+//! ([`Edge::set_mode`]) to refuse connections, reset them right after the
+//! TLS handshake, or blackhole them (accept, never answer). Idle keep-alive
+//! connections are closed after [`IDLE`], as an edge closes idle upstream
+//! connections of a proxy.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -31,7 +46,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use openssl::pkey::PKey;
 use openssl::ssl::{NameType, Ssl, SslAcceptor, SslAcceptorBuilder, SslContext, SslMethod};
 use openssl::x509::X509;
@@ -40,6 +55,42 @@ use tokio::task::JoinHandle;
 use tokio_openssl::SslStream;
 
 use super::pki::TestCa;
+
+/// How long a keep-alive connection may sit idle before the edge closes it.
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// What one listening address of the edge does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressMode {
+    Serve = 0,
+    /// Nothing listens: a connect is refused.
+    Refuse,
+    /// The TLS handshake completes, then the connection is reset.
+    Reset,
+    /// The TCP connection is accepted and never answered (no TLS handshake).
+    Blackhole,
+}
+
+impl AddressMode {
+    fn from_u8(v: u8) -> AddressMode {
+        match v {
+            1 => AddressMode::Refuse,
+            2 => AddressMode::Reset,
+            3 => AddressMode::Blackhole,
+            _ => AddressMode::Serve,
+        }
+    }
+}
+
+/// One listening address.
+struct Listening {
+    addr: SocketAddr,
+    mode: Arc<AtomicU8>,
+    /// The accept loop; `None` while the address refuses.
+    task: Mutex<Option<JoinHandle<()>>>,
+    /// Its open connections: refusing closes them too, as a dead edge does.
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
 
 /// One distribution: its own domain (`d-new.cloudfront.test`), the alternate
 /// names it owns, and the marker its `/ruok` answers.
@@ -97,12 +148,14 @@ struct State {
     tls_connections: AtomicU64,
     /// Requests received, counted on arrival (`seen` records them when answered).
     arrived: AtomicU64,
+    /// (distribution, path) pairs served once: the next answer is a "Hit".
+    cached: Mutex<HashSet<(usize, String)>>,
+    acceptor: SslContext,
 }
 
 pub struct Edge {
-    addr: SocketAddr,
+    listening: Vec<Listening>,
     state: Arc<State>,
-    task: JoinHandle<()>,
 }
 
 impl Edge {
@@ -112,9 +165,18 @@ impl Edge {
         ca: &TestCa,
         dists: Vec<Distribution>,
     ) -> anyhow::Result<Edge> {
+        Self::start_on(&[bind], ca, dists).await
+    }
+
+    /// Listen on every address of `binds` with one port (the first one's,
+    /// or a free one when it is 0), as the addresses of one CloudFront name.
+    pub async fn start_on(
+        binds: &[SocketAddr],
+        ca: &TestCa,
+        dists: Vec<Distribution>,
+    ) -> anyhow::Result<Edge> {
+        anyhow::ensure!(!binds.is_empty(), "an edge needs an address");
         let acceptor = build_acceptor(ca, &dists)?;
-        let listener = TcpListener::bind(bind).await?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(State {
             canaries: Mutex::new(
                 dists
@@ -129,45 +191,78 @@ impl Edge {
             seen: Mutex::default(),
             tls_connections: AtomicU64::new(0),
             arrived: AtomicU64::new(0),
+            cached: Mutex::default(),
+            acceptor,
         });
-        let task_state = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let state = task_state.clone();
-                tokio::spawn(async move {
-                    let Ok(ssl) = Ssl::new(&acceptor) else { return };
-                    let Ok(mut tls) = SslStream::new(ssl, tcp) else {
-                        return;
-                    };
-                    if Pin::new(&mut tls).accept().await.is_err() {
-                        return;
-                    }
-                    state.tls_connections.fetch_add(1, Ordering::Relaxed);
-                    let sni = tls
-                        .ssl()
-                        .servername(NameType::HOST_NAME)
-                        .map(|s| s.to_ascii_lowercase());
-                    let service = service_fn(move |req| {
-                        let state = state.clone();
-                        let sni = sni.clone();
-                        async move { Ok::<_, Infallible>(handle(&state, sni, req).await) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Edge { addr, state, task })
+        let first = TcpListener::bind(binds[0]).await?;
+        let port = first.local_addr()?.port();
+        let mut listeners = vec![first];
+        for b in &binds[1..] {
+            listeners.push(TcpListener::bind(SocketAddr::new(b.ip(), port)).await?);
+        }
+        let mut listening = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let addr = listener.local_addr()?;
+            let mode = Arc::new(AtomicU8::new(AddressMode::Serve as u8));
+            let conns = Arc::default();
+            let task = accept_loop(listener, state.clone(), mode.clone(), pop(i), &conns);
+            listening.push(Listening {
+                addr,
+                mode,
+                task: Mutex::new(Some(task)),
+                conns,
+            });
+        }
+        Ok(Edge { listening, state })
     }
 
+    /// The addresses it listens on (one port).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.listening.iter().map(|l| l.addr).collect()
+    }
+
+    /// Switch what the address `addr` (of [`Edge::addrs`]) does with new
+    /// connections. Refusing closes its listening socket and every open
+    /// connection of it; leaving that mode binds it again.
+    pub async fn set_mode(&self, addr: SocketAddr, mode: AddressMode) -> anyhow::Result<()> {
+        let (i, l) = self
+            .listening
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.addr == addr)
+            .ok_or_else(|| anyhow::anyhow!("the edge does not listen on {addr}"))?;
+        l.mode.store(mode as u8, Ordering::Relaxed);
+        let running = l.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match (mode, running) {
+            (AddressMode::Refuse, Some(task)) => {
+                task.abort();
+                let _ = task.await;
+                for c in l.conns.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                    c.abort();
+                }
+            }
+            (AddressMode::Refuse, None) => {}
+            (_, Some(task)) => {
+                *l.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            }
+            (_, None) => {
+                let listener = TcpListener::bind(addr).await?;
+                let task = accept_loop(
+                    listener,
+                    self.state.clone(),
+                    l.mode.clone(),
+                    pop(i),
+                    &l.conns,
+                );
+                *l.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            }
+        }
+        Ok(())
+    }
+
+    /// Its first address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.listening[0].addr
     }
 
     /// Every request answered so far, in order.
@@ -203,14 +298,94 @@ impl Edge {
     }
 
     pub fn stop(self) {
-        self.task.abort();
+        drop(self);
     }
 }
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        self.task.abort();
+        for l in &self.listening {
+            if let Some(task) = l.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
+        }
     }
+}
+
+/// The `X-Amz-Cf-Pop` of the edge's `i`-th address.
+fn pop(i: usize) -> Arc<str> {
+    format!("TST5{i}-C1").into()
+}
+
+/// Accept on `listener` and treat each connection as `mode` says.
+fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    mode: Arc<AtomicU8>,
+    pop: Arc<str>,
+    conns: &Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+) -> JoinHandle<()> {
+    let conns = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let state = state.clone();
+            let pop = pop.clone();
+            let mode = AddressMode::from_u8(mode.load(Ordering::Relaxed));
+            let conn = tokio::spawn(async move {
+                if mode == AddressMode::Blackhole {
+                    // Read and drop whatever comes, never answer, until the
+                    // peer gives up.
+                    let mut tcp = tcp;
+                    let mut sink = [0u8; 1024];
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    return;
+                }
+                let Ok(ssl) = Ssl::new(&state.acceptor) else {
+                    return;
+                };
+                let Ok(mut tls) = SslStream::new(ssl, tcp) else {
+                    return;
+                };
+                if Pin::new(&mut tls).accept().await.is_err() {
+                    return;
+                }
+                if mode == AddressMode::Reset {
+                    // A zero linger makes the close a reset; it never blocks
+                    // (the deprecation is about a non-zero linger).
+                    #[allow(deprecated)]
+                    let _ = tls.get_ref().set_linger(Some(std::time::Duration::ZERO));
+                    return;
+                }
+                state.tls_connections.fetch_add(1, Ordering::Relaxed);
+                let sni = tls
+                    .ssl()
+                    .servername(NameType::HOST_NAME)
+                    .map(|s| s.to_ascii_lowercase());
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    let sni = sni.clone();
+                    let pop = pop.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, sni, &pop, req).await) }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(IDLE)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+            let mut open = conns.lock().unwrap_or_else(|e| e.into_inner());
+            open.retain(|c| !c.is_finished());
+            open.push(conn.abort_handle());
+        }
+    })
 }
 
 /// An acceptor presenting a fresh certificate for `names`.
@@ -283,7 +458,32 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
     Some(h.trim_end_matches('.').to_ascii_lowercase())
 }
 
-async fn handle(state: &State, sni: Option<String>, req: Request<Incoming>) -> Response<EdgeBody> {
+/// CloudFront's page for an answer the edge makes itself.
+fn edge_page(status: u16, why: &str) -> EdgeBody {
+    full(format!(
+        "<!DOCTYPE HTML PUBLIC \"-//W3C//DTD HTML 4.01 Transitional//EN\">\n\
+         <HTML><HEAD><TITLE>ERROR: The request could not be satisfied</TITLE></HEAD><BODY>\n\
+         <H1>{status} ERROR</H1><H2>The request could not be satisfied.</H2>\n<HR>{why}\n\
+         </BODY></HTML>\n"
+    ))
+}
+
+/// A fresh `X-Amz-Cf-Id`: 56 characters of CloudFront's alphabet.
+fn cf_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut id: String = (0..54)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect();
+    id.push_str("==");
+    id
+}
+
+async fn handle(
+    state: &State,
+    sni: Option<String>,
+    pop: &str,
+    req: Request<Incoming>,
+) -> Response<EdgeBody> {
     state.arrived.fetch_add(1, Ordering::Relaxed);
     let host = host_of(&req);
     let path = req.uri().path().to_string();
@@ -312,24 +512,44 @@ async fn handle(state: &State, sni: Option<String>, req: Request<Incoming>) -> R
         .as_deref()
         .and_then(|s| state.dists.iter().position(|d| d.owns(s)));
 
+    let mut cache = "Error from cloudfront";
+    let mut edge_made = true;
     let (status, body): (u16, EdgeBody) = match (by_host, by_sni) {
         (None, _) => (
             403,
-            full("edge: no distribution owns this Host (CloudFront: 403 Bad request)\n"),
+            edge_page(
+                403,
+                "Bad request. We can't connect to the server for this app or website at this time. \
+                 (edge: no distribution owns this Host)",
+            ),
         ),
         (Some(h), Some(s)) if h != s => (
             421,
-            full(format!(
-                "edge: 421 Misdirected Request: SNI {} belongs to {}, Host {} to {}\n",
-                sni.as_deref().unwrap_or(""),
-                state.dists[s].id,
-                host.as_deref().unwrap_or(""),
-                state.dists[h].id
-            )),
+            edge_page(
+                421,
+                &format!(
+                    "Misdirected Request: SNI {} belongs to {}, Host {} to {}",
+                    sni.as_deref().unwrap_or(""),
+                    state.dists[s].id,
+                    host.as_deref().unwrap_or(""),
+                    state.dists[h].id
+                ),
+            ),
         ),
         (Some(h), _) => {
             seen.distribution = Some(state.dists[h].id.clone());
-            serve(state, h, &path, req, &sni, &host).await
+            edge_made = false;
+            let key = (h, path.clone());
+            let (status, body) = serve(state, h, &path, req, &sni, &host).await;
+            if status < 400 {
+                let mut cached = state.cached.lock().unwrap_or_else(|e| e.into_inner());
+                cache = if cached.insert(key) {
+                    "Miss from cloudfront"
+                } else {
+                    "Hit from cloudfront"
+                };
+            }
+            (status, body)
         }
     };
     seen.status = status;
@@ -346,10 +566,27 @@ async fn handle(state: &State, sni: Option<String>, req: Request<Incoming>) -> R
         ("x-edge-distribution", dist),
         ("x-edge-host", host.unwrap_or_default()),
         ("x-edge-sni", sni.unwrap_or_default()),
+        ("x-cache", cache.to_string()),
+        (
+            "via",
+            "1.1 5b2f3c1e0d.cloudfront.test (CloudFront)".to_string(),
+        ),
+        ("x-amz-cf-pop", pop.to_string()),
+        ("x-amz-cf-id", cf_id()),
     ] {
         if let Ok(v) = value.parse() {
             h.insert(name, v);
         }
+    }
+    if edge_made {
+        h.insert(
+            http::header::SERVER,
+            http::HeaderValue::from_static("CloudFront"),
+        );
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/html"),
+        );
     }
     resp
 }

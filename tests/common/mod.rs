@@ -15,6 +15,7 @@ use cutover::rehearsal::edge::Edge;
 use cutover::rehearsal::pki::TestCa;
 use cutover::shift::probe::{self, Reply, Target};
 
+pub mod netns;
 pub mod strict_origin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
@@ -140,9 +141,43 @@ impl Proxy {
         hosts_file: Option<&Path>,
         extra_args: &[&str],
     ) -> Proxy {
+        Self::spawn(
+            Command::new(BIN),
+            dir,
+            config_path,
+            listen,
+            admin,
+            hosts_file,
+            extra_args,
+        )
+    }
+
+    /// The same, with cutover running in the network namespace `netns`
+    /// (`ip netns exec` execs it: the child's PID is cutover's).
+    pub fn start_in_netns(
+        netns: &str,
+        dir: &Path,
+        config_path: PathBuf,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        hosts_file: Option<&Path>,
+    ) -> Proxy {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, BIN]);
+        Self::spawn(cmd, dir, config_path, listen, admin, hosts_file, &[])
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        dir: &Path,
+        config_path: PathBuf,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        hosts_file: Option<&Path>,
+        extra_args: &[&str],
+    ) -> Proxy {
         let log_path = dir.join(format!("cutover-{}.log", listen.port()));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -226,18 +261,23 @@ impl Proxy {
     }
 
     pub async fn metrics(&self) -> String {
-        let r = probe::get(
+        let r = self.admin_get("/metrics").await;
+        String::from_utf8(r.body.to_vec()).unwrap()
+    }
+
+    /// GET `path` from the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        probe::get(
             &Target {
                 connect: self.admin,
                 tls: None,
                 host: "localhost".into(),
-                path: "/metrics".into(),
+                path: path.into(),
             },
             Duration::from_secs(10),
         )
         .await
-        .unwrap();
-        String::from_utf8(r.body.to_vec()).unwrap()
+        .unwrap()
     }
 
     /// Scrape until `name{labels}` equals `want`, or return the last scrape

@@ -1,0 +1,145 @@
+//! A network namespace of the test's own, joined to the test's namespace by
+//! a veth pair with private addresses on both ends (10.77.N.0/24 and
+//! fd77:N::/64). Created by [`Netns::create`], removed on drop: deleting the
+//! namespace deletes its end of the pair, and with it the other end.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("`ip` (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    /// The subnet index N of 10.77.N.0/24 and fd77:N::/64.
+    n: u32,
+    pub ipv6: bool,
+}
+
+impl Netns {
+    /// A namespace with lo up and one veth link; `ipv6: false` disables
+    /// IPv6 in it altogether (`net.ipv6.conf.all.disable_ipv6 = 1`), as on
+    /// an EC2 instance in an IPv4-only subnet.
+    pub fn create(ipv6: bool) -> Netns {
+        // A free subnet index: the first whose veth name is not taken (other
+        // test processes run at the same time).
+        let mut n = std::process::id() % 250 + 1;
+        let (host_if, ns_if) = loop {
+            let host_if = format!("cvh{n}");
+            let ns_if = format!("cvn{n}");
+            let made = Command::new("ip")
+                .args([
+                    "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+                ])
+                .output()
+                .expect("`ip` (iproute2) runs");
+            if made.status.success() {
+                break (host_if, ns_if);
+            }
+            n = n % 250 + 1;
+        };
+        let name = format!("cutover-t{}-{n}", std::process::id());
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        if !made.status.success() {
+            let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+            panic!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+        }
+        let ns = Netns {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            n,
+            ipv6,
+        };
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["link", "set", &host_if, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        if !ipv6 {
+            ns.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+            ns.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+        }
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.77.{n}.100/24"),
+            "dev",
+            &ns_if,
+        ]);
+        if ipv6 {
+            ns.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("fd77:{n}::100/64"),
+                "dev",
+                &ns_if,
+                "nodad",
+            ]);
+        }
+        ns.exec(&["ip", "link", "set", &ns_if, "up"]);
+        ns
+    }
+
+    /// Run a command inside the namespace; it must succeed.
+    pub fn exec(&self, args: &[&str]) {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// The namespace side's IPv4 address.
+    pub fn inside(&self) -> IpAddr {
+        format!("10.77.{}.100", self.n).parse().unwrap()
+    }
+
+    /// Add host-side address `k` (1..=99) of each family to the link and
+    /// return them: addresses the test's servers bind and the namespace
+    /// reaches through the link.
+    pub fn host_v4(&self, k: u8) -> IpAddr {
+        let a = format!("10.77.{}.{k}", self.n);
+        ip(&["addr", "add", &format!("{a}/24"), "dev", &self.host_if]);
+        a.parse().unwrap()
+    }
+
+    pub fn host_v6(&self, k: u8) -> IpAddr {
+        let a = format!("fd77:{}::{k}", self.n);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            &self.host_if,
+            "nodad",
+        ]);
+        a.parse().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
