@@ -102,6 +102,14 @@ struct Load {
 }
 
 impl Load {
+    fn absorb(&mut self, other: Load) {
+        self.sent += other.sent;
+        self.errors.extend(other.errors);
+        self.not_new += other.not_new;
+        self.latencies.extend(other.latencies);
+        self.elapsed = self.elapsed.max(other.elapsed);
+    }
+
     fn quantile(&self, q: f64) -> Duration {
         let mut l = self.latencies.clone();
         l.sort();
@@ -160,13 +168,56 @@ async fn load(
     }
     let mut all = Load::default();
     while let Some(done) = tasks.join_next().await {
-        let l = done.unwrap();
-        all.sent += l.sent;
-        all.errors.extend(l.errors);
-        all.not_new += l.not_new;
-        all.latencies.extend(l.latencies);
+        all.absorb(done.unwrap());
     }
     all.elapsed = started.elapsed();
+    all
+}
+
+/// `clients` clients sending `each` POSTs (each on a new connection, so
+/// each is carried by the Pingora path: the fast path hands a body over).
+async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        tasks.spawn(async move {
+            let mut seen = Load::default();
+            for _ in 0..each {
+                let t = Instant::now();
+                seen.sent += 1;
+                let mut answer = Vec::new();
+                let sent = async {
+                    let mut c = tokio::net::TcpStream::connect(proxy).await?;
+                    c.write_all(
+                        format!(
+                            "POST /echo HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\
+                             Connection: close\r\n\r\nhello"
+                        )
+                        .as_bytes(),
+                    )
+                    .await?;
+                    c.read_to_end(&mut answer).await
+                };
+                if let Err(e) = sent.await {
+                    seen.errors.push(format!("POST: {e}"));
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+                if !text.starts_with("http/1.1 200") || !text.ends_with("hello") {
+                    seen.errors
+                        .push(text.lines().next().unwrap_or("").to_string());
+                } else if !text.contains("x-edge-distribution: d-new\r\n") {
+                    seen.not_new += 1;
+                }
+                seen.latencies.push(t.elapsed());
+            }
+            seen
+        });
+    }
+    let mut all = Load::default();
+    while let Some(done) = tasks.join_next().await {
+        all.absorb(done.unwrap());
+    }
     all
 }
 
@@ -189,13 +240,13 @@ async fn dead_addresses_never_send_traffic_to_the_old_distribution(ipv6: bool) {
     // 8 keep-alive clients x 375 + 8 connect-per-request clients x 250.
     let keep = load(m.proxy.listen, 8, 0, 375, "ok-new-cdn");
     let fresh = load(m.proxy.listen, 0, 8, 250, "ok-new-cdn");
-    let (keep, fresh) = tokio::join!(keep, fresh);
+    // And POSTs, on the Pingora path, at the same time.
+    let post = posts(m.proxy.listen, 2, 50);
+    let (keep, fresh, post) = tokio::join!(keep, fresh, post);
+    assert!(post.errors.is_empty(), "POSTs: {:?}", post.errors);
+    assert_eq!((post.sent, post.not_new), (100, 0), "POSTs all to d-new");
     let mut all = keep;
-    all.sent += fresh.sent;
-    all.errors.extend(fresh.errors);
-    all.not_new += fresh.not_new;
-    all.latencies.extend(fresh.latencies);
-    all.elapsed = all.elapsed.max(fresh.elapsed);
+    all.absorb(fresh);
     let metrics = m.proxy.metrics().await;
     eprintln!(
         "ipv6={ipv6}: {} GETs in {:.1?}: {} errors, {} not from d-new; p50 {:.1?} p99 {:.1?} max {:.1?}",

@@ -57,13 +57,22 @@ async fn start() -> Bed {
         if target.contains("/stall") {
             return Some(vec![Step::Hang]);
         }
-        if target.contains("/edge403") {
-            // What a CloudFront edge answers for a name it has no
-            // distribution for.
+        if let Some(status) = ["/edge403", "/edge421"]
+            .iter()
+            .find(|p| target.contains(*p))
+            .map(|p| &p[5..])
+        {
+            // What a CloudFront edge answers itself: 403 for a name it has
+            // no distribution for, 421 for SNI and Host of two.
+            let reason = if status == "403" {
+                "Forbidden"
+            } else {
+                "Misdirected Request"
+            };
             let body = "<HTML><HEAD><TITLE>ERROR: The request could not be satisfied</TITLE></HEAD></HTML>\n";
             return Some(vec![Step::Send(
                 format!(
-                    "HTTP/1.1 403 Forbidden\r\nServer: CloudFront\r\nContent-Type: text/html\r\n\
+                    "HTTP/1.1 {status} {reason}\r\nServer: CloudFront\r\nContent-Type: text/html\r\n\
                      Content-Length: {}\r\nX-Cache: Error from cloudfront\r\n\
                      Via: 1.1 0f1e2d3c.cloudfront.net (CloudFront)\r\nX-Amz-Cf-Pop: IAD89-C1\r\n\
                      X-Amz-Cf-Id: q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c2v3b4n5m6QQ==\r\n\r\n{body}",
@@ -335,11 +344,22 @@ async fn a_get_reaches_the_origin_and_the_client_the_same_on_both_carriers() {
 }
 
 #[tokio::test]
-async fn an_edge_made_403_is_told_apart_counted_and_logged_the_same() {
+async fn the_edges_own_403_and_421_are_told_apart_counted_and_logged_the_same() {
     let bed = start().await;
-    let fast = serve(&bed, Carrier::Fast, "/parity/edge403", GET).await;
-    let pingora = serve(&bed, Carrier::Pingora, "/parity/edge403", GET).await;
-    assert_eq!(fast.response.status(), 403, "{fast:?}");
+    for status in [403, 421] {
+        edge_answer(&bed, status).await;
+    }
+    // An origin's answer has neither field in its record.
+    let plain = serve(&bed, Carrier::Fast, "/parity/plain", GET).await;
+    assert!(plain.record.get("cf_id").is_none(), "{:?}", plain.record);
+}
+
+async fn edge_answer(bed: &Bed, status: u16) {
+    let target = format!("/parity/edge{status}");
+    let before = samples(&bed.proxy).await;
+    let fast = serve(bed, Carrier::Fast, &target, GET).await;
+    let pingora = serve(bed, Carrier::Pingora, &target, GET).await;
+    assert_eq!(fast.response.status(), status, "{fast:?}");
     let refused = "cutover_edge_answers_total{kind=\"refused\",route=\"cdn\",upstream=\"strict\"}";
     assert_eq!(fast.metrics.get(refused), Some(&1.0), "{:?}", fast.metrics);
     let error_result =
@@ -355,10 +375,9 @@ async fn an_edge_made_403_is_told_apart_counted_and_logged_the_same() {
         fast.record["cf_id"],
         "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c2v3b4n5m6QQ=="
     );
-    assert_same("edge 403", &fast, &pingora);
-    // An origin's answer has neither field in its record.
-    let plain = serve(&bed, Carrier::Fast, "/parity/plain", GET).await;
-    assert!(plain.record.get("cf_id").is_none(), "{:?}", plain.record);
+    assert_same(&target, &fast, &pingora);
+    let both = delta(&before, &samples(&bed.proxy).await);
+    assert_eq!(both.get(refused), Some(&2.0), "one per carrier: {both:?}");
 }
 
 #[tokio::test]
