@@ -551,6 +551,45 @@ async fn new_connections_follow_a_dns_change_without_restart() {
         proxy.get(PUBLIC_NAME, "/ruok").await.body_text(),
         "ok-new-cdn"
     );
+
+    // An answer of nothing usable, and lines that are not hosts lines:
+    // counted, logged, the last good address kept, the proxy serving.
+    std::fs::write(
+        &bed.hosts_file,
+        format!("0.0.0.0 {NEW_DIST}\n:: {NEW_DIST}\nthis is not a hosts line\n\u{1}\u{2}\n"),
+    )
+    .unwrap();
+    let m = proxy
+        .metrics_when(
+            "cutover_dns_addresses_dropped_total",
+            &[("name", NEW_DIST), ("reason", "unusable")],
+            2.0,
+        )
+        .await;
+    assert_eq!(
+        sample(
+            &m,
+            "cutover_dns_addresses_dropped_total",
+            &[("name", NEW_DIST), ("reason", "unusable")]
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert!(
+        sample_sum(&m, "cutover_hosts_file_bad_lines_total") >= 2.0,
+        "{m}"
+    );
+    assert!(
+        proxy.log().contains("resolved to no usable auto address"),
+        "{}",
+        proxy.log()
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            proxy.get(PUBLIC_NAME, "/ruok").await.body_text(),
+            "ok-new-cdn"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
