@@ -477,3 +477,86 @@ async fn the_rehearsal_edge_behaves_like_cloudfront() {
         "ok-new-cdn"
     );
 }
+
+/// A keep-alive client's upstream connection dies with its address (the
+/// edge address stops and closes it): the next request on that client
+/// connection reconnects through the address choice, ejects the dead
+/// address and is served by another address of the same distribution, not
+/// answered 502 and not sent to the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_whose_address_dies_moves_to_another_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("held CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let binds: [SocketAddr; 2] = [
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.2:0".parse().unwrap(),
+    ];
+    let edge = Edge::start_on(&binds, &ca, distributions()).await.unwrap();
+    let port = edge.addr().port();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 {NEW_DIST} {OLD_DIST}\n127.0.0.2 {NEW_DIST}\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("access.log");
+    let upstreams = format!(
+        "      - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n\
+         \x20     - name: old-cloudfront\n        address: {OLD_DIST}:{port}\n        sni: {PUBLIC_NAME}\n        ca_file: {ca}\n        weight: 0\n        backup: true\n",
+        ca = ca_path.display()
+    );
+    let yaml = config_yaml(&edge.addr(), &ca_path, dir.path(), &upstreams).replacen(
+        "routes:",
+        &format!(
+            "access_log: {{ format: json, path: {} }}\nroutes:",
+            log.display()
+        ),
+        1,
+    );
+    let proxy = Proxy::start(dir.path(), &yaml, Some(&hosts));
+    let last_addr = || -> String {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let line = text.lines().last().unwrap_or("{}").to_string();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["upstream_addr"].as_str().unwrap_or("").to_string()
+    };
+    let mut client = Client::connect(proxy.listen).await.unwrap();
+    let first = client.get(PUBLIC_NAME, "/ruok", &[]).await.unwrap();
+    assert_eq!(first.body, "ok-new-cdn");
+    // The access-log writer flushes every 20 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut held = last_addr();
+    while held.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        held = last_addr();
+    }
+    let held: SocketAddr = held.parse().expect("the first request's upstream address");
+    edge.set_mode(held, AddressMode::Refuse).await.unwrap();
+    let second = client.get(PUBLIC_NAME, "/ruok", &[]).await.unwrap();
+    assert_eq!(
+        (second.status, second.body.as_str()),
+        (200, "ok-new-cdn"),
+        "{}",
+        proxy.log()
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        sample_sum(&m, "cutover_upstream_failovers_total"),
+        0.0,
+        "{m}"
+    );
+    // Served from the other address (the dead one was ejected if the
+    // fresh connect tried it first).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no second access-log record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(last_addr(), held.to_string());
+}

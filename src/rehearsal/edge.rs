@@ -88,8 +88,6 @@ struct Listening {
     mode: Arc<AtomicU8>,
     /// The accept loop; `None` while the address refuses.
     task: Mutex<Option<JoinHandle<()>>>,
-    /// Its open connections: refusing closes them too, as a dead edge does.
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 /// One distribution: its own domain (`d-new.cloudfront.test`), the alternate
@@ -204,13 +202,11 @@ impl Edge {
         for (i, listener) in listeners.into_iter().enumerate() {
             let addr = listener.local_addr()?;
             let mode = Arc::new(AtomicU8::new(AddressMode::Serve as u8));
-            let conns = Arc::default();
-            let task = accept_loop(listener, state.clone(), mode.clone(), pop(i), &conns);
+            let task = accept_loop(listener, state.clone(), mode.clone(), pop(i));
             listening.push(Listening {
                 addr,
                 mode,
                 task: Mutex::new(Some(task)),
-                conns,
             });
         }
         Ok(Edge { listening, state })
@@ -222,8 +218,11 @@ impl Edge {
     }
 
     /// Switch what the address `addr` (of [`Edge::addrs`]) does with new
-    /// connections. Refusing closes its listening socket and every open
-    /// connection of it; leaving that mode binds it again.
+    /// connections. Refusing closes its listening socket; leaving that mode
+    /// binds it again. In any mode but `Serve`, an open connection of the
+    /// address is closed when its next request arrives, unanswered (as a
+    /// dying edge does; deterministic for a test, unlike closing it now,
+    /// which races with the proxy's check of an idle connection).
     pub async fn set_mode(&self, addr: SocketAddr, mode: AddressMode) -> anyhow::Result<()> {
         let (i, l) = self
             .listening
@@ -237,9 +236,6 @@ impl Edge {
             (AddressMode::Refuse, Some(task)) => {
                 task.abort();
                 let _ = task.await;
-                for c in l.conns.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-                    c.abort();
-                }
             }
             (AddressMode::Refuse, None) => {}
             (_, Some(task)) => {
@@ -247,13 +243,7 @@ impl Edge {
             }
             (_, None) => {
                 let listener = TcpListener::bind(addr).await?;
-                let task = accept_loop(
-                    listener,
-                    self.state.clone(),
-                    l.mode.clone(),
-                    pop(i),
-                    &l.conns,
-                );
+                let task = accept_loop(listener, self.state.clone(), l.mode.clone(), pop(i));
                 *l.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
             }
         }
@@ -323,9 +313,7 @@ fn accept_loop(
     state: Arc<State>,
     mode: Arc<AtomicU8>,
     pop: Arc<str>,
-    conns: &Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 ) -> JoinHandle<()> {
-    let conns = conns.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -334,8 +322,9 @@ fn accept_loop(
             let _ = tcp.set_nodelay(true);
             let state = state.clone();
             let pop = pop.clone();
+            let live_mode = mode.clone();
             let mode = AddressMode::from_u8(mode.load(Ordering::Relaxed));
-            let conn = tokio::spawn(async move {
+            tokio::spawn(async move {
                 if mode == AddressMode::Blackhole {
                     // Read and drop whatever comes, never answer, until the
                     // peer gives up.
@@ -373,7 +362,14 @@ fn accept_loop(
                     let state = state.clone();
                     let sni = sni.clone();
                     let pop = pop.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, sni, &pop, req).await) }
+                    let dead = live_mode.load(Ordering::Relaxed) != AddressMode::Serve as u8;
+                    async move {
+                        if dead {
+                            // hyper closes the connection without an answer.
+                            return Err(std::io::Error::other("edge address switched off"));
+                        }
+                        Ok(handle(&state, sni, &pop, req).await)
+                    }
                 });
                 let _ = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -381,9 +377,6 @@ fn accept_loop(
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
             });
-            let mut open = conns.lock().unwrap_or_else(|e| e.into_inner());
-            open.retain(|c| !c.is_finished());
-            open.push(conn.abort_handle());
         }
     })
 }

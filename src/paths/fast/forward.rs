@@ -50,6 +50,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let closing = self.process.closing(*shutdown.borrow());
 
         let mut first_attempt = true;
+        // A reused connection found closed: the next connect is a fresh one
+        // (once per request: a second stale one is a failure).
+        let mut fresh_only = false;
         // Addresses of the current upstream this request tried (no
         // allocation unless a connect fails).
         let mut attempted: Vec<SocketAddr> = Vec::new();
@@ -92,10 +95,17 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 None => {
                     let peer = up.peer.for_address(addr);
                     let hash = peer.reuse_hash();
-                    self.connector
-                        .get_stream(&*peer)
-                        .await
-                        .map(|(s, reused)| (s, reused, hash))
+                    if fresh_only {
+                        self.connector
+                            .new_stream(&*peer)
+                            .await
+                            .map(|s| (s, false, hash))
+                    } else {
+                        self.connector
+                            .get_stream(&*peer)
+                            .await
+                            .map(|(s, reused)| (s, reused, hash))
+                    }
                 }
             };
             let (ups, reused, reuse_hash) = match upstream_stream {
@@ -150,7 +160,15 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                     break Ok(done);
                 }
-                Err(failure) => break Err(failure),
+                Err(Exchange::Stale) if !fresh_only => {
+                    fresh_only = true;
+                    continue;
+                }
+                Err(Exchange::Stale) => {
+                    let cause = "the upstream closed a fresh connection before answering";
+                    break Err((ErrorKind::Reset, cause.to_string(), false));
+                }
+                Err(Exchange::Failed(kind, cause, counted)) => break Err((kind, cause, counted)),
             }
         };
 
@@ -207,9 +225,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         up: &Upstream,
         addr: SocketAddr,
         closing: bool,
-    ) -> Result<(Done, Option<Stream>), (ErrorKind, String, bool)> {
+    ) -> Result<(Done, Option<Stream>), Exchange> {
         let t = &up.config.timeouts;
-        let fail = |kind: ErrorKind, cause: String| Err((kind, cause, false));
+        let fail = |kind: ErrorKind, cause: String| Err(Exchange::Failed(kind, cause, false));
         let (mut ups, (mut end, mut folded)) = self.send(conn, ups, reused, up, addr).await?;
         let mut interim = 0;
         let close = closing || ask.client_close;
@@ -302,57 +320,52 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     /// Write the request in `conn.out` and read the response head into
     /// `conn.resp`; the stream it came on, the head's length and whether it
     /// holds an obs-fold. A reused connection that the upstream closed while
-    /// idle gets one fresh retry: the request is a GET or HEAD, so sending
-    /// it twice is safe.
+    /// idle is [`Exchange::Stale`]: the caller connects afresh (through the
+    /// address choice, so a dead address is ejected and another tried) and
+    /// sends again; the request is a GET or HEAD, so that is safe.
     async fn send(
         &self,
         conn: &mut Conn,
         mut ups: Stream,
-        mut reused: bool,
+        reused: bool,
         up: &Upstream,
         addr: SocketAddr,
-    ) -> Result<(Stream, (usize, bool)), (ErrorKind, String, bool)> {
+    ) -> Result<(Stream, (usize, bool)), Exchange> {
         let t = &up.config.timeouts;
-        loop {
-            conn.resp.clear();
-            let sent = match timeout(t.write, async {
-                ups.write_all(&conn.out).await?;
-                ups.flush().await
-            })
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    let cause = "writing the request timed out".to_string();
-                    return Err((ErrorKind::Timeout, cause, false));
-                }
-            };
-            let head = match sent {
-                Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
-                Err(e) => Err(HeadError::Io(e)),
-            };
-            match head {
-                Ok(found) => return Ok((ups, found)),
-                Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
-                    debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
-                    reused = false;
-                    let peer = up.peer.for_address(addr);
-                    ups = match self.connector.new_stream(&*peer).await {
-                        Ok(s) => {
-                            crate::model::peer::tune_tls(&s);
-                            s
-                        }
-                        Err(e) => {
-                            let kind = ErrorKind::of(&e);
-                            up.metrics.count_error(kind);
-                            return Err((kind, e.to_string(), true));
-                        }
-                    };
-                }
-                Err(e) => return Err((e.kind(), e.to_string(), false)),
+        conn.resp.clear();
+        let sent = match timeout(t.write, async {
+            ups.write_all(&conn.out).await?;
+            ups.flush().await
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                let cause = "writing the request timed out".to_string();
+                return Err(Exchange::Failed(ErrorKind::Timeout, cause, false));
             }
+        };
+        let head = match sent {
+            Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
+            Err(e) => Err(HeadError::Io(e)),
+        };
+        match head {
+            Ok(found) => Ok((ups, found)),
+            Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
+                debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
+                Err(Exchange::Stale)
+            }
+            Err(e) => Err(Exchange::Failed(e.kind(), e.to_string(), false)),
         }
     }
+}
+
+/// Why an exchange with the upstream did not produce a response.
+pub(super) enum Exchange {
+    /// Failed: the kind, the cause, and whether it was already counted.
+    Failed(ErrorKind, String, bool),
+    /// A reused connection turned out closed before any response byte.
+    Stale,
 }
 
 /// Relay the rest of a response body, after what went out with the head
