@@ -9,8 +9,9 @@
 //!   problem with its key path. No I/O but reading the file.
 //! - [`policy`]: the decisions about a request that both carriers make the
 //!   same way: routing by Host, the client address, framing, which fields
-//!   are forwarded, refusals, failure → status. Pure functions over bytes
-//!   and config values.
+//!   are forwarded, refusals, failure → status, what a CDN edge's own
+//!   fields say (`policy::cdn`). Pure functions over bytes and config
+//!   values.
 //! - [`observe`]: metrics, the access log, rate-limited log lines.
 //! - [`shift`]: upstream choice (weights, stickiness, failover) and the
 //!   health state it reads; knows nothing of the model (a `Candidate` is
@@ -18,7 +19,8 @@
 //! - [`model`]: the runtime model a request runs on: config joined with
 //!   live handles (DNS entries, metric handles, health), built on load and
 //!   reload and swapped whole; the background services that keep those
-//!   handles fresh (DNS refresh, active health checks).
+//!   handles fresh (DNS refresh with its answer checks, per-address active
+//!   health checks).
 //! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`,
 //!   and [`paths::request`], what both do around a request (sticky point,
 //!   failover, the failure line, the finished record). The carriers never
