@@ -66,6 +66,7 @@ fn selection(c: &mut Criterion) {
     let settings = ClientIp {
         header: Some(http::HeaderName::from_static("x-forwarded-for")),
         trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        forward: Default::default(),
     };
     let mut headers = http::HeaderMap::new();
     headers.insert("x-forwarded-for", "198.51.100.4, 10.1.2.3".parse().unwrap());

@@ -49,6 +49,11 @@ struct Bed {
 }
 
 async fn start() -> Bed {
+    start_forwarding("append").await
+}
+
+/// The bed with `client_ip.forward: {forward}`.
+async fn start_forwarding(forward: &str) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("parity CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
@@ -106,7 +111,7 @@ async fn start() -> Bed {
          listeners:\n  - address: 127.0.0.1:0\n\
          admin:\n  address: 127.0.0.1:0\n\
          server:\n  threads: 2\n  grace_period: 4s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
-         client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n\
+         client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n  forward: {forward}\n\
          access_log: {{ format: json, path: {log} }}\n\
          routes:\n\
          \x20 - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    sticky: client_ip\n\
@@ -378,6 +383,26 @@ async fn edge_answer(bed: &Bed, status: u16) {
     assert_same(&target, &fast, &pingora);
     let both = delta(&before, &samples(&bed.proxy).await);
     assert_eq!(both.get(refused), Some(&2.0), "one per carrier: {both:?}");
+}
+
+#[tokio::test]
+async fn x_forwarded_for_replaced_by_the_trusted_client_address_the_same() {
+    let bed = start_forwarding("replace").await;
+    // The client's own claim first, then what the trusted ALB (the
+    // loopback peer here) appended: only that reaches the origin.
+    let req = GET.replace(
+        "X-Forwarded-For: 203.0.113.7\r\n",
+        "X-Forwarded-For: 6.6.6.6, 203.0.113.7\r\n",
+    );
+    let fast = serve(&bed, Carrier::Fast, "/parity/xff", &req).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/xff", &req).await;
+    let head = fast.upstream_head.as_deref().expect("the origin got it");
+    assert!(
+        head.contains("\r\nX-Forwarded-For: 203.0.113.7\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("6.6.6.6"), "{head}");
+    assert_same("XFF replace", &fast, &pingora);
 }
 
 #[tokio::test]

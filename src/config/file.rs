@@ -78,6 +78,9 @@ pub struct ClientIpFile {
     pub header: Option<String>,
     #[serde(default)]
     pub trusted: Vec<String>,
+    /// What `X-Forwarded-For` upstream says: `append` (the default),
+    /// `replace` or `preserve`.
+    pub forward: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -80,6 +80,23 @@ pub struct ClientIp {
     pub header: Option<HeaderName>,
     /// Peers allowed to set that header.
     pub trusted: Vec<IpNet>,
+    /// What `X-Forwarded-For` upstream says.
+    pub forward: XffMode,
+}
+
+/// What cutover sends upstream as `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XffMode {
+    /// The client's list (when it sent one) with the TCP peer appended, as
+    /// nginx's `$proxy_add_x_forwarded_for` and an ALB's default `append`.
+    #[default]
+    Append,
+    /// Only the address cutover takes as the client's (after `trusted`): a
+    /// WAF or geo rule at the new distribution that reads the first entry
+    /// then sees the real client, not what a client wrote.
+    Replace,
+    /// The client's list unchanged, nothing added.
+    Preserve,
 }
 
 #[derive(Debug, Clone)]

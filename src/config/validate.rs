@@ -336,7 +336,23 @@ fn check_client_ip(c: &mut Checker, raw: Option<&ClientIpFile>) -> ClientIp {
                 .into(),
         );
     }
-    ClientIp { header, trusted }
+    let forward = match raw.forward.as_deref().map(str::trim) {
+        None | Some("append") => XffMode::Append,
+        Some("replace") => XffMode::Replace,
+        Some("preserve") => XffMode::Preserve,
+        Some(other) => {
+            c.problem(
+                "client_ip.forward",
+                format!("`{other}` is not a mode: use append, replace or preserve"),
+            );
+            XffMode::Append
+        }
+    };
+    ClientIp {
+        header,
+        trusted,
+        forward,
+    }
 }
 
 /// The route's valid hosts (with their index in `hosts`), and the route if it

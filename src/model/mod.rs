@@ -170,6 +170,7 @@ fn build(
                             u.host_header.clone(),
                             &r.request_headers,
                             &r.response_headers,
+                            config.client_ip.forward,
                         ),
                         health: h,
                         metrics: m,

@@ -476,7 +476,8 @@ impl ProxyHttp for PingoraPath {
 
     /// Host rewrite and forwarding headers. The Host becomes the upstream's
     /// `host_header` (the name the new distribution owns); X-Forwarded-For gets
-    /// the TCP peer appended; X-Forwarded-Host keeps the name the client asked for.
+    /// the TCP peer appended (`client_ip.forward`); X-Forwarded-Host keeps the
+    /// name the client asked for.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -507,9 +508,14 @@ impl ProxyHttp for PingoraPath {
             .original_host
             .as_ref()
             .map_or(&b""[..], |h| h.as_bytes());
+        let client = ctx
+            .client
+            .filter(|_| upstream.plan.wants_client())
+            .map(crate::policy::client_ip::IpText::new);
         let facts = RequestFacts {
             authority,
             peer: peer.as_deref().map(str::as_bytes),
+            client: client.as_ref().map(|c| c.as_bytes()),
             tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
             upgrade: ctx.upgrade,
             nominates: ctx.nominates,

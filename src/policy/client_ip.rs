@@ -92,6 +92,28 @@ fn parse_hop(s: &str) -> Option<IpAddr> {
     s.parse::<std::net::SocketAddr>().ok().map(|sa| sa.ip())
 }
 
+/// An IP address as text, on the stack (no allocation per request).
+pub struct IpText {
+    len: u8,
+    buf: [u8; 45],
+}
+
+impl IpText {
+    pub fn new(ip: IpAddr) -> IpText {
+        use std::io::Write;
+        let mut buf = [0u8; 45];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // 45 bytes hold the longest IPv6 text (IPv4-mapped, full form).
+        let _ = write!(cursor, "{ip}");
+        let len = cursor.position() as u8;
+        IpText { len, buf }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +122,7 @@ mod tests {
         ClientIp {
             header: Some(http::HeaderName::from_static("x-forwarded-for")),
             trusted: vec!["10.0.0.0/8".parse().unwrap()],
+            forward: Default::default(),
         }
     }
 

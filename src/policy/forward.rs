@@ -32,7 +32,7 @@
 use http::{HeaderName, HeaderValue};
 
 use super::fields::{forward_request_field, forward_response_field, nominated};
-use crate::config::HeaderEdits;
+use crate::config::{HeaderEdits, XffMode};
 
 /// Where a carrier renders a head, one field at a time.
 pub trait HeadWriter {
@@ -120,8 +120,9 @@ pub struct Plan {
     request: Edits,
     response: Edits,
     /// Which `X-Forwarded-*` fields cutover writes (a route edit of one
-    /// takes it over).
+    /// takes it over), and what its `X-Forwarded-For` says.
     xff: bool,
+    xff_mode: XffMode,
     xfp: bool,
     xfh: bool,
 }
@@ -132,6 +133,9 @@ pub struct RequestFacts<'a> {
     pub authority: &'a [u8],
     /// The TCP peer, as text.
     pub peer: Option<&'a [u8]>,
+    /// The client's address as cutover takes it (after `client_ip`
+    /// trust), as text; read only with `forward: replace`.
+    pub client: Option<&'a [u8]>,
     /// The client connection is TLS.
     pub tls: bool,
     /// A protocol upgrade cutover forwards: `Upgrade` stays, and
@@ -159,16 +163,27 @@ fn is(name: &[u8], lower: &[u8]) -> bool {
 }
 
 impl Plan {
-    pub fn new(host: Option<HeaderValue>, request: &HeaderEdits, response: &HeaderEdits) -> Plan {
+    pub fn new(
+        host: Option<HeaderValue>,
+        request: &HeaderEdits,
+        response: &HeaderEdits,
+        xff_mode: XffMode,
+    ) -> Plan {
         let request = Edits::new(request);
         Plan {
             host,
             xff: !request.edits(b"x-forwarded-for"),
+            xff_mode,
             xfp: !request.edits(b"x-forwarded-proto"),
             xfh: !request.edits(b"x-forwarded-host"),
             request,
             response: Edits::new(response),
         }
+    }
+
+    /// Whether [`RequestFacts::client`] is read (`forward: replace`).
+    pub fn wants_client(&self) -> bool {
+        self.xff && self.xff_mode == XffMode::Replace
     }
 
     /// The `Host` sent upstream.
@@ -215,9 +230,24 @@ impl Plan {
                 .filter(|(n, _)| is(n, b"x-forwarded-for"))
                 .map(|(_, v)| v.trim_ascii())
                 .filter(|v| !v.is_empty());
-            let mut values = client.chain(facts.peer).peekable();
-            if values.peek().is_some() {
-                out.list(XFF, values);
+            match self.xff_mode {
+                XffMode::Append => {
+                    let mut values = client.chain(facts.peer).peekable();
+                    if values.peek().is_some() {
+                        out.list(XFF, values);
+                    }
+                }
+                XffMode::Replace => {
+                    if let Some(c) = facts.client.or(facts.peer) {
+                        out.field(XFF, c);
+                    }
+                }
+                XffMode::Preserve => {
+                    let mut values = client.peekable();
+                    if values.peek().is_some() {
+                        out.list(XFF, values);
+                    }
+                }
             }
         }
         if self.xfp {
@@ -327,6 +357,7 @@ mod tests {
         RequestFacts {
             authority,
             peer: Some(peer),
+            client: None,
             tls: false,
             upgrade: false,
             nominates,
@@ -339,6 +370,7 @@ mod tests {
             Some(HeaderValue::from_static("new.example")),
             &edits(&[("x-migration", "p1")], &["cookie"]),
             &HeaderEdits::default(),
+            XffMode::Append,
         );
         let client = fields(&[
             ("Host", "pub.example"),
@@ -363,11 +395,45 @@ mod tests {
     }
 
     #[test]
+    fn x_forwarded_for_appended_replaced_or_preserved() {
+        let client = fields(&[
+            ("Host", "pub.example"),
+            ("X-Forwarded-For", "6.6.6.6, 192.0.2.1"),
+        ]);
+        let xff = |mode: XffMode, with_client: bool| {
+            let plan = Plan::new(None, &HeaderEdits::default(), &HeaderEdits::default(), mode);
+            let mut facts = plain(b"pub.example", b"10.0.0.5", false);
+            if with_client {
+                facts.client = Some(b"192.0.2.1");
+            }
+            let mut out = Vec::new();
+            plan.request(&facts, client.iter().copied(), &mut out);
+            let text = String::from_utf8(out).unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("X-Forwarded-For"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            xff(XffMode::Append, true),
+            ["X-Forwarded-For: 6.6.6.6, 192.0.2.1, 10.0.0.5"]
+        );
+        // Only the address cutover believes: what a client wrote before it is gone.
+        assert_eq!(xff(XffMode::Replace, true), ["X-Forwarded-For: 192.0.2.1"]);
+        assert_eq!(xff(XffMode::Replace, false), ["X-Forwarded-For: 10.0.0.5"]);
+        assert_eq!(
+            xff(XffMode::Preserve, true),
+            ["X-Forwarded-For: 6.6.6.6, 192.0.2.1"]
+        );
+    }
+
+    #[test]
     fn an_edit_of_a_forwarding_field_takes_it_over() {
         let plan = Plan::new(
             None,
             &edits(&[("x-forwarded-proto", "https")], &["x-forwarded-for"]),
             &HeaderEdits::default(),
+            XffMode::Append,
         );
         let client = fields(&[("Host", "a.example"), ("X-Forwarded-For", "192.0.2.1")]);
         let mut out = Vec::new();
@@ -385,6 +451,7 @@ mod tests {
             None,
             &HeaderEdits::default(),
             &edits(&[("x-served-via", "cutover")], &["server"]),
+            XffMode::Append,
         );
         let upstream = fields(&[
             ("Content-Type", "text/plain"),

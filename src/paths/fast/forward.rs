@@ -141,7 +141,14 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                 }
             };
-            build_request(&mut conn.out, req, &ask, up, conn.peer_text.as_deref());
+            build_request(
+                &mut conn.out,
+                req,
+                &ask,
+                up,
+                conn.peer_text.as_deref(),
+                client,
+            );
             let exchanged = self
                 .exchange(conn, ups, reused, &ask, route, up, addr, closing)
                 .await;

@@ -55,7 +55,7 @@ pub fn prepare_request(head: &[u8], model: &Model, peer: Option<&str>, out: &mut
     let Some(idx) = choose(&route.upstreams, 0, None) else {
         return false;
     };
-    build_request(out, &req, &ask, &route.upstreams[idx], peer);
+    build_request(out, &req, &ask, &route.upstreams[idx], peer, None);
     true
 }
 
@@ -134,7 +134,11 @@ pub(super) fn build_request(
     ask: &Ask<'_>,
     up: &Upstream,
     peer: Option<&str>,
+    client: Option<std::net::IpAddr>,
 ) {
+    let client = client
+        .filter(|_| up.plan.wants_client())
+        .map(crate::policy::client_ip::IpText::new);
     out.clear();
     out.reserve(2048);
     out.extend_from_slice(if ask.head { b"HEAD " } else { b"GET " });
@@ -143,6 +147,7 @@ pub(super) fn build_request(
     let facts = RequestFacts {
         authority: ask.host,
         peer: peer.map(str::as_bytes),
+        client: client.as_ref().map(|c| c.as_bytes()),
         tls: false,
         upgrade: false,
         nominates: ask.nominates,
