@@ -360,18 +360,25 @@ async fn on_a_host_without_ipv6_the_aaaa_addresses_are_never_tried() {
     dead_addresses_never_send_traffic_to_the_old_distribution(false).await;
 }
 
-/// The rehearsal edge itself: CloudFront's fields, its own 403 and 421,
-/// idle connections closed, and each address's switch.
-#[tokio::test]
-async fn the_rehearsal_edge_behaves_like_cloudfront() {
+/// A CA (its certificate in a fresh folder) and an edge on 127.0.0.1 and
+/// 127.0.0.2, one port.
+async fn loopback_edge() -> (tempfile::TempDir, std::path::PathBuf, Edge) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("edge CA").unwrap();
+    let ca = TestCa::new("loopback edge CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
     let binds: [SocketAddr; 2] = [
         "127.0.0.1:0".parse().unwrap(),
         "127.0.0.2:0".parse().unwrap(),
     ];
     let edge = Edge::start_on(&binds, &ca, distributions()).await.unwrap();
+    (dir, ca_path, edge)
+}
+
+/// The rehearsal edge itself: CloudFront's fields, its own 403 and 421,
+/// idle connections closed, and each address's switch.
+#[tokio::test]
+async fn the_rehearsal_edge_behaves_like_cloudfront() {
+    let (_dir, ca_path, edge) = loopback_edge().await;
     let [a, b] = [edge.addrs()[0], edge.addrs()[1]];
     assert_eq!(a.port(), b.port());
     let get = |addr: SocketAddr, sni: &str, host: &str, path: &str| {
@@ -485,14 +492,7 @@ async fn the_rehearsal_edge_behaves_like_cloudfront() {
 /// answered 502 and not sent to the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_connection_whose_address_dies_moves_to_another_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("held CA").unwrap();
-    let ca_path = ca.write_cert(dir.path()).unwrap();
-    let binds: [SocketAddr; 2] = [
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.2:0".parse().unwrap(),
-    ];
-    let edge = Edge::start_on(&binds, &ca, distributions()).await.unwrap();
+    let (dir, ca_path, edge) = loopback_edge().await;
     let port = edge.addr().port();
     let hosts = dir.path().join("hosts");
     std::fs::write(

@@ -26,8 +26,8 @@ use crate::shift::probe::{self, Target, TlsTarget};
 const TICK: Duration = Duration::from_millis(100);
 
 /// Check every address of `upstream`; `Err` says why none passed.
-async fn check(upstream: Arc<crate::model::Model>, r: usize, u: usize) -> Result<(), String> {
-    let up = &upstream.routes[r].upstreams[u];
+async fn check(model: Arc<crate::model::Model>, r: usize, u: usize) -> Result<(), String> {
+    let up = &model.routes[r].upstreams[u];
     let addrs = up.addresses.addresses();
     if addrs.is_empty() {
         return Err(format!(
@@ -37,7 +37,7 @@ async fn check(upstream: Arc<crate::model::Model>, r: usize, u: usize) -> Result
     }
     let mut probes = tokio::task::JoinSet::new();
     for addr in addrs.iter().copied() {
-        let model = upstream.clone();
+        let model = model.clone();
         probes.spawn(async move {
             let up = &model.routes[r].upstreams[u];
             (addr, check_address(up, addr).await)
@@ -66,7 +66,7 @@ async fn check(upstream: Arc<crate::model::Model>, r: usize, u: usize) -> Result
             crate::limited!(
                 warn,
                 "health: route={} upstream={}: {} of {} addresses fail their check, ejected: {}",
-                upstream.routes[r].name,
+                model.routes[r].name,
                 up.name,
                 failures.len(),
                 addrs.len(),

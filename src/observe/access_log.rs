@@ -182,7 +182,8 @@ impl Drop for AccessLog {
     }
 }
 
-fn or_dash(s: &str) -> &str {
+/// `-` for an empty value, as log formats write a missing one.
+pub fn or_dash(s: &str) -> &str {
     if s.is_empty() {
         "-"
     } else {

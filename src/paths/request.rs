@@ -14,7 +14,7 @@ use pingora::{Error, ErrorType};
 use crate::config::Sticky;
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
-use crate::observe::access_log::Entry;
+use crate::observe::access_log::{or_dash, Entry};
 use crate::observe::metrics::Failover;
 use crate::policy::cdn::{CdnFacts, EdgeAnswer};
 use crate::policy::client_ip::{client_ip_from, Source};
@@ -230,14 +230,6 @@ pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts) {
             or_dash(cdn.pop.as_str()),
             or_dash(cdn.id.as_str())
         );
-    }
-}
-
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() {
-        "-"
-    } else {
-        s
     }
 }
 

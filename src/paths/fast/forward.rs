@@ -51,7 +51,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
 
         let mut first_attempt = true;
         // A reused connection found closed: the next connect is a fresh one
-        // (once per request: a second stale one is a failure).
+        // (which cannot be stale).
         let mut fresh_only = false;
         // Addresses of the current upstream this request tried (no
         // allocation unless a connect fails).
@@ -167,13 +167,11 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                     break Ok(done);
                 }
-                Err(Exchange::Stale) if !fresh_only => {
+                Err(Exchange::Stale) => {
+                    // Only a reused connection is stale; the retry is fresh.
+                    debug_assert!(!fresh_only);
                     fresh_only = true;
                     continue;
-                }
-                Err(Exchange::Stale) => {
-                    let cause = "the upstream closed a fresh connection before answering";
-                    break Err((ErrorKind::Reset, cause.to_string(), false));
                 }
                 Err(Exchange::Failed(kind, cause, counted)) => break Err((kind, cause, counted)),
             }
