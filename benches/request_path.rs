@@ -156,6 +156,7 @@ fn fast_path(c: &mut Criterion) {
     let request = b"GET /ruok HTTP/1.1\r\nHost: cdn.example.test\r\n\r\n";
     let browser = b"GET /assets/app.js?v=3 HTTP/1.1\r\nHost: cdn.example.test\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0\r\nAccept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\nReferer: https://www.example.test/\r\nConnection: keep-alive\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 28 Nov 2026 08:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: keep-alive\r\n\r\n";
+    let redirect = b"HTTP/1.1 302 Found\r\nServer: nginx\r\nDate: Sat, 28 Nov 2026 08:00:00 GMT\r\nLocation: https://cdn-new.example.test/moved\r\nSet-Cookie: s=1; Domain=cdn-new.example.test; Path=/\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n";
     let mut out = Vec::with_capacity(4096);
     c.bench_function("fast path request head (wrk request)", |b| {
         b.iter(|| {
@@ -186,6 +187,18 @@ fn fast_path(c: &mut Criterion) {
             ))
         })
     });
+    c.bench_function(
+        "fast path response head (302, Location + Set-Cookie rewritten)",
+        |b| {
+            b.iter(|| {
+                assert!(cutover::paths::fast::prepare_response(
+                    black_box(redirect),
+                    &model.routes[0].upstreams[0].plan,
+                    &mut out
+                ))
+            })
+        },
+    );
 }
 
 criterion_group!(

@@ -10,7 +10,8 @@
 //! - [`policy`]: the decisions about a request that both carriers make the
 //!   same way: routing by Host, the client address, framing, which fields
 //!   are forwarded, refusals, failure → status, what a CDN edge's own
-//!   fields say (`policy::cdn`). Pure functions over bytes and config
+//!   fields say (`policy::cdn`), response fields that would send the
+//!   client to an upstream's name (`policy::deleak`). Pure functions over bytes and config
 //!   values.
 //! - [`observe`]: metrics, the access log, rate-limited log lines.
 //! - [`shift`]: upstream choice (weights, stickiness, failover) and the

@@ -34,11 +34,16 @@ use cutover::rehearsal::strict::Message;
 const WARM_NAME: &str = "warm.example.test";
 const REFUSE_NAME: &str = "refuse.example.test";
 const STALL_NAME: &str = "stall.example.test";
+const DETECT_NAME: &str = "detect.example.test";
+/// A route's `rewrite_names`: a name besides the upstream's own.
+const EXTRA_NAME: &str = "assets-new.example.test";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Carrier {
     Fast,
     Pingora,
+    /// The TLS listener (always the Pingora path).
+    Tls,
 }
 
 struct Bed {
@@ -46,6 +51,9 @@ struct Bed {
     origin: StrictOrigin,
     proxy: Proxy,
     access_log: PathBuf,
+    /// The TLS listener, with a certificate for the public names from `ca`.
+    tls: SocketAddr,
+    ca_path: PathBuf,
 }
 
 async fn start() -> Bed {
@@ -86,6 +94,10 @@ async fn start_forwarding(forward: &str) -> Bed {
                 .into_bytes(),
             )]);
         }
+        if let Some(status) = target.strip_prefix("/deleak/").and_then(|t| t.get(..3)) {
+            // `/deleak/301`, `/deleak/bad`: see `deleak_answer`.
+            return Some(vec![Step::Send(deleak_answer(status))]);
+        }
         let mut answer = echo_answer(msg);
         // Fields the response edits remove and the policy drops.
         let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2;
@@ -100,6 +112,14 @@ async fn start_forwarding(forward: &str) -> Bed {
     let origin = StrictOrigin::start(&ca, script).await;
     let closed = free_port();
     let access_log = dir.path().join("access.log");
+    let issued = ca.issue(&[PUBLIC_NAME, DETECT_NAME]).unwrap();
+    let (cert, key) = (
+        dir.path().join("listener.pem"),
+        dir.path().join("listener.key"),
+    );
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let tls = free_port();
     let upstream = |name: &str, addr: SocketAddr, read: &str| {
         format!(
             "      - name: {name}\n        address: {addr}\n        sni: {ORIGIN_NAME}\n        host_header: {ORIGIN_NAME}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, read: {read} }}\n",
@@ -108,7 +128,7 @@ async fn start_forwarding(forward: &str) -> Bed {
     };
     let yaml = format!(
         "phase: parity\n\
-         listeners:\n  - address: 127.0.0.1:0\n\
+         listeners:\n  - address: 127.0.0.1:0\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
          admin:\n  address: 127.0.0.1:0\n\
          server:\n  threads: 2\n  grace_period: 4s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
          client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n  forward: {forward}\n\
@@ -117,13 +137,18 @@ async fn start_forwarding(forward: &str) -> Bed {
          \x20 - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    sticky: client_ip\n\
          \x20   request_headers: {{ set: {{ X-Migration: parity }}, remove: [Cookie] }}\n\
          \x20   response_headers: {{ set: {{ X-Served-Via: cutover }}, remove: [X-Origin-Secret] }}\n\
+         \x20   rewrite_names: [{EXTRA_NAME}]\n\
          \x20   upstreams:\n{cdn}\
+         \x20 - name: detect\n    hosts: [{DETECT_NAME}]\n    rewrite_response: detect\n    upstreams:\n{detect}\
          \x20 - name: warm\n    hosts: [{WARM_NAME}]\n    upstreams:\n{warm}\
          \x20 - name: refuse\n    hosts: [{REFUSE_NAME}]\n    upstreams:\n{refuse}\
          \x20 - name: stall\n    hosts: [{STALL_NAME}]\n    upstreams:\n{stall}",
         dir = dir.path().display(),
         log = access_log.display(),
         cdn = upstream("strict", origin.addr, "3s"),
+        detect = upstream("strict", origin.addr, "3s"),
+        cert = cert.display(),
+        key = key.display(),
         warm = upstream("strict", origin.addr, "3s"),
         refuse = upstream("closed", closed, "3s"),
         stall = upstream("stalling", origin.addr, "1s"),
@@ -134,12 +159,17 @@ async fn start_forwarding(forward: &str) -> Bed {
         origin,
         proxy,
         access_log,
+        tls,
+        ca_path,
     }
 }
 
 /// A connection on the wanted carrier: for Pingora's, a `POST` to the warm
 /// route first.
 async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
+    if carrier == Carrier::Tls {
+        return RawClient::connect_tls(bed.tls, &bed.ca_path, PUBLIC_NAME).await;
+    }
     let mut c = RawClient::connect(bed.proxy.listen).await;
     if carrier == Carrier::Pingora {
         c.send(
@@ -403,6 +433,208 @@ async fn x_forwarded_for_replaced_by_the_trusted_client_address_the_same() {
     );
     assert!(!head.contains("6.6.6.6"), "{head}");
     assert_same("XFF replace", &fast, &pingora);
+}
+
+/// An origin's answer that names its own host (and the route's extra
+/// name) everywhere a browser would follow or keep it.
+fn deleak_answer(status: &str) -> Vec<u8> {
+    if status == "bad" {
+        // Values that name the origin but are not what cutover reads.
+        return format!(
+            "HTTP/1.1 302 Found\r\nLocation: https://user@{ORIGIN_NAME}/x\r\n\
+             Refresh: soon; url=https://{ORIGIN_NAME}/\r\n\
+             Set-Cookie: a=1; Domain=\"{ORIGIN_NAME}\"\r\n\
+             Set-Cookie: b=2; Domain={ORIGIN_NAME}:443\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes();
+    }
+    let reason = match status {
+        "301" => "Moved Permanently",
+        "302" => "Found",
+        "201" => "Created",
+        _ => "OK",
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\n\
+         Location: https://{ORIGIN_NAME}/moved?a=1\r\n\
+         Content-Location: //{EXTRA_NAME}/assets/x.css\r\n\
+         Refresh: 0; url=http://{ORIGIN_NAME}/next\r\n\
+         Link: <https://{ORIGIN_NAME}/style.css>; rel=preload\r\n\
+         Set-Cookie: s=1; Domain={ORIGIN_NAME}; Path=/\r\n\
+         Set-Cookie: t=2; Domain=.ORIGIN.example.test; Secure\r\n\
+         Set-Cookie: u=3; Domain=example.test; Path=/\r\n\
+         Content-Length: 2\r\n\r\nok"
+    )
+    .into_bytes()
+}
+
+/// The request as each test sends it, with `{{T}}` the target.
+fn to(host: &str, request: &str) -> String {
+    request.replace("Host: cdn.example.test", &format!("Host: {host}"))
+}
+
+fn field(m: &Message, name: &str) -> Vec<String> {
+    m.headers_named(name)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn responses_naming_the_upstream_go_back_with_the_clients_name_on_every_carrier() {
+    let bed = start().await;
+    let post =
+        format!("POST {{T}} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 3\r\n\r\nabc");
+    for status in ["301", "302", "201"] {
+        let target = format!("/deleak/{status}");
+        let fast = serve(&bed, Carrier::Fast, &target, GET).await;
+        let pingora = serve(&bed, Carrier::Pingora, &target, GET).await;
+        assert_same(&target, &fast, &pingora);
+        let r = &fast.response;
+        assert_eq!(r.status().to_string(), status);
+        // A plain listener, no X-Forwarded-Proto: the client used http.
+        assert_eq!(
+            field(r, "location"),
+            [format!("http://{PUBLIC_NAME}/moved?a=1")]
+        );
+        assert_eq!(
+            field(r, "content-location"),
+            [format!("//{PUBLIC_NAME}/assets/x.css")]
+        );
+        assert_eq!(
+            field(r, "refresh"),
+            [format!("0; url=http://{PUBLIC_NAME}/next")]
+        );
+        assert_eq!(
+            field(r, "set-cookie"),
+            [
+                format!("s=1; Domain={PUBLIC_NAME}; Path=/"),
+                format!("t=2; Domain=.{PUBLIC_NAME}; Secure"),
+                "u=3; Domain=example.test; Path=/".to_string(),
+            ]
+        );
+        // Not a field cutover reads: untouched.
+        assert_eq!(
+            field(r, "link"),
+            [format!("<https://{ORIGIN_NAME}/style.css>; rel=preload")]
+        );
+        for header in ["location", "content-location", "refresh"] {
+            let key =
+                format!("cutover_response_rewrites_total{{header=\"{header}\",route=\"cdn\"}}");
+            assert_eq!(
+                fast.metrics.get(&key),
+                Some(&1.0),
+                "{key}: {:?}",
+                fast.metrics
+            );
+        }
+        let cookies = "cutover_response_rewrites_total{header=\"set-cookie\",route=\"cdn\"}";
+        assert_eq!(fast.metrics.get(cookies), Some(&2.0), "{:?}", fast.metrics);
+
+        // A POST, and the TLS listener: the client's scheme is https there.
+        let posted = serve(&bed, Carrier::Fast, &target, &post).await;
+        assert_eq!(
+            field(&posted.response, "location"),
+            [format!("http://{PUBLIC_NAME}/moved?a=1")]
+        );
+        for request in [GET, post.as_str()] {
+            let tls = serve(&bed, Carrier::Tls, &target, request).await;
+            assert_eq!(
+                field(&tls.response, "location"),
+                [format!("https://{PUBLIC_NAME}/moved?a=1")],
+                "{request}"
+            );
+            assert_eq!(
+                field(&tls.response, "refresh"),
+                [format!("0; url=https://{PUBLIC_NAME}/next")]
+            );
+        }
+    }
+
+    // Behind an ALB that terminated the client's TLS: a trusted peer's
+    // X-Forwarded-Proto says https, on both carriers.
+    let alb = GET.replace(
+        "X-Extra: kept\r\n",
+        "X-Extra: kept\r\nX-Forwarded-Proto: https\r\n",
+    );
+    let fast = serve(&bed, Carrier::Fast, "/deleak/302", &alb).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/deleak/302", &alb).await;
+    assert_same("X-Forwarded-Proto: https", &fast, &pingora);
+    assert_eq!(
+        field(&fast.response, "location"),
+        [format!("https://{PUBLIC_NAME}/moved?a=1")]
+    );
+}
+
+#[tokio::test]
+async fn values_naming_the_upstream_that_are_not_urls_are_left_counted_and_logged() {
+    let bed = start().await;
+    let fast = serve(&bed, Carrier::Fast, "/deleak/bad", GET).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/deleak/bad", GET).await;
+    assert_same("unreadable", &fast, &pingora);
+    let r = &fast.response;
+    assert_eq!(
+        field(r, "location"),
+        [format!("https://user@{ORIGIN_NAME}/x")]
+    );
+    assert_eq!(
+        field(r, "set-cookie"),
+        [
+            format!("a=1; Domain=\"{ORIGIN_NAME}\""),
+            format!("b=2; Domain={ORIGIN_NAME}:443")
+        ]
+    );
+    for (header, n) in [("location", 1.0), ("refresh", 1.0), ("set-cookie", 2.0)] {
+        let key = format!(
+            "cutover_response_rewrites_unreadable_total{{header=\"{header}\",route=\"cdn\"}}"
+        );
+        assert_eq!(
+            fast.metrics.get(&key),
+            Some(&n),
+            "{key}: {:?}",
+            fast.metrics
+        );
+    }
+    assert!(
+        bed.proxy
+            .log()
+            .contains("is not a URL or cookie domain cutover reads"),
+        "{}",
+        bed.proxy.log()
+    );
+    // Still serving.
+    let after = serve(&bed, Carrier::Fast, "/parity/after-bad", GET).await;
+    assert_eq!(after.response.status(), 200);
+}
+
+#[tokio::test]
+async fn detect_mode_changes_nothing_and_counts_the_same() {
+    let bed = start().await;
+    let get = to(DETECT_NAME, GET);
+    let fast = serve(&bed, Carrier::Fast, "/deleak/301", &get).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/deleak/301", &get).await;
+    assert_same("detect", &fast, &pingora);
+    assert_eq!(
+        field(&fast.response, "location"),
+        [format!("https://{ORIGIN_NAME}/moved?a=1")]
+    );
+    assert_eq!(
+        field(&fast.response, "set-cookie")[0],
+        format!("s=1; Domain={ORIGIN_NAME}; Path=/")
+    );
+    // The route's extra name is the cdn route's, not this one's.
+    assert_eq!(
+        field(&fast.response, "content-location"),
+        [format!("//{EXTRA_NAME}/assets/x.css")]
+    );
+    let key = "cutover_response_rewrites_total{header=\"location\",route=\"detect\"}";
+    assert_eq!(fast.metrics.get(key), Some(&1.0), "{:?}", fast.metrics);
+    assert!(
+        bed.proxy
+            .log()
+            .contains("not rewritten (rewrite_response: detect)"),
+        "{}",
+        bed.proxy.log()
+    );
 }
 
 #[tokio::test]

@@ -95,6 +95,12 @@ pub struct RouteFile {
     pub request_headers: HeaderEditsFile,
     #[serde(default)]
     pub response_headers: HeaderEditsFile,
+    /// `rewrite` (the default), `detect` or `off`.
+    pub rewrite_response: Option<String>,
+    /// Names besides the upstreams' own whose URLs and cookie domains are
+    /// rewritten to the client's Host.
+    #[serde(default)]
+    pub rewrite_names: Vec<String>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamFile>,
 }

@@ -107,7 +107,23 @@ pub struct RouteConfig {
     pub canary: Option<String>,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
+    /// What happens to response fields naming the upstreams' hosts.
+    pub rewrite_response: RewriteMode,
+    /// Extra names (lower case) treated as the upstreams' own.
+    pub rewrite_names: Vec<String>,
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// What a route does with response fields that name its upstreams'
+/// hosts ([`crate::policy::deleak`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RewriteMode {
+    /// Rewrite them (the default).
+    #[default]
+    Rewrite,
+    /// Leave them, but count and log what would have been rewritten.
+    Detect,
+    Off,
 }
 
 /// A route's host: `cdn.example.com`, or `*.example.com` (any name below it).

@@ -414,6 +414,28 @@ fn check_route(
         &r.response_headers,
         false,
     );
+    let rewrite_response = match r.rewrite_response.as_deref().map(str::trim) {
+        None | Some("rewrite") => RewriteMode::Rewrite,
+        Some("detect") => RewriteMode::Detect,
+        Some("off") => RewriteMode::Off,
+        Some(other) => {
+            c.problem(
+                format!("{path}.rewrite_response"),
+                format!("`{other}` is not a mode: use rewrite, detect or off"),
+            );
+            RewriteMode::Rewrite
+        }
+    };
+    let mut rewrite_names = Vec::new();
+    for (j, n) in r.rewrite_names.iter().enumerate() {
+        match parse_host_pattern(n) {
+            Ok(HostPattern::Exact(h)) => rewrite_names.push(h),
+            _ => c.problem(
+                format!("{path}.rewrite_names[{j}]"),
+                format!("`{n}` is not a host name (write e.g. `assets-new.example.com`; no wildcards, ports or URLs)"),
+            ),
+        }
+    }
 
     if r.upstreams.is_empty() {
         c.problem(
@@ -459,6 +481,8 @@ fn check_route(
         canary: r.canary.clone(),
         request_headers,
         response_headers,
+        rewrite_response,
+        rewrite_names,
         upstreams,
     });
     (hosts, route)

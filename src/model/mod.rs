@@ -18,6 +18,7 @@ use crate::model::dns::{ResolvedName, Resolver};
 use crate::model::peer::PeerTemplate;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::{Metrics, PhaseMetrics, UpstreamMetrics};
+use crate::policy::deleak::Names;
 use crate::policy::forward::Plan;
 use crate::policy::routing::HostTable;
 use crate::shift::health::Health;
@@ -35,6 +36,7 @@ pub struct Route {
     pub sticky: Sticky,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
+    pub rewrite_response: crate::config::RewriteMode,
     pub upstreams: Vec<Upstream>,
 }
 
@@ -51,6 +53,24 @@ pub struct Upstream {
     pub health: Arc<Health>,
     pub metrics: UpstreamMetrics,
     pub config: UpstreamConfig,
+}
+
+/// The hosts a route's responses must not send the client to: every name
+/// cutover sends its upstreams (`host_header`, `sni`, the address's host)
+/// and the route's `rewrite_names`.
+fn rewrite_names(r: &crate::config::RouteConfig) -> Names {
+    let mut names: Vec<String> = Vec::new();
+    for u in &r.upstreams {
+        if let Some(h) = u.host_header.as_ref() {
+            if let Ok(h) = crate::policy::routing::normalize_authority(h.as_bytes()) {
+                names.push(h.as_str().to_string());
+            }
+        }
+        names.push(u.sni.clone());
+        names.push(u.host.clone());
+    }
+    names.extend(r.rewrite_names.iter().cloned());
+    Names::new(names.iter().map(String::as_str))
 }
 
 /// What makes two upstreams "the same" across a reload, for keeping health state.
@@ -134,11 +154,13 @@ fn build(
     let routes = config
         .routes
         .iter()
-        .map(|r| Route {
+        .map(|r| (r, Arc::new(rewrite_names(r))))
+        .map(|(r, names)| Route {
             name: r.name.clone(),
             sticky: r.sticky,
             request_headers: r.request_headers.clone(),
             response_headers: r.response_headers.clone(),
+            rewrite_response: r.rewrite_response,
             upstreams: r
                 .upstreams
                 .iter()
@@ -171,6 +193,8 @@ fn build(
                             &r.request_headers,
                             &r.response_headers,
                             config.client_ip.forward,
+                            r.rewrite_response,
+                            names.clone(),
                         ),
                         health: h,
                         metrics: m,

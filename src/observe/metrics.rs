@@ -9,6 +9,7 @@ use prometheus::{
 };
 
 use crate::policy::cdn::{CacheResult, EdgeAnswer};
+use crate::policy::deleak::Field;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
 
@@ -29,6 +30,8 @@ pub struct Metrics {
     addresses: IntGaugeVec,
     cache_results: IntCounterVec,
     edge_answers: IntCounterVec,
+    rewrites: IntCounterVec,
+    rewrites_unreadable: IntCounterVec,
     dns_lookups: IntCounterVec,
     dns_dropped: IntCounterVec,
     hosts_file_bad_lines: IntCounter,
@@ -170,6 +173,21 @@ impl Metrics {
                  this name or request) or error (any other status)",
                 &["route", "upstream", "kind"],
             ),
+            rewrites: counter(
+                r,
+                "cutover_response_rewrites_total",
+                "Response fields that named an upstream's host (Location, Content-Location, \
+                 Refresh, Set-Cookie Domain) and were rewritten to the client's Host, or with \
+                 rewrite_response: detect would have been",
+                &["route", "header"],
+            ),
+            rewrites_unreadable: counter(
+                r,
+                "cutover_response_rewrites_unreadable_total",
+                "Response fields that named an upstream's host but could not be read as a URL \
+                 or cookie domain: left unchanged",
+                &["route", "header"],
+            ),
             addresses: gauge(
                 r,
                 "cutover_upstream_addresses",
@@ -277,6 +295,11 @@ impl Metrics {
                 self.edge_answers
                     .with_label_values(&[route, upstream, k.label()])
             }),
+            rewrites: Field::ALL.map(|f| self.rewrites.with_label_values(&[route, f.label()])),
+            rewrites_unreadable: Field::ALL.map(|f| {
+                self.rewrites_unreadable
+                    .with_label_values(&[route, f.label()])
+            }),
             addresses_active: self
                 .addresses
                 .with_label_values(&[route, upstream, "active"]),
@@ -363,6 +386,9 @@ pub struct UpstreamMetrics {
     pub cache_results: [IntCounter; CacheResult::ALL.len()],
     /// By [`EdgeAnswer`].
     pub edge_answers: [IntCounter; EdgeAnswer::ALL.len()],
+    /// By [`Field`], labelled by route only.
+    pub rewrites: [IntCounter; Field::ALL.len()],
+    pub rewrites_unreadable: [IntCounter; Field::ALL.len()],
 }
 
 /// The resolver's counters (labelled by name: names come from the config).

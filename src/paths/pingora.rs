@@ -24,6 +24,7 @@ use crate::model::{Model, Process, Route, Upstream};
 use crate::paths::request::{self, Retry};
 use crate::policy;
 use crate::policy::cdn::CdnFacts;
+use crate::policy::deleak::Public;
 use crate::policy::failure::{classify, Failure};
 use crate::policy::fields::connection_options;
 use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
@@ -66,6 +67,8 @@ pub struct RequestCtx {
     interim: usize,
     /// What the final response's CDN fields said.
     cdn: CdnFacts,
+    /// The client used https ([`policy::client_ip::client_https`]).
+    https: bool,
 }
 
 impl RequestCtx {
@@ -244,6 +247,7 @@ impl ProxyHttp for PingoraPath {
             nominates: false,
             interim: 0,
             cdn: CdnFacts::default(),
+            https: false,
         }
     }
 
@@ -356,6 +360,15 @@ impl ProxyHttp for PingoraPath {
         };
 
         let route = &model.routes[route_idx];
+        let req = session.req_header();
+        let proto = req
+            .headers
+            .get_all("x-forwarded-proto")
+            .iter()
+            .next_back()
+            .map(|v| v.as_bytes());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.https = policy::client_ip::client_https(&model.client_ip, peer_ip(session), tls, proto);
         ctx.point = request::sticky_point(route, client);
         ctx.route = route_idx;
         ctx.original_host = Some(authority);
@@ -608,6 +621,13 @@ impl ProxyHttp for PingoraPath {
             nominates: connection.nominates,
             date: date.as_bytes(),
             close,
+            public: Public {
+                authority: ctx
+                    .original_host
+                    .as_ref()
+                    .map_or(&b""[..], |h| h.as_bytes()),
+                https: ctx.https,
+            },
         };
         let mut next = ResponseHeader::build(resp.status, Some(resp.headers.len() + 4))?;
         next.set_version(resp.version);
@@ -627,10 +647,10 @@ impl ProxyHttp for PingoraPath {
         for (name, value) in &fields {
             cdn.add(name, value);
         }
-        request::answered(route, upstream, status, &cdn);
-        upstream
+        let rewrites = upstream
             .plan
             .response(&facts, fields.iter().copied(), &mut render);
+        request::answered(route, upstream, status, &cdn, &rewrites);
         render.finish()?;
         *resp = next;
         ctx.cdn = cdn;

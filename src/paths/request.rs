@@ -11,13 +11,14 @@ use std::time::Instant;
 use log::debug;
 use pingora::{Error, ErrorType};
 
-use crate::config::Sticky;
+use crate::config::{RewriteMode, Sticky};
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
 use crate::observe::access_log::{or_dash, Entry};
 use crate::observe::metrics::Failover;
 use crate::policy::cdn::{CdnFacts, EdgeAnswer};
 use crate::policy::client_ip::{client_ip_from, Source};
+use crate::policy::deleak::{Field, Rewrites};
 use crate::policy::failure::ErrorKind;
 use crate::shift::selection::{choose, client_point, Candidate};
 
@@ -208,7 +209,10 @@ pub fn address_failed(
 /// fields say): its cache result is counted, and an answer the edge made
 /// itself is counted by kind and logged with the edge's request id and
 /// location ([`crate::policy::cdn`]).
-pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts) {
+pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts, rewrites: &Rewrites) {
+    if rewrites.any() {
+        rewrote(route, up, status, rewrites);
+    }
     let Some(cache) = cdn.cache else {
         return;
     };
@@ -230,6 +234,37 @@ pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts) {
             or_dash(cdn.pop.as_str()),
             or_dash(cdn.id.as_str())
         );
+    }
+}
+
+/// Response fields that named an upstream's host: counted by field; in
+/// detect mode, and for values cutover could not read, a rate-limited line.
+fn rewrote(route: &Route, up: &Upstream, status: u16, rewrites: &Rewrites) {
+    for f in Field::ALL {
+        let (done, unreadable) = (
+            rewrites.rewritten[f as usize],
+            rewrites.unreadable[f as usize],
+        );
+        up.metrics.rewrites[f as usize].inc_by(u64::from(done));
+        up.metrics.rewrites_unreadable[f as usize].inc_by(u64::from(unreadable));
+        if done > 0 && route.rewrite_response == RewriteMode::Detect {
+            limited!(
+                info,
+                "response {status} {} names an upstream host: route={} upstream={}; not rewritten (rewrite_response: detect)",
+                f.label(),
+                route.name,
+                up.name
+            );
+        }
+        if unreadable > 0 {
+            limited!(
+                warn,
+                "response {status} {} names an upstream host but is not a URL or cookie domain cutover reads: route={} upstream={}; left unchanged",
+                f.label(),
+                route.name,
+                up.name
+            );
+        }
     }
 }
 

@@ -84,6 +84,25 @@ pub fn client_ip_from<'a>(
     }
 }
 
+/// Whether the client used `https`: on a TLS listener, or as a trusted
+/// peer (`client_ip.trusted`: the ALB that terminated the client's TLS)
+/// says in `X-Forwarded-Proto` (its last value). What a rewritten
+/// `Location` gets as its scheme ([`super::deleak`]).
+pub fn client_https(
+    settings: &ClientIp,
+    peer: Option<IpAddr>,
+    tls: bool,
+    proto: Option<&[u8]>,
+) -> bool {
+    if tls {
+        return true;
+    }
+    let Some(proto) = proto else { return false };
+    let last = proto.rsplit(|&b| b == b',').next().unwrap_or_default();
+    last.trim_ascii().eq_ignore_ascii_case(b"https")
+        && peer.is_some_and(|p| trusted(&settings.trusted, p))
+}
+
 /// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`, `[2001:db8::1]:443`.
 fn parse_hop(s: &str) -> Option<IpAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {

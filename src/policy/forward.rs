@@ -27,12 +27,17 @@
 //! names, `Date`, those the route's `response_headers` edit, and a
 //! `Content-Length` the framing policy drops; then the route's set
 //! edits, `Date` from cutover's clock (as nginx and Pingora do), and
-//! `Connection: keep-alive` or `close`.
+//! `Connection: keep-alive` or `close`. `Location`, `Content-Location`,
+//! `Refresh` and `Set-Cookie` values that name an upstream's host are
+//! rewritten on the way ([`super::deleak`]).
 
 use http::{HeaderName, HeaderValue};
 
+use std::sync::Arc;
+
+use super::deleak::{self, Field, Names, Outcome, Public, Rewrites};
 use super::fields::{forward_request_field, forward_response_field, nominated};
-use crate::config::{HeaderEdits, XffMode};
+use crate::config::{HeaderEdits, RewriteMode, XffMode};
 
 /// Where a carrier renders a head, one field at a time.
 pub trait HeadWriter {
@@ -125,6 +130,10 @@ pub struct Plan {
     xff_mode: XffMode,
     xfp: bool,
     xfh: bool,
+    /// Response fields naming these hosts are rewritten to the client's
+    /// ([`super::deleak`]), or only counted.
+    deleak: RewriteMode,
+    names: Arc<Names>,
 }
 
 /// What a carrier knows about the request, for [`Plan::request`].
@@ -156,6 +165,8 @@ pub struct ResponseFacts<'a> {
     pub date: &'a [u8],
     /// This is the client connection's last response.
     pub close: bool,
+    /// Where the client sent the request, for rewritten URLs.
+    pub public: Public<'a>,
 }
 
 fn is(name: &[u8], lower: &[u8]) -> bool {
@@ -168,9 +179,13 @@ impl Plan {
         request: &HeaderEdits,
         response: &HeaderEdits,
         xff_mode: XffMode,
+        deleak: RewriteMode,
+        names: Arc<Names>,
     ) -> Plan {
         let request = Edits::new(request);
         Plan {
+            deleak,
+            names,
             host,
             xff: !request.edits(b"x-forwarded-for"),
             xff_mode,
@@ -262,8 +277,9 @@ impl Plan {
     }
 
     /// Render the response's fields (after the status line) into `out`.
-    /// `fields` are the upstream's, in the order received.
-    pub fn response<'f, I, W>(&self, facts: &ResponseFacts<'_>, fields: I, out: &mut W)
+    /// `fields` are the upstream's, in the order received. What it
+    /// rewrote (or, in detect mode, would have) comes back for counting.
+    pub fn response<'f, I, W>(&self, facts: &ResponseFacts<'_>, fields: I, out: &mut W) -> Rewrites
     where
         I: Iterator<Item = (&'f [u8], &'f [u8])> + Clone,
         W: HeadWriter,
@@ -274,6 +290,8 @@ impl Plan {
                 .filter(|(n, _)| is(n, b"connection"))
                 .map(|(_, v)| v)
         };
+        let mut rewrites = Rewrites::default();
+        let mut scratch = Vec::new();
         for (name, value) in fields.clone() {
             let ours = match name.len() {
                 4 => is(name, b"date"),
@@ -284,8 +302,21 @@ impl Plan {
                 || !forward_response_field(name, facts.status)
                 || self.response.edits(name)
                 || (facts.nominates && nominated(name, connection()));
-            if !dropped {
-                out.field(name, value);
+            if dropped {
+                continue;
+            }
+            match Field::of(name).filter(|_| self.deleak != RewriteMode::Off) {
+                None => out.field(name, value),
+                Some(field) => {
+                    let outcome =
+                        deleak::rewrite(field, value, &self.names, &facts.public, &mut scratch);
+                    rewrites.add(field, &outcome);
+                    if outcome == Outcome::Rewritten && self.deleak == RewriteMode::Rewrite {
+                        out.field(name, &scratch);
+                    } else {
+                        out.field(name, value);
+                    }
+                }
             }
         }
         for (name, value) in &self.response.set {
@@ -300,6 +331,7 @@ impl Plan {
                 if facts.close { b"close" } else { b"keep-alive" },
             );
         }
+        rewrites
     }
 }
 
@@ -371,6 +403,8 @@ mod tests {
             &edits(&[("x-migration", "p1")], &["cookie"]),
             &HeaderEdits::default(),
             XffMode::Append,
+            RewriteMode::Rewrite,
+            Arc::default(),
         );
         let client = fields(&[
             ("Host", "pub.example"),
@@ -401,7 +435,14 @@ mod tests {
             ("X-Forwarded-For", "6.6.6.6, 192.0.2.1"),
         ]);
         let xff = |mode: XffMode, with_client: bool| {
-            let plan = Plan::new(None, &HeaderEdits::default(), &HeaderEdits::default(), mode);
+            let plan = Plan::new(
+                None,
+                &HeaderEdits::default(),
+                &HeaderEdits::default(),
+                mode,
+                RewriteMode::Rewrite,
+                Arc::default(),
+            );
             let mut facts = plain(b"pub.example", b"10.0.0.5", false);
             if with_client {
                 facts.client = Some(b"192.0.2.1");
@@ -434,6 +475,8 @@ mod tests {
             &edits(&[("x-forwarded-proto", "https")], &["x-forwarded-for"]),
             &HeaderEdits::default(),
             XffMode::Append,
+            RewriteMode::Rewrite,
+            Arc::default(),
         );
         let client = fields(&[("Host", "a.example"), ("X-Forwarded-For", "192.0.2.1")]);
         let mut out = Vec::new();
@@ -452,6 +495,8 @@ mod tests {
             &HeaderEdits::default(),
             &edits(&[("x-served-via", "cutover")], &["server"]),
             XffMode::Append,
+            RewriteMode::Rewrite,
+            Arc::default(),
         );
         let upstream = fields(&[
             ("Content-Type", "text/plain"),
@@ -468,6 +513,10 @@ mod tests {
             nominates: false,
             date: b"Tue, 02 Jan 2001 00:00:00 GMT",
             close: false,
+            public: Public {
+                authority: b"pub.example",
+                https: false,
+            },
         };
         plan.response(&facts, upstream.iter().copied(), &mut out);
         assert_eq!(
@@ -475,6 +524,58 @@ mod tests {
             "Content-Type: text/plain\r\nContent-Length: 2\r\nX-Served-Via: cutover\r\n\
              Date: Tue, 02 Jan 2001 00:00:00 GMT\r\nConnection: keep-alive\r\n"
         );
+    }
+
+    #[test]
+    fn response_fields_naming_the_upstream_are_rewritten_or_only_counted() {
+        let upstream = fields(&[
+            ("Location", "https://new.example/moved"),
+            ("Set-Cookie", "a=1; Domain=.NEW.example; Path=/"),
+            ("Set-Cookie", "b=2; Domain=example"),
+            ("Content-Location", "/relative"),
+        ]);
+        let names = Arc::new(Names::new(["new.example"]));
+        let run = |mode| {
+            let plan = Plan::new(
+                None,
+                &HeaderEdits::default(),
+                &HeaderEdits::default(),
+                XffMode::Append,
+                mode,
+                names.clone(),
+            );
+            let facts = ResponseFacts {
+                status: 201,
+                drop_content_length: false,
+                nominates: false,
+                date: b"D",
+                close: false,
+                public: Public {
+                    authority: b"pub.example:8443",
+                    https: true,
+                },
+            };
+            let mut out = Vec::new();
+            let rewrites = plan.response(&facts, upstream.iter().copied(), &mut out);
+            (String::from_utf8(out).unwrap(), rewrites)
+        };
+        let (text, rewrites) = run(RewriteMode::Rewrite);
+        assert_eq!(
+            text,
+            "Location: https://pub.example:8443/moved\r\n\
+             Set-Cookie: a=1; Domain=.pub.example; Path=/\r\n\
+             Set-Cookie: b=2; Domain=example\r\nContent-Location: /relative\r\n\
+             Date: D\r\nConnection: keep-alive\r\n"
+        );
+        assert_eq!(rewrites.rewritten, [1, 0, 0, 1]);
+        let (text, detected) = run(RewriteMode::Detect);
+        assert!(
+            text.starts_with("Location: https://new.example/moved\r\n"),
+            "{text}"
+        );
+        assert_eq!(detected, rewrites);
+        let (_, off) = run(RewriteMode::Off);
+        assert!(!off.any());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod cdn;
 pub mod client_ip;
+pub mod deleak;
 pub mod failure;
 pub mod fields;
 pub mod forward;

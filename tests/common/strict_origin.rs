@@ -255,17 +255,43 @@ pub async fn acknowledged(fd: std::os::fd::RawFd) {
     panic!("the peer never acknowledged {fd}'s bytes");
 }
 
+/// What a [`RawClient`] talks over: TCP, or TLS over TCP.
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+
 /// A client that writes raw bytes and reads responses with the strict reader.
 pub struct RawClient {
-    stream: tokio::net::TcpStream,
+    stream: Box<dyn ClientIo>,
     buf: Vec<u8>,
     eof: bool,
 }
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::over(Box::new(tcp))
+    }
+
+    /// Over TLS, checking the listener's certificate for `name` against `ca`.
+    pub async fn connect_tls(addr: SocketAddr, ca: &std::path::Path, name: &str) -> RawClient {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut connector =
+            openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+        connector.set_ca_file(ca).unwrap();
+        let ssl = connector
+            .build()
+            .configure()
+            .unwrap()
+            .into_ssl(name)
+            .unwrap();
+        let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+        std::pin::Pin::new(&mut tls).connect().await.unwrap();
+        Self::over(Box::new(tls))
+    }
+
+    fn over(stream: Box<dyn ClientIo>) -> RawClient {
         RawClient {
-            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            stream,
             buf: Vec::new(),
             eof: false,
         }

@@ -24,6 +24,7 @@ use crate::observe::access_log::Entry;
 use crate::paths::request::{self, Retry};
 use crate::policy;
 use crate::policy::cdn::CdnFacts;
+use crate::policy::deleak::Public;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
 
@@ -36,10 +37,11 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     ) -> Step {
         let started = Instant::now();
         let model = self.process.model();
-        let (ask, route_idx) = match route_request(req, &model) {
+        let (mut ask, route_idx) = match route_request(req, &model) {
             Ok(routed) => routed,
             Err(reason) => return Step::Handover(reason),
         };
+        ask.https = policy::client_ip::client_https(&model.client_ip, conn.peer, false, ask.proto);
         let route = &model.routes[route_idx];
         let values = header_values(req, model.client_ip.header.as_ref().map(|h| h.as_str()));
         let client = request::client_address(&model, conn.peer, values);
@@ -236,12 +238,28 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let (mut ups, (mut end, mut folded)) = self.send(conn, ups, reused, up, addr).await?;
         let mut interim = 0;
         let close = closing || ask.client_close;
+        let public = &Public {
+            authority: ask.host,
+            https: ask.https,
+        };
         let (status, head_len, framing, upstream_keep, cdn) = loop {
             let head = &conn.resp[..end];
-            match client_head(head, folded, ask.head, &up.plan, close, &mut conn.out) {
+            match client_head(
+                head,
+                folded,
+                ask.head,
+                &up.plan,
+                public,
+                close,
+                &mut conn.out,
+            ) {
                 Err(why) => return fail(ErrorKind::Other, why),
-                Ok(UpstreamHead::Final { status, framing }) => {
-                    request::answered(route, up, status, &framing.cdn);
+                Ok(UpstreamHead::Final {
+                    status,
+                    framing,
+                    rewrites,
+                }) => {
+                    request::answered(route, up, status, &framing.cdn, &rewrites);
                     break (status, end, framing.body, framing.reusable, framing.cdn);
                 }
                 Ok(UpstreamHead::Interim) => {

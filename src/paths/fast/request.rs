@@ -23,6 +23,11 @@ pub(super) struct Ask<'b> {
     pub(super) client_close: bool,
     /// `Connection` names other fields, which are not forwarded.
     pub(super) nominates: bool,
+    /// The client's `X-Forwarded-Proto` (the last one), believed only from
+    /// a trusted peer.
+    pub(super) proto: Option<&'b [u8]>,
+    /// The client used https (known once the model's trust is applied).
+    pub(super) https: bool,
 }
 
 /// The fast path's part of a request and the route that owns its Host, or
@@ -95,6 +100,7 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
     let mut framing = FramingFields::default();
     let mut connection = ConnectionOptions::default();
     let mut host = None;
+    let mut proto = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if framing.add(name, h.value) {
@@ -107,6 +113,7 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
             10 if name.eq_ignore_ascii_case(b"connection") => connection.add(h.value),
             6 if name.eq_ignore_ascii_case(b"expect") => return Err(Handover::Expect),
             7 if name.eq_ignore_ascii_case(b"upgrade") => return Err(Handover::Upgrade),
+            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => proto = Some(h.value),
             _ => {}
         }
     }
@@ -122,6 +129,8 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
         path,
         client_close: connection.close,
         nominates: connection.nominates,
+        proto,
+        https: false,
     })
 }
 

@@ -12,6 +12,7 @@ use super::chunked::ChunkedEnd;
 use super::head::{head_end_and_folds, Unfolding};
 use super::{MAX_HEAD, MAX_RESPONSE_HEADERS, READ_CHUNK};
 use crate::policy::cdn::CdnFacts;
+use crate::policy::deleak::{Public, Rewrites};
 use crate::policy::failure::ErrorKind;
 use crate::policy::fields::ConnectionOptions;
 use crate::policy::forward::{Plan, ResponseFacts};
@@ -25,7 +26,7 @@ pub fn prepare_response(head: &[u8], plan: &Plan, out: &mut Vec<u8>) -> bool {
         return false;
     };
     matches!(
-        client_head(&head[..end], folded, false, plan, false, out),
+        client_head(&head[..end], folded, false, plan, &BENCH_CLIENT, false, out),
         Ok(UpstreamHead::Final { .. })
     )
 }
@@ -38,8 +39,16 @@ pub(super) enum UpstreamHead {
     Final {
         status: u16,
         framing: ResponseFraming,
+        /// What the de-leak rewrote ([`crate::policy::deleak`]).
+        rewrites: Rewrites,
     },
 }
+
+/// The client the benchmarks and fuzzers stand for.
+const BENCH_CLIENT: Public<'static> = Public {
+    authority: b"cdn.example.test",
+    https: false,
+};
 
 /// Read one whole response head (`head`, exactly; `folded`: it holds an
 /// obs-fold), check it against the process policy, and for a final response
@@ -50,6 +59,7 @@ pub(super) fn client_head(
     folded: bool,
     head_request: bool,
     plan: &Plan,
+    public: &Public<'_>,
     close: bool,
     out: &mut Vec<u8>,
 ) -> Result<UpstreamHead, String> {
@@ -64,8 +74,12 @@ pub(super) fn client_head(
     }
     let framing =
         response_framing(&resp, head_request).map_err(|why| format!("response framing: {why}"))?;
-    build_response_head(out, &resp, plan, &framing, close, folded);
-    Ok(UpstreamHead::Final { status, framing })
+    let rewrites = build_response_head(out, &resp, plan, &framing, public, close, folded);
+    Ok(UpstreamHead::Final {
+        status,
+        framing,
+        rewrites,
+    })
 }
 
 /// For the fuzzers: what [`client_head`] makes of `head` — the final
@@ -81,7 +95,16 @@ pub fn client_head_for_fuzzing(
     // The fast path reads up to the first empty line, and hands exactly
     // that to `client_head`: so does this.
     let (end, folded) = head_end_and_folds(head).ok_or("incomplete head")?;
-    client_head(&head[..end], folded, head_request, plan, false, out).map(|h| match h {
+    client_head(
+        &head[..end],
+        folded,
+        head_request,
+        plan,
+        &BENCH_CLIENT,
+        false,
+        out,
+    )
+    .map(|h| match h {
         UpstreamHead::Interim => None,
         UpstreamHead::Final { status, .. } => Some(status),
     })
@@ -114,9 +137,10 @@ pub(super) fn build_response_head(
     resp: &httparse::Response<'_, '_>,
     plan: &Plan,
     framing: &ResponseFraming,
+    public: &Public<'_>,
     close: bool,
     folded: bool,
-) {
+) -> Rewrites {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     let mut code = itoa::Buffer::new();
@@ -132,14 +156,16 @@ pub(super) fn build_response_head(
         nominates: framing.nominates,
         date: date.as_bytes(),
         close: close || matches!(framing.body, Framing::Close),
+        public: *public,
     };
     let fields = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-    if folded {
-        plan.response(&facts, fields, &mut Unfolding(out));
+    let rewrites = if folded {
+        plan.response(&facts, fields, &mut Unfolding(out))
     } else {
-        plan.response(&facts, fields, out);
-    }
+        plan.response(&facts, fields, out)
+    };
     out.extend_from_slice(b"\r\n");
+    rewrites
 }
 
 /// A response's framing as the fast path relays it.
