@@ -24,8 +24,10 @@
 //!   health checks).
 //! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`,
 //!   and [`paths::request`], what both do around a request (sticky point,
-//!   failover, the failure line, the finished record). The carriers never
-//!   import each other; they render what `policy` and `paths::request`
+//!   failover, the failure line, the finished record) and
+//!   [`paths::client`], the client connection before and under them (the
+//!   PROXY header, the listener's timeouts on the Pingora path). The
+//!   carriers never import each other; they render what `policy` and `paths::request`
 //!   decide, and `tests/parity.rs` checks they send the same bytes.
 //! - [`lifecycle`]: the process: server assembly (the only module that
 //!   names both carriers), signals and reload, drain, admin endpoints,

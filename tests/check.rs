@@ -123,3 +123,27 @@ fn run_with_an_invalid_config_exits_1_with_the_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("routes[0].upstreams[0].sni"), "{stderr}");
 }
+
+#[test]
+fn a_keepalive_timeout_the_load_balancer_outlasts_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("alb.yaml");
+    std::fs::write(
+        &p,
+        "phase: p\nlisteners:\n  - { address: 0.0.0.0:8080, keepalive_timeout: 60s }\n  - { address: 0.0.0.0:8081, keepalive_timeout: 100s, alb_idle_timeout: 120s }\n  - { address: 0.0.0.0:8082 }\nroutes:\n  - name: r\n    hosts: [a.example.com]\n    upstreams: [{ name: u, address: \"d.example.net:443\" }]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = check(&p);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("listeners[0].keepalive_timeout: 1m is not longer than an ALB's default idle timeout (60s)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("listeners[1].keepalive_timeout: 1m 40s is not longer than the load balancer's idle timeout (alb_idle_timeout: 2m)"),
+        "{stderr}"
+    );
+    // The default (75s) outlasts an ALB's default.
+    assert!(!stderr.contains("listeners[2]"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+}

@@ -11,7 +11,8 @@
 //! - `Date` in the client's response head (the clock);
 //! - `time` and `duration` in the access-log record;
 //! - the metrics that describe the connection rather than the request
-//!   (`cutover_connections_handed_over_total`) and the duration histogram's
+//!   (`cutover_connections_handed_over_total`,
+//!   `cutover_proxy_protocol_connections_total`) and the duration histogram's
 //!   buckets and sum (its count is compared);
 //! - `cutover_upstream_addresses`, the addresses' state at the scrape (an
 //!   address the first carrier's request ejected is still out for the
@@ -128,7 +129,7 @@ async fn start_forwarding(forward: &str) -> Bed {
     };
     let yaml = format!(
         "phase: parity\n\
-         listeners:\n  - address: 127.0.0.1:0\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
+         listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: auto\n    trusted: [127.0.0.1]\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
          admin:\n  address: 127.0.0.1:0\n\
          server:\n  threads: 2\n  grace_period: 4s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
          client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n  forward: {forward}\n\
@@ -167,10 +168,18 @@ async fn start_forwarding(forward: &str) -> Bed {
 /// A connection on the wanted carrier: for Pingora's, a `POST` to the warm
 /// route first.
 async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
+    open_after(bed, carrier, b"").await
+}
+
+/// The same, with `prefix` (a PROXY header) the first bytes sent.
+async fn open_after(bed: &Bed, carrier: Carrier, prefix: &[u8]) -> RawClient {
     if carrier == Carrier::Tls {
         return RawClient::connect_tls(bed.tls, &bed.ca_path, PUBLIC_NAME).await;
     }
     let mut c = RawClient::connect(bed.proxy.listen).await;
+    if !prefix.is_empty() {
+        c.send(prefix).await;
+    }
     if carrier == Carrier::Pingora {
         c.send(
             format!(
@@ -221,6 +230,7 @@ async fn samples(proxy: &Proxy) -> BTreeMap<String, f64> {
     {
         let (key, value) = line.rsplit_once(' ').unwrap();
         let by_design = key.starts_with("cutover_connections_handed_over_total")
+            || key.starts_with("cutover_proxy_protocol_connections_total")
             || key.starts_with("cutover_request_duration_seconds_bucket")
             || key.starts_with("cutover_request_duration_seconds_sum")
             || key.starts_with("cutover_upstream_addresses{")
@@ -276,7 +286,18 @@ struct Seen {
 /// Send `request` (with `{T}` the target) on `carrier`, and collect what
 /// the origin, the client, the access log and the metrics saw of it.
 async fn serve(bed: &Bed, carrier: Carrier, target: &str, request: &str) -> Seen {
-    let mut c = open(bed, carrier).await;
+    serve_after(bed, carrier, b"", target, request).await
+}
+
+/// The same on a connection that starts with `prefix`.
+async fn serve_after(
+    bed: &Bed,
+    carrier: Carrier,
+    prefix: &[u8],
+    target: &str,
+    request: &str,
+) -> Seen {
+    let mut c = open_after(bed, carrier, prefix).await;
     let before_upstream = bed.origin.requests(target).len();
     let before_log = wait_for_log(&bed.access_log, target, 0).await.len();
     let before = samples(&bed.proxy).await;
@@ -634,6 +655,25 @@ async fn detect_mode_changes_nothing_and_counts_the_same() {
             .contains("not rewritten (rewrite_response: detect)"),
         "{}",
         bed.proxy.log()
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_headers_client_is_the_same_on_both_carriers() {
+    let bed = start().await;
+    // PROXY v2, TCP4 from 198.51.100.77: an NLB in front. The header's
+    // address is the TCP peer from then on: not in client_ip.trusted, so
+    // the client's own X-Forwarded-For is not believed, only appended to.
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend([198, 51, 100, 77, 127, 0, 0, 1, 0x9c, 0x40, 0x1f, 0x90]);
+    let fast = serve_after(&bed, Carrier::Fast, &header, "/parity/pp", GET).await;
+    let pingora = serve_after(&bed, Carrier::Pingora, &header, "/parity/pp", GET).await;
+    assert_same("PROXY v2", &fast, &pingora);
+    assert_eq!(fast.record["client"], "198.51.100.77", "{:?}", fast.record);
+    let head = fast.upstream_head.as_deref().expect("the origin got it");
+    assert!(
+        head.contains("\r\nX-Forwarded-For: 203.0.113.7, 198.51.100.77\r\n"),
+        "{head}"
     );
 }
 

@@ -30,6 +30,18 @@ pub struct FileConfig {
 pub struct ListenerFile {
     pub address: String,
     pub tls: Option<ListenerTlsFile>,
+    /// Idle time allowed between a client's requests (default 75s).
+    pub keepalive_timeout: Option<String>,
+    /// Time allowed for a whole request head once it has started (default 20s).
+    pub header_timeout: Option<String>,
+    /// The idle timeout of the load balancer in front, checked against
+    /// `keepalive_timeout` (default: the ALB's, 60s).
+    pub alb_idle_timeout: Option<String>,
+    /// `off` (the default), `v1`, `v2` or `auto`.
+    pub proxy_protocol: Option<String>,
+    /// Peers allowed (and, with `v1`/`v2`, required) to send a PROXY header.
+    #[serde(default)]
+    pub trusted: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

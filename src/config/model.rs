@@ -29,7 +29,45 @@ pub struct Config {
 pub struct Listener {
     pub address: SocketAddr,
     pub tls: Option<ListenerTls>,
+    pub keepalive_timeout: Duration,
+    pub header_timeout: Duration,
+    pub proxy_protocol: ProxyProtocolMode,
+    /// Peers allowed to send a PROXY header (required from them with
+    /// `v1`/`v2`).
+    pub proxy_trusted: Vec<IpNet>,
 }
+
+/// Whether a listener reads a PROXY protocol header
+/// ([`crate::policy::proxy_protocol`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocolMode {
+    #[default]
+    Off,
+    V1,
+    V2,
+    /// Either version, or none.
+    Auto,
+}
+
+impl ProxyProtocolMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            ProxyProtocolMode::Off => "off",
+            ProxyProtocolMode::V1 => "v1",
+            ProxyProtocolMode::V2 => "v2",
+            ProxyProtocolMode::Auto => "auto",
+        }
+    }
+}
+
+/// nginx's `keepalive_timeout`: longer than an ALB's default idle timeout
+/// (60 s), so the ALB, not cutover, closes an idle connection.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A whole request head once its first byte arrived (nginx's
+/// `client_header_timeout` is 60 s; a load balancer sends a head at once).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// An ALB's default idle timeout.
+pub const ALB_DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerTls {

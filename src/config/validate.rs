@@ -189,7 +189,84 @@ fn check_listeners(c: &mut Checker, raw: &[ListenerFile]) -> Vec<Listener> {
             check_cert_and_key(c, &path, &cert, &key);
             Some(ListenerTls { cert, key })
         });
-        out.push(Listener { address, tls });
+        let keepalive_timeout = c.duration(
+            &format!("{path}.keepalive_timeout"),
+            l.keepalive_timeout.as_deref(),
+            DEFAULT_KEEPALIVE_TIMEOUT,
+        );
+        let header_timeout = c.duration(
+            &format!("{path}.header_timeout"),
+            l.header_timeout.as_deref(),
+            DEFAULT_HEADER_TIMEOUT,
+        );
+        let (alb, alb_named) = match l.alb_idle_timeout.as_deref() {
+            Some(t) => (
+                c.duration(
+                    &format!("{path}.alb_idle_timeout"),
+                    Some(t),
+                    ALB_DEFAULT_IDLE_TIMEOUT,
+                ),
+                true,
+            ),
+            None => (ALB_DEFAULT_IDLE_TIMEOUT, false),
+        };
+        if keepalive_timeout <= alb {
+            let whose = if alb_named {
+                format!(
+                    "the load balancer's idle timeout (alb_idle_timeout: {})",
+                    humantime::format_duration(alb)
+                )
+            } else {
+                "an ALB's default idle timeout (60s)".to_string()
+            };
+            c.warnings.push(format!(
+                "{path}.keepalive_timeout: {} is not longer than {whose}: the load balancer may reuse a connection cutover is closing, and answer that request 502; make it longer (the default is 75s)",
+                humantime::format_duration(keepalive_timeout)
+            ));
+        }
+        let proxy_protocol = match l.proxy_protocol.as_deref().map(str::trim) {
+            None | Some("off") => Some(ProxyProtocolMode::Off),
+            Some("v1") => Some(ProxyProtocolMode::V1),
+            Some("v2") => Some(ProxyProtocolMode::V2),
+            Some("auto") => Some(ProxyProtocolMode::Auto),
+            Some(other) => {
+                c.problem(
+                    format!("{path}.proxy_protocol"),
+                    format!("`{other}` is not a mode: use off, v1, v2 or auto"),
+                );
+                None
+            }
+        };
+        let proxy_trusted = check_nets(c, &format!("{path}.trusted"), &l.trusted);
+        if proxy_protocol.is_none() {
+            // Already reported; the rest depends on the mode.
+        } else if proxy_protocol != Some(ProxyProtocolMode::Off) {
+            if l.tls.is_some() {
+                c.problem(
+                    format!("{path}.proxy_protocol"),
+                    "not supported on a TLS listener yet (the header comes before the TLS handshake, which Pingora does first): use a plain listener behind the NLB, or terminate TLS at the NLB",
+                );
+            }
+            if l.trusted.is_empty() {
+                c.problem(
+                    format!("{path}.trusted"),
+                    "list the load balancer's addresses allowed to send the PROXY header (e.g. the VPC's CIDR, `[10.0.0.0/8]`): from any other peer a header is refused",
+                );
+            }
+        } else if !l.trusted.is_empty() {
+            c.problem(
+                format!("{path}.trusted"),
+                "only read with `proxy_protocol: v1 | v2 | auto` (client addresses from X-Forwarded-For are trusted in `client_ip.trusted`)",
+            );
+        }
+        out.push(Listener {
+            address,
+            tls,
+            keepalive_timeout,
+            header_timeout,
+            proxy_protocol: proxy_protocol.unwrap_or_default(),
+            proxy_trusted,
+        });
     }
     out
 }
@@ -316,20 +393,7 @@ fn check_client_ip(c: &mut Checker, raw: Option<&ClientIpFile>) -> ClientIp {
         .header
         .as_deref()
         .and_then(|h| c.header_name("client_ip.header", h));
-    let mut trusted = Vec::new();
-    for (i, t) in raw.trusted.iter().enumerate() {
-        let t = t.trim();
-        let parsed = t
-            .parse::<IpNet>()
-            .or_else(|_| t.parse::<IpAddr>().map(IpNet::from));
-        match parsed {
-            Ok(net) => trusted.push(net.trunc()),
-            Err(_) => c.problem(
-                format!("client_ip.trusted[{i}]"),
-                format!("`{t}` is not a CIDR (e.g. `10.0.0.0/8`) or an IP address"),
-            ),
-        }
-    }
+    let trusted = check_nets(c, "client_ip.trusted", &raw.trusted);
     if header.is_some() && trusted.is_empty() {
         c.warnings.push(
             "client_ip.header is set but client_ip.trusted is empty: the header is never believed"
@@ -353,6 +417,25 @@ fn check_client_ip(c: &mut Checker, raw: Option<&ClientIpFile>) -> ClientIp {
         trusted,
         forward,
     }
+}
+
+/// A list of CIDRs or addresses (`10.0.0.0/8`, `192.0.2.7`).
+fn check_nets(c: &mut Checker, path: &str, raw: &[String]) -> Vec<IpNet> {
+    let mut nets = Vec::new();
+    for (i, t) in raw.iter().enumerate() {
+        let t = t.trim();
+        let parsed = t
+            .parse::<IpNet>()
+            .or_else(|_| t.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => nets.push(net.trunc()),
+            Err(_) => c.problem(
+                format!("{path}[{i}]"),
+                format!("`{t}` is not a CIDR (e.g. `10.0.0.0/8`) or an IP address"),
+            ),
+        }
+    }
+    nets
 }
 
 /// The route's valid hosts (with their index in `hosts`), and the route if it

@@ -94,6 +94,9 @@ pub struct Process {
     /// clients move to a fresh connection instead of having an idle one
     /// closed under them when Pingora drains.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Each listener's client timeouts, from the config the process started
+    /// with (listeners change only with `run --upgrade`).
+    pub listeners: crate::policy::timeouts::ListenerTable,
     health: std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
 }
 
@@ -108,6 +111,7 @@ impl Process {
         let first = build(&config, &metrics, &resolver, &health);
         metrics.init_reload_counters();
         Arc::new(Self {
+            listeners: crate::policy::timeouts::ListenerTable::new(&config.listeners),
             current: ArcSwap::from_pointee(first),
             metrics,
             resolver,

@@ -69,6 +69,9 @@ pub struct Entry<'a> {
     /// `X-Amz-Cf-Pop`), empty when the response had none.
     pub cf_id: &'a str,
     pub cf_pop: &'a str,
+    /// The AWS VPC endpoint id the connection's PROXY header named, empty
+    /// without one.
+    pub vpce: &'a str,
 }
 
 #[derive(Serialize)]
@@ -89,6 +92,8 @@ struct JsonLine<'a> {
     cf_id: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     cf_pop: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    vpce: &'a str,
 }
 
 impl AccessLog {
@@ -131,6 +136,7 @@ impl AccessLog {
                     phase: e.phase,
                     cf_id: e.cf_id,
                     cf_pop: e.cf_pop,
+                    vpce: e.vpce,
                 };
                 if serde_json::to_writer(&mut line, &json).is_err() {
                     return;

@@ -41,6 +41,9 @@ pub struct Metrics {
     _build_info: IntGaugeVec,
     pub access_log_dropped: IntCounter,
     pub access_log_write_errors: IntCounter,
+    /// Connections on PROXY protocol listeners, by
+    /// [`crate::policy::proxy_protocol::RESULTS`].
+    pub proxy_protocol: [IntCounter; 8],
     /// Client connections the fast path handed to Pingora's general path.
     /// By [`Handover`] reason.
     pub handed_over: [IntCounter; Handover::ALL.len()],
@@ -104,6 +107,19 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         Self {
+            proxy_protocol: {
+                let by_result = counter(
+                    r,
+                    "cutover_proxy_protocol_connections_total",
+                    "Connections on listeners with proxy_protocol, by what their start was: v1, \
+                     v2, local (a v2 LOCAL header: the load balancer's own check), none (no \
+                     header, allowed), or refused: missing (none from a trusted peer where one \
+                     is required), untrusted (a header from a peer not in `trusted`), bad (the \
+                     other version, or one that does not parse), timeout",
+                    &["result"],
+                );
+                crate::policy::proxy_protocol::RESULTS.map(|l| by_result.with_label_values(&[l]))
+            },
             handed_over: {
                 let by_reason = counter(
                     r,

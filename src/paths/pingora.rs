@@ -21,6 +21,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
+use crate::paths::client::ClientStream;
 use crate::paths::request::{self, Retry};
 use crate::policy;
 use crate::policy::cdn::CdnFacts;
@@ -263,11 +264,17 @@ impl ProxyHttp for PingoraPath {
         // except 100 Continue to a request that expects it.
         session.set_pipelining_enabled(true);
         session.set_ignore_info_resp(true);
-        // The client side's timeouts, from the table both carriers use.
-        // Keep-alive only where Pingora has it on (not after `Connection:
-        // close`, not for an HTTP/1.0 client that did not ask for it).
+        // The client side's timeouts, from the table both carriers use. The
+        // listener's idle and head timeouts are the client stream's
+        // (`paths::client`): Pingora's own keep-alive timer is off
+        // (`Some(0)`, no limit), and only where Pingora has keep-alive on
+        // (not after `Connection: close`, not for an HTTP/1.0 client that
+        // did not ask for it).
+        if let Some(client) = ClientStream::of(session.stream()) {
+            client.request_started();
+        }
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(CLIENT.idle.as_secs()));
+            session.set_keepalive(Some(0));
         }
         session.set_read_timeout(Some(CLIENT.body));
         session.set_write_timeout(Some(CLIENT.send));
@@ -733,32 +740,11 @@ impl ProxyHttp for PingoraPath {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
-            let model = self.process.model();
-            model.phase.rejected[Refusal::Malformed as usize].inc();
-            let cause: String = e.to_string().chars().take(200).collect();
-            limited!(info, "400 malformed: {cause} (from {peer:?})");
-            // Pingora answers it 400 itself; it still gets its access-log
-            // line, with what is known: nothing of the head.
-            let entry = crate::observe::access_log::Entry {
-                time: std::time::SystemTime::now(),
-                client: peer,
-                method: "-",
-                host: "-",
-                path: "-",
-                version: "-",
-                status: 400,
-                route: "-",
-                upstream: "-",
-                upstream_addr: None,
-                duration: std::time::Duration::ZERO,
-                bytes: 0,
-                phase: &model.config.phase,
-                referer: "",
-                user_agent: "",
-                cf_id: "",
-                cf_pop: "",
-            };
-            request::finish(&self.process, None, &entry);
+            // Pingora answers it 400 itself.
+            request::unread_head(&self.process, Refusal::Malformed, peer, e);
+        } else if crate::paths::client::is_header_timeout(e) {
+            // Answered 408 by the stream (`paths::client`).
+            request::unread_head(&self.process, Refusal::HeaderTimeout, peer, e);
         } else {
             debug!("client connection from {peer:?} failed before a whole request head: {e}");
         }
@@ -775,6 +761,9 @@ impl ProxyHttp for PingoraPath {
     /// whose client went away before any response counts as 499 (nginx's code
     /// for "client closed request").
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(client) = ClientStream::of(session.stream()) {
+            client.request_done();
+        }
         let status = session
             .response_written()
             .map_or(499, |r| r.status.as_u16());
@@ -819,6 +808,9 @@ impl ProxyHttp for PingoraPath {
                 user_agent: header(http::header::USER_AGENT),
                 cf_id: ctx.cdn.id.as_str(),
                 cf_pop: ctx.cdn.pop.as_str(),
+                vpce: ClientStream::of(session.stream())
+                    .and_then(ClientStream::vpce)
+                    .unwrap_or(""),
             };
             request::finish(&self.process, served.map(|(_, up)| up), &entry);
         }

@@ -20,6 +20,7 @@ use crate::policy::cdn::{CdnFacts, EdgeAnswer};
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::deleak::{Field, Rewrites};
 use crate::policy::failure::ErrorKind;
+use crate::policy::refusal::Refusal;
 use crate::shift::selection::{choose, client_point, Candidate};
 
 /// The client's address: the TCP peer's, or the one a trusted peer wrote
@@ -319,4 +320,46 @@ pub fn finish(process: &Process, up: Option<&Upstream>, entry: &Entry<'_>) {
     if let Some(log) = &process.access_log {
         log.log(entry);
     }
+}
+
+/// A request head that never became a request: Pingora's parser refused it
+/// (`Malformed`, answered 400 by Pingora) or it was still incomplete after
+/// the listener's `header_timeout` (`HeaderTimeout`, answered 408 by the
+/// carrier). Counted, logged at most a few lines a second, and given its
+/// access-log line with what is known: nothing of the head.
+pub fn unread_head(process: &Process, refusal: Refusal, peer: Option<IpAddr>, cause: &dyn Display) {
+    let model = process.model();
+    model.phase.rejected[refusal as usize].inc();
+    let status = refusal.status();
+    match refusal {
+        Refusal::HeaderTimeout => limited!(
+            info,
+            "{status} header timeout: no whole request head within the listener's header_timeout (from {peer:?})"
+        ),
+        _ => {
+            let cause: String = cause.to_string().chars().take(200).collect();
+            limited!(info, "{status} {}: {cause} (from {peer:?})", refusal.reason());
+        }
+    }
+    let entry = Entry {
+        time: std::time::SystemTime::now(),
+        client: peer,
+        method: "-",
+        host: "-",
+        path: "-",
+        version: "-",
+        status,
+        route: "-",
+        upstream: "-",
+        upstream_addr: None,
+        duration: std::time::Duration::ZERO,
+        bytes: 0,
+        phase: &model.config.phase,
+        referer: "",
+        user_agent: "",
+        cf_id: "",
+        cf_pop: "",
+        vpce: "",
+    };
+    finish(process, None, &entry);
 }

@@ -348,6 +348,21 @@ pub fn answer<W: HeadWriter>(body: &[u8], date: &[u8], out: &mut W) {
     out.field(b"Connection", b"close");
 }
 
+/// A whole answer of cutover's own with no body (a failure to proxy, a
+/// head timeout): status line, [`answer`]'s fields, and the empty line.
+pub fn answer_message(status: u16) -> Arc<[u8]> {
+    let mut head = Vec::with_capacity(160);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(reason(status).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    let date = pingora::protocols::http::date::get_cached_date();
+    answer(b"", date.as_bytes(), &mut head);
+    head.extend_from_slice(b"\r\n");
+    head.into()
+}
+
 /// The reason phrase cutover writes for a status of its own.
 pub fn reason(status: u16) -> &'static str {
     http::StatusCode::from_u16(status)

@@ -23,22 +23,27 @@ pub enum Refusal {
     /// request line or field, two Host fields, an unparseable or conflicting
     /// Content-Length (400, answered by Pingora).
     Malformed = 5,
+    /// A request head still incomplete after the listener's
+    /// `header_timeout` (408, then the connection is closed).
+    HeaderTimeout = 6,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::ConnectMethod,
         Refusal::BadHost,
         Refusal::BadTarget,
         Refusal::BadFraming,
         Refusal::HeadTooLarge,
         Refusal::Malformed,
+        Refusal::HeaderTimeout,
     ];
 
     pub fn status(self) -> u16 {
         match self {
             Refusal::ConnectMethod => 405,
             Refusal::HeadTooLarge => 431,
+            Refusal::HeaderTimeout => 408,
             Refusal::BadHost | Refusal::BadTarget | Refusal::BadFraming | Refusal::Malformed => 400,
         }
     }
@@ -52,6 +57,7 @@ impl Refusal {
             Refusal::BadFraming => "bad_framing",
             Refusal::HeadTooLarge => "head_too_large",
             Refusal::Malformed => "malformed",
+            Refusal::HeaderTimeout => "header_timeout",
         }
     }
 
@@ -66,6 +72,7 @@ impl Refusal {
             }
             Refusal::HeadTooLarge => "cutover: the request head is too large\n",
             Refusal::Malformed => "cutover: the request is not valid HTTP/1.1\n",
+            Refusal::HeaderTimeout => "cutover: the request head did not arrive in time\n",
         }
     }
 }

@@ -1,17 +1,28 @@
-//! The client side's timeouts, one table for both carriers (the upstream
-//! side's are per upstream, in the config's `timeouts`). The values are
-//! nginx's defaults, except `idle`, which is Pingora's keep-alive.
+//! The client side's timeouts (and each listener's other settings), one table for both carriers (the upstream
+//! side's are per upstream, in the config's `timeouts`). `idle` and `head`
+//! are per listener (`keepalive_timeout`, `header_timeout`); the others are
+//! nginx's defaults.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use ipnet::IpNet;
+
+use crate::config::{
+    Listener, ProxyProtocolMode, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientTimeouts {
-    /// A keep-alive connection waiting for its next request (nginx's
-    /// `keepalive_timeout` is 75 s; Pingora's keep-alive 60 s).
+    /// A connection waiting for its next request, the first one included
+    /// (the listener's `keepalive_timeout`): then it is closed, silently.
+    /// Longer than the load balancer's idle timeout, so the load balancer
+    /// closes first and never reuses a connection cutover is closing.
     pub idle: Duration,
-    /// A started request head must be complete within this, in all (nginx's
-    /// `client_header_timeout`): a client trickling one byte at a time
-    /// cannot hold a connection. The fast path; Pingora applies its own
-    /// to the first head of a connection.
+    /// A started request head must be complete within this, in all (the
+    /// listener's `header_timeout`, nginx's `client_header_timeout`): a
+    /// client trickling one byte at a time cannot hold a connection. Then
+    /// it is answered 408 and closed.
     pub head: Duration,
     /// Between two reads of a request body (nginx's `client_body_timeout`).
     pub body: Duration,
@@ -22,8 +33,111 @@ pub struct ClientTimeouts {
 }
 
 pub const CLIENT: ClientTimeouts = ClientTimeouts {
-    idle: Duration::from_secs(60),
-    head: Duration::from_secs(60),
+    idle: DEFAULT_KEEPALIVE_TIMEOUT,
+    head: DEFAULT_HEADER_TIMEOUT,
     body: Duration::from_secs(60),
     send: Duration::from_secs(60),
 };
+
+impl ClientTimeouts {
+    pub fn of(l: &Listener) -> ClientTimeouts {
+        ClientTimeouts {
+            idle: l.keepalive_timeout,
+            head: l.header_timeout,
+            ..CLIENT
+        }
+    }
+}
+
+/// What a connection gets from the listener it arrived on.
+#[derive(Debug)]
+pub struct ListenerPolicy {
+    pub address: SocketAddr,
+    pub timeouts: ClientTimeouts,
+    pub proxy_protocol: ProxyProtocolMode,
+    /// Peers allowed to send a PROXY header.
+    pub proxy_trusted: Vec<IpNet>,
+}
+
+impl ListenerPolicy {
+    /// Whether `peer` may (and with `v1`/`v2` must) send a PROXY header.
+    pub fn trusts(&self, peer: Option<IpAddr>) -> bool {
+        peer.is_some_and(|p| {
+            let p = match p {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(p, IpAddr::V4),
+                v4 => v4,
+            };
+            self.proxy_trusted.iter().any(|n| n.contains(&p))
+        })
+    }
+}
+
+/// Each listener's settings, found by the local address a connection
+/// arrived on. Fixed for the process (listeners change only with `run
+/// --upgrade`).
+#[derive(Debug, Default)]
+pub struct ListenerTable(Vec<ListenerPolicy>);
+
+impl ListenerTable {
+    pub fn new(listeners: &[Listener]) -> ListenerTable {
+        ListenerTable(
+            listeners
+                .iter()
+                .map(|l| ListenerPolicy {
+                    address: l.address,
+                    timeouts: ClientTimeouts::of(l),
+                    proxy_protocol: l.proxy_protocol,
+                    proxy_trusted: l.proxy_trusted.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The listener `local` belongs to (a wildcard listener by port).
+    pub fn find(&self, local: Option<SocketAddr>) -> Option<&ListenerPolicy> {
+        let local = local?;
+        // Exact address first, then a wildcard listener of that port.
+        let of_port = || self.0.iter().filter(|l| l.address.port() == local.port());
+        of_port()
+            .find(|l| l.address.ip() == local.ip())
+            .or_else(|| of_port().find(|l| l.address.ip().is_unspecified()))
+    }
+
+    /// The timeouts of that listener; the defaults when none matches.
+    pub fn timeouts(&self, local: Option<SocketAddr>) -> ClientTimeouts {
+        self.find(local).map_or(CLIENT, |l| l.timeouts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(addr: &str, idle: u64) -> Listener {
+        Listener {
+            address: addr.parse().unwrap(),
+            tls: None,
+            keepalive_timeout: Duration::from_secs(idle),
+            header_timeout: Duration::from_secs(5),
+            proxy_protocol: ProxyProtocolMode::Off,
+            proxy_trusted: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_connection_gets_its_listeners_timeouts() {
+        let t = ListenerTable::new(&[
+            listener("0.0.0.0:8080", 75),
+            listener("127.0.0.1:8081", 2),
+            listener("[::]:8082", 90),
+        ]);
+        let idle = |a: &str| t.timeouts(Some(a.parse().unwrap())).idle.as_secs();
+        assert_eq!(idle("10.0.0.5:8080"), 75);
+        assert_eq!(idle("127.0.0.1:8081"), 2);
+        assert_eq!(idle("[2001:db8::1]:8082"), 90);
+        assert_eq!(idle("[::ffff:10.0.0.5]:8082"), 90);
+        // No listener of that port: the defaults.
+        assert_eq!(idle("10.0.0.5:9999"), CLIENT.idle.as_secs());
+        assert_eq!(t.timeouts(None), CLIENT);
+    }
+}

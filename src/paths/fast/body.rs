@@ -169,15 +169,7 @@ pub(super) async fn to_client<T>(
 
 /// Tell the client the proxying failed; `false` if it is gone.
 pub(super) async fn write_error(stream: &mut Stream, status: u16) -> bool {
-    let mut head = Vec::with_capacity(160);
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(policy::forward::reason(status).as_bytes());
-    head.extend_from_slice(b"\r\n");
-    let date = pingora::protocols::http::date::get_cached_date();
-    policy::forward::answer(b"", date.as_bytes(), &mut head);
-    head.extend_from_slice(b"\r\n");
+    let head = policy::forward::answer_message(status);
     let sent = to_client(async {
         stream.write_all(&head).await?;
         stream.flush().await

@@ -214,6 +214,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             user_agent: header_str(req, "user-agent"),
             cf_id: cdn.id.as_str(),
             cf_pop: cdn.pop.as_str(),
+            vpce: conn.vpce.as_deref().unwrap_or(""),
         };
         request::finish(&self.process, Some(up), &entry);
         Step::Served { keep_client }

@@ -33,8 +33,9 @@ pub use request::prepare_request;
 pub use response::{client_head_for_fuzzing, prepare_response};
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::configuration::ServerConf;
@@ -43,13 +44,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
-use self::body::to_client;
+use self::body::{to_client, write_error};
 use self::head::head_end;
 use self::request::parse_request;
 
+use crate::config::ProxyProtocolMode;
 use crate::model::{Model, Process};
+use crate::paths::client::{read_proxy_start, set_client_address, ClientStream};
+use crate::paths::request::unread_head;
 use crate::policy::handover::Handover;
-use crate::policy::timeouts::CLIENT;
+use crate::policy::refusal::Refusal;
+use crate::policy::timeouts::{ClientTimeouts, CLIENT};
+
+/// The TCP peer's address (or, after a PROXY header, the client's).
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+}
 /// Larger request heads go to Pingora, whose limit is higher.
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_REQUEST_HEADERS: usize = 64;
@@ -85,26 +97,49 @@ impl<A> FastPath<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.open.open();
+        let mut stream = stream;
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let listener = self.process.listeners.find(local);
+        let timeouts = listener.map_or(CLIENT, |l| l.timeouts);
+        // A PROXY header is read (and the client address taken from it)
+        // before either carrier sees the connection.
+        let mut first = Vec::new();
+        let mut vpce = None;
+        if let Some(l) = listener.filter(|l| l.proxy_protocol != ProxyProtocolMode::Off) {
+            let tcp_peer = peer_ip(&stream);
+            let counters = &self.process.metrics.proxy_protocol;
+            let start = read_proxy_start(&mut stream, l, tcp_peer, counters).await?;
+            if let Some(h) = start.header {
+                if let Some(source) = h.source {
+                    set_client_address(&mut stream, source);
+                }
+                vpce = h.vpce.map(Arc::from);
+            }
+            first = start.rest;
+        }
         // Only a plain TCP stream can be rewound for the handover.
         if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
             self.process.metrics.handed_over[Handover::Tls as usize].inc();
-            return self.pingora.process_new(stream, shutdown).await;
+            return self.to_pingora(stream, timeouts, vpce, shutdown).await;
         }
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let peer = peer_ip(&stream);
+        first.reserve(4096);
         let mut conn = Conn {
+            timeouts,
+            vpce,
             peer,
             peer_text: peer.map(|p| p.to_string()),
             stream,
-            buf: Vec::with_capacity(4096),
+            buf: first,
             out: Vec::new(),
             resp: Vec::new(),
             held: None,
@@ -119,18 +154,55 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
         l4.rewind(&conn.buf);
         stream = l4;
-        self.pingora.process_new(stream, shutdown).await
+        self.to_pingora(stream, timeouts, conn.vpce, shutdown).await
     }
 
     async fn cleanup(&self) {
         self.closing.store(true, Ordering::Release);
         self.close_idle.notify_waiters();
-        self.pingora.cleanup().await;
+        self.pingora.http_cleanup().await;
+    }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
+    /// The rest of the connection on the Pingora path: Pingora's HTTP/1
+    /// session loop (what its `ServerApp` does for HTTP/1; cutover offers
+    /// no HTTP/2), over the client stream that applies the listener's idle
+    /// and head timeouts ([`crate::paths::client`]), with Pingora's own
+    /// keep-alive timer off.
+    async fn to_pingora(
+        &self,
+        stream: Stream,
+        timeouts: ClientTimeouts,
+        vpce: Option<Arc<str>>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let stream: Stream = Box::new(ClientStream::new(stream, timeouts, vpce));
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
+        session.set_keepalive_reuses_remaining(
+            self.pingora
+                .server_options()
+                .and_then(|o| o.keepalive_request_limit),
+        );
+        let mut result = self.pingora.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            result = self.pingora.process_new_http(session, shutdown).await;
+        }
+        None
     }
 }
 
 /// One client connection's state, kept across its requests.
 struct Conn {
+    /// Its listener's idle and head timeouts.
+    timeouts: ClientTimeouts,
+    /// The AWS VPC endpoint id of its PROXY header.
+    vpce: Option<Arc<str>>,
     stream: Stream,
     peer: Option<IpAddr>,
     /// `peer` as X-Forwarded-For writes it, formatted once per connection.
@@ -200,7 +272,7 @@ enum Step {
     Handover(Handover),
 }
 
-impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
     /// Serve requests until the connection ends (`None`) or one must go to
     /// Pingora (why, with the unserved bytes still in `conn.buf`).
     async fn serve(&self, conn: &mut Conn, shutdown: &ShutdownWatch) -> Option<Handover> {
@@ -227,12 +299,17 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     }
 
     /// Read until `conn.buf` holds a whole request head; `None` when the
-    /// connection ended or went idle too long. A head that is too large is
-    /// handed over as it is (Pingora answers it).
+    /// connection ended, went idle longer than the listener's
+    /// `keepalive_timeout`, or did not finish a head within its
+    /// `header_timeout` (answered 408). A head that is too large is handed
+    /// over as it is (Pingora answers it).
     async fn read_head(&self, conn: &mut Conn) -> Option<Head> {
-        // A started head must be complete within CLIENT.head in all (like
-        // nginx's client_header_timeout), not per read: a client trickling
-        // one byte at a time cannot hold the connection open forever.
+        // The idle wait ends at one instant however often the held upstream
+        // connection is released meanwhile; a started head must be complete
+        // within `head` in all (like nginx's client_header_timeout), not per
+        // read: a client trickling one byte at a time cannot hold the
+        // connection open.
+        let idle_until = Instant::now() + conn.timeouts.idle;
         let mut head_deadline: Option<Instant> = None;
         loop {
             if let Some(end) = head_end(&conn.buf) {
@@ -246,10 +323,11 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 // client for a moment (a busy client's next request reuses
                 // it without a pool round trip), then goes back to the
                 // process pool rather than sit idle here.
+                let left = idle_until.saturating_duration_since(Instant::now());
                 let wait = if conn.held.is_some() {
-                    HOLD_UPSTREAM
+                    HOLD_UPSTREAM.min(left)
                 } else {
-                    CLIENT.idle
+                    left
                 };
                 // A `Notified` sees every `notify_waiters` made after it was
                 // created, polled or not; it is polled (and takes the Notify's
@@ -277,11 +355,17 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     _ = closed => return None,
                 }
             }
-            let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + CLIENT.head);
+            let deadline =
+                *head_deadline.get_or_insert_with(|| Instant::now() + conn.timeouts.head);
             let left = deadline.saturating_duration_since(Instant::now());
             conn.buf.reserve(4096);
             match timeout(left, conn.stream.read_buf(&mut conn.buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
+                Err(_) => {
+                    unread_head(&self.process, Refusal::HeaderTimeout, conn.peer, &"");
+                    write_error(&mut conn.stream, Refusal::HeaderTimeout.status()).await;
+                    return None;
+                }
                 // A partial head the client abandoned: nothing to answer.
                 _ => return None,
             }
