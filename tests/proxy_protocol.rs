@@ -29,6 +29,9 @@ struct Bed {
     proxy: Proxy,
     v1: SocketAddr,
     auto: SocketAddr,
+    /// A TLS listener with `proxy_protocol: v2`.
+    tls: SocketAddr,
+    ca_path: PathBuf,
     access_log: PathBuf,
 }
 
@@ -36,7 +39,13 @@ async fn start() -> Bed {
     let dir = tempfile::tempdir().unwrap();
     let script: Script = Arc::new(|_| None);
     let origin = StrictOrigin::start_plain(script).await;
-    let (v1, auto) = (free_port(), free_port());
+    let (v1, auto, tls) = (free_port(), free_port(), free_port());
+    let ca = cutover::rehearsal::pki::TestCa::new("pp CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
+    let (cert, key) = (dir.path().join("l.pem"), dir.path().join("l.key"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
     let access_log = dir.path().join("access.log");
     let upstream = |name: &str| {
         format!(
@@ -50,6 +59,7 @@ async fn start() -> Bed {
          \x20 - {{ address: 127.0.0.1:0, proxy_protocol: v2, trusted: [127.0.0.1] }}\n\
          \x20 - {{ address: {v1}, proxy_protocol: v1, trusted: [127.0.0.1] }}\n\
          \x20 - {{ address: {auto}, proxy_protocol: auto, trusted: [127.0.0.1] }}\n\
+         \x20 - {{ address: {tls}, proxy_protocol: v2, trusted: [127.0.0.1], tls: {{ cert: {cert}, key: {key} }} }}\n\
          admin: {{ address: 127.0.0.1:0 }}\n\
          server: {{ threads: 2, grace_period: 1s, graceful_shutdown_timeout: 1s, upgrade_sock: {d}/u.sock, pid_file: {d}/c.pid }}\n\
          access_log: {{ format: json, path: {log} }}\n\
@@ -58,6 +68,8 @@ async fn start() -> Bed {
         log = access_log.display(),
         a = upstream("a"),
         b = upstream("b"),
+        cert = cert.display(),
+        key = key.display(),
     );
     let proxy = Proxy::start(dir.path(), &yaml, None);
     Bed {
@@ -66,6 +78,8 @@ async fn start() -> Bed {
         proxy,
         v1,
         auto,
+        tls,
+        ca_path,
         access_log,
     }
 }
@@ -274,6 +288,55 @@ async fn the_header_names_the_client_on_both_carriers() {
     let answer = exchange("127.0.0.1", bed.auto, &[&request("/auto/none", false)]).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(record(&bed, "/auto/none").await["client"], "127.0.0.1");
+}
+
+/// On the TLS listener: `header` in clear, then the TLS handshake and
+/// `request` inside it; what came back.
+async fn exchange_tls(bed: &Bed, header: &[u8], request: &[u8]) -> Result<String, String> {
+    let mut tcp = tokio::net::TcpStream::connect(bed.tls).await.unwrap();
+    tcp.write_all(header).await.unwrap();
+    let mut connector =
+        openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+    connector.set_ca_file(&bed.ca_path).unwrap();
+    let ssl = connector
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl(PUBLIC_NAME)
+        .unwrap();
+    let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+    std::pin::Pin::new(&mut tls)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_reads_the_header_before_the_handshake() {
+    let bed = start().await;
+    for post in [false, true] {
+        let path = format!("/tls/{post}");
+        let header = v2(1, 0x11, &tcp4([192, 0, 2, 40]), &vpce_tlv());
+        let answer = exchange_tls(&bed, &header, &request(&path, post))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let r = record(&bed, &path).await;
+        assert_eq!(r["client"], "192.0.2.40", "{r}");
+        assert_eq!(r["vpce"], VPCE, "{r}");
+        let xff = forwarded_for(&bed, &path);
+        assert!(xff.ends_with("192.0.2.40"), "{xff}");
+    }
+    // A trusted peer without the header: refused before any handshake.
+    let before = result(&proxy_results(&bed).await, "missing");
+    assert!(exchange_tls(&bed, b"", &request("/tls/none", false))
+        .await
+        .is_err());
+    assert_eq!(result(&proxy_results(&bed).await, "missing") - before, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,12 +241,6 @@ fn check_listeners(c: &mut Checker, raw: &[ListenerFile]) -> Vec<Listener> {
         if proxy_protocol.is_none() {
             // Already reported; the rest depends on the mode.
         } else if proxy_protocol != Some(ProxyProtocolMode::Off) {
-            if l.tls.is_some() {
-                c.problem(
-                    format!("{path}.proxy_protocol"),
-                    "not supported on a TLS listener yet (the header comes before the TLS handshake, which Pingora does first): use a plain listener behind the NLB, or terminate TLS at the NLB",
-                );
-            }
             if l.trusted.is_empty() {
                 c.problem(
                     format!("{path}.trusted"),

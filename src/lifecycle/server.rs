@@ -16,7 +16,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{AccessLog as AccessLogConfig, Config};
+use crate::config::{AccessLog as AccessLogConfig, Config, ProxyProtocolMode};
 use crate::lifecycle::admin::AdminApp;
 use crate::lifecycle::drain::DrainingApp;
 use crate::lifecycle::signals::Signals;
@@ -161,6 +161,29 @@ impl Drop for PidFile {
     }
 }
 
+/// The TLS server settings Pingora's `TlsSettings::intermediate` makes
+/// (Mozilla intermediate, HTTP/1.1 only), for a listener whose handshake
+/// cutover does itself after the PROXY header.
+fn tls_acceptor(
+    addr: &std::net::SocketAddr,
+    tls: &crate::config::ListenerTls,
+) -> anyhow::Result<Arc<pingora::tls::ssl::SslAcceptor>> {
+    use pingora::tls::ssl::{SslAcceptor, SslFiletype, SslMethod};
+    let fail = |e: pingora::tls::error::ErrorStack| {
+        anyhow::anyhow!(
+            "listener {addr}: cannot load TLS certificate {} / key {}: {e}",
+            tls.cert.display(),
+            tls.key.display()
+        )
+    };
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(fail)?;
+    b.set_private_key_file(&tls.key, SslFiletype::PEM)
+        .map_err(fail)?;
+    b.set_certificate_chain_file(&tls.cert).map_err(fail)?;
+    b.check_private_key().map_err(fail)?;
+    Ok(Arc::new(b.build()))
+}
+
 fn build_server(
     config: &Config,
     process: &Arc<Process>,
@@ -184,6 +207,17 @@ fn build_server(
         },
     );
     http.server_options = Some(server_options);
+    // A TLS listener that reads a PROXY header first is a TCP listener to
+    // Pingora: cutover reads the header, then does the handshake itself.
+    let mut after_proxy = Vec::new();
+    for l in &config.listeners {
+        after_proxy.push(match &l.tls {
+            Some(tls) if l.proxy_protocol != ProxyProtocolMode::Off => {
+                Some(tls_acceptor(&l.address, tls)?)
+            }
+            _ => None,
+        });
+    }
     let mut proxy = Service::new(
         "cutover proxy".to_string(),
         DrainingApp {
@@ -191,17 +225,21 @@ fn build_server(
                 Arc::new(http),
                 process.clone(),
                 &server.configuration,
+                after_proxy.clone(),
             )),
             process: process.clone(),
             notice: (config.server.grace_period / 2).min(std::time::Duration::from_secs(1)),
         },
     );
-    for l in &config.listeners {
+    for (l, after_proxy) in config.listeners.iter().zip(&after_proxy) {
         let addr = l.address.to_string();
         match &l.tls {
             // No L4 read buffer: the fast path reads into its own, and
             // Pingora's default (64 KiB per connection, allocated at accept)
             // would be most of the memory an idle keep-alive client costs.
+            _ if after_proxy.is_some() => proxy.add_listener(
+                ListenerConfig::tcp(addr.clone()).l4_buffer(L4BufferSettings::default().read(0)),
+            ),
             None => proxy.add_listener(
                 ListenerConfig::tcp(addr.clone()).l4_buffer(L4BufferSettings::default().read(0)),
             ),

@@ -52,6 +52,8 @@ impl ClientTimeouts {
 /// What a connection gets from the listener it arrived on.
 #[derive(Debug)]
 pub struct ListenerPolicy {
+    /// Its place in the config's `listeners`.
+    pub index: usize,
     pub address: SocketAddr,
     pub timeouts: ClientTimeouts,
     pub proxy_protocol: ProxyProtocolMode,
@@ -83,7 +85,9 @@ impl ListenerTable {
         ListenerTable(
             listeners
                 .iter()
-                .map(|l| ListenerPolicy {
+                .enumerate()
+                .map(|(index, l)| ListenerPolicy {
+                    index,
                     address: l.address,
                     timeouts: ClientTimeouts::of(l),
                     proxy_protocol: l.proxy_protocol,

@@ -40,6 +40,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
+use pingora::tls::ssl::SslAcceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -81,11 +82,20 @@ pub struct FastPath<A> {
     closing: AtomicBool,
     open: crate::paths::memory::OpenConnections,
     close_idle: Notify,
+    /// By listener index: the TLS settings of a TLS listener that reads a
+    /// PROXY header first (cutover does its handshake after the header).
+    after_proxy: Vec<Option<Arc<SslAcceptor>>>,
 }
 
 impl<A> FastPath<A> {
-    pub fn new(pingora: Arc<A>, process: Arc<Process>, conf: &ServerConf) -> Self {
+    pub fn new(
+        pingora: Arc<A>,
+        process: Arc<Process>,
+        conf: &ServerConf,
+        after_proxy: Vec<Option<Arc<SslAcceptor>>>,
+    ) -> Self {
         Self {
+            after_proxy,
             pingora,
             process,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
@@ -125,6 +135,23 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
                 vpce = h.vpce.map(Arc::from);
             }
             first = start.rest;
+            if let Some(acceptor) = self.after_proxy.get(l.index).and_then(Option::as_ref) {
+                let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                l4.rewind(&first);
+                let handshake = pingora::protocols::tls::server::handshake(acceptor, *l4);
+                let tls = match timeout(timeouts.idle, handshake).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        log::debug!("TLS handshake after the PROXY header failed: {e}");
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
+                self.process.metrics.handed_over[Handover::Tls as usize].inc();
+                return self
+                    .to_pingora(Box::new(tls), timeouts, vpce, shutdown)
+                    .await;
+            }
         }
         // Only a plain TCP stream can be rewound for the handover.
         if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
