@@ -459,6 +459,12 @@ async fn x_forwarded_for_replaced_by_the_trusted_client_address_the_same() {
 /// An origin's answer that names its own host (and the route's extra
 /// name) everywhere a browser would follow or keep it.
 fn deleak_answer(status: &str) -> Vec<u8> {
+    if status == "rel" {
+        // A relative redirect and a third party's URL: not ours.
+        return b"HTTP/1.1 302 Found\r\nLocation: /moved?to=origin.example.test\r\n\
+                 Content-Location: https://third.example.test/x\r\nContent-Length: 0\r\n\r\n"
+            .to_vec();
+    }
     if status == "bad" {
         // Values that name the origin but are not what cutover reads.
         return format!(
@@ -583,6 +589,30 @@ async fn responses_naming_the_upstream_go_back_with_the_clients_name_on_every_ca
     assert_eq!(
         field(&fast.response, "location"),
         [format!("https://{PUBLIC_NAME}/moved?a=1")]
+    );
+}
+
+#[tokio::test]
+async fn relative_and_third_party_urls_are_left_alone_the_same() {
+    let bed = start().await;
+    let fast = serve(&bed, Carrier::Fast, "/deleak/rel", GET).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/deleak/rel", GET).await;
+    assert_same("relative", &fast, &pingora);
+    assert_eq!(
+        field(&fast.response, "location"),
+        ["/moved?to=origin.example.test"]
+    );
+    assert_eq!(
+        field(&fast.response, "content-location"),
+        ["https://third.example.test/x"]
+    );
+    assert!(
+        !fast
+            .metrics
+            .keys()
+            .any(|k| k.starts_with("cutover_response_rewrites")),
+        "{:?}",
+        fast.metrics
     );
 }
 
