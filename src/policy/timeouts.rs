@@ -97,6 +97,17 @@ impl ListenerTable {
         )
     }
 
+    /// The listener every connection gets whatever its local address: the
+    /// only one, or the first when all have the same settings and none
+    /// reads a PROXY header. Spares a `getsockname` per connection.
+    pub fn same_for_all(&self) -> Option<&ListenerPolicy> {
+        let first = self.0.first()?;
+        let alike = |l: &ListenerPolicy| {
+            l.timeouts == first.timeouts && l.proxy_protocol == ProxyProtocolMode::Off
+        };
+        (self.0.len() == 1 || self.0.iter().all(alike)).then_some(first)
+    }
+
     /// The listener `local` belongs to (a wildcard listener by port).
     pub fn find(&self, local: Option<SocketAddr>) -> Option<&ListenerPolicy> {
         let local = local?;
@@ -143,5 +154,10 @@ mod tests {
         // No listener of that port: the defaults.
         assert_eq!(idle("10.0.0.5:9999"), CLIENT.idle.as_secs());
         assert_eq!(t.timeouts(None), CLIENT);
+        // Different settings: the address decides.
+        assert!(t.same_for_all().is_none());
+        let alike =
+            ListenerTable::new(&[listener("0.0.0.0:8080", 75), listener("0.0.0.0:8443", 75)]);
+        assert_eq!(alike.same_for_all().map(|l| l.index), Some(0));
     }
 }

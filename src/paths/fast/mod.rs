@@ -115,10 +115,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
     ) -> Option<Stream> {
         let _open = self.open.open();
         let mut stream = stream;
-        let local = stream
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
-        let listener = self.process.listeners.find(local);
+        let listeners = &self.process.listeners;
+        let listener = listeners.same_for_all().or_else(|| {
+            let local = stream
+                .get_socket_digest()
+                .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+            listeners.find(local)
+        });
         let timeouts = listener.map_or(CLIENT, |l| l.timeouts);
         // A PROXY header is read (and the client address taken from it)
         // before either carrier sees the connection.
