@@ -333,6 +333,9 @@ pub async fn read_proxy_start(
         let start = match pp::read(&buf) {
             Ok(Start::Incomplete) => None,
             Ok(start) => Some(start),
+            // A header attempt from a peer that may not send one is
+            // untrusted, whatever its shape.
+            Err(why) if !trusted => return refuse(Refused::Untrusted.index(), &why),
             Err(why) => return refuse(Refused::Bad.index(), &why),
         };
         if let Some(start) = start {

@@ -84,9 +84,14 @@ impl Names {
         self.0.is_empty()
     }
 
-    /// `host` (any case, an optional trailing dot) is one of ours.
+    /// `host` (any case, an optional trailing dot, an IPv6 literal with
+    /// or without brackets) is one of ours.
     fn contains(&self, host: &[u8]) -> bool {
         let host = host.strip_suffix(b".").unwrap_or(host);
+        let host = host
+            .strip_prefix(b"[")
+            .and_then(|h| h.strip_suffix(b"]"))
+            .unwrap_or(host);
         self.0.iter().any(|n| n.eq_ignore_ascii_case(host))
     }
 
@@ -199,11 +204,20 @@ fn url(value: &[u8], names: &Names, public: &Public<'_>, out: &mut Vec<u8>) -> O
     if !is_reference(tail) {
         return Outcome::Unreadable;
     }
+    // Never a downgrade: an origin that redirects to https (its own name)
+    // must not be turned into a redirect to the http URL just requested,
+    // a loop. Upgraded from the client's http, the client's port (its
+    // plain-HTTP one) is dropped.
+    let https = !relative && (public.https || starts_with_ci(v, b"https:"));
     if !relative {
-        out.extend_from_slice(if public.https { b"https:" } else { b"http:" });
+        out.extend_from_slice(if https { b"https:" } else { b"http:" });
     }
     out.extend_from_slice(b"//");
-    out.extend_from_slice(public.authority.trim_ascii());
+    if https && !public.https {
+        out.extend_from_slice(public.host().0);
+    } else {
+        out.extend_from_slice(public.authority.trim_ascii());
+    }
     out.extend_from_slice(tail);
     Outcome::Rewritten
 }
@@ -417,13 +431,28 @@ mod tests {
             https: false,
         };
         assert_eq!(
-            run(
-                Field::ContentLocation,
-                "https://d111.cloudfront.net",
-                &plain
-            ),
+            run(Field::ContentLocation, "http://d111.cloudfront.net", &plain),
             (Rewritten, "http://www.example.test:8080".into())
         );
+        // Never downgraded (an origin's redirect to https would loop); the
+        // client's plain-HTTP port does not go with https.
+        assert_eq!(
+            run(Field::Location, "https://d111.cloudfront.net/x", &plain),
+            (Rewritten, "https://www.example.test/x".into())
+        );
+        let v6 = Names::new(["2001:db8::1"]);
+        let mut out = Vec::new();
+        assert_eq!(
+            rewrite(
+                Field::Location,
+                b"https://[2001:db8::1]:443/a",
+                &v6,
+                &PUB,
+                &mut out
+            ),
+            Rewritten
+        );
+        assert_eq!(out, b"https://www.example.test/a");
         assert_eq!(
             loc("//cdn-new.example.test/a"),
             (Rewritten, "//www.example.test/a".into())
