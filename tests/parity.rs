@@ -129,7 +129,7 @@ async fn start_forwarding(forward: &str) -> Bed {
     };
     let yaml = format!(
         "phase: parity\n\
-         listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: auto\n    trusted: [127.0.0.1]\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
+         listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: auto\n    trusted: [127.0.0.1]\n    header_timeout: 2s\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
          admin:\n  address: 127.0.0.1:0\n\
          server:\n  threads: 2\n  grace_period: 4s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
          client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n  forward: {forward}\n\
@@ -707,6 +707,56 @@ async fn a_proxy_headers_client_is_the_same_on_both_carriers() {
         head.contains("\r\nX-Forwarded-For: 203.0.113.7, 198.51.100.77\r\n"),
         "{head}"
     );
+}
+
+#[tokio::test]
+async fn a_head_that_does_not_finish_in_time_is_the_same_408() {
+    let bed = start().await;
+    let mut seen = Vec::new();
+    for carrier in [Carrier::Fast, Carrier::Pingora] {
+        let mut c = open(&bed, carrier).await;
+        let before = samples(&bed.proxy).await;
+        let log_before = std::fs::read_to_string(&bed.access_log).unwrap_or_default();
+        c.send(format!("GET /parity/slow HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n").as_bytes())
+            .await;
+        let response = c.response(false).await.expect("a 408 within 10 s");
+        assert!(
+            c.closes().await.is_ok(),
+            "{carrier:?}: still open after the 408"
+        );
+        // Its access-log line (nothing of the head is known).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let record = loop {
+            let log = std::fs::read_to_string(&bed.access_log).unwrap_or_default();
+            if let Some(line) = log[log_before.len()..]
+                .lines()
+                .find(|l| l.contains("\"status\":408"))
+            {
+                break record_fields(serde_json::from_str(line).unwrap());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{carrier:?}: no 408 record"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let metrics = delta(&before, &samples(&bed.proxy).await);
+        seen.push((client_head(&response), record, metrics));
+    }
+    let (fast, pingora) = (&seen[0], &seen[1]);
+    assert!(
+        fast.0.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{}",
+        fast.0
+    );
+    assert_eq!(
+        fast.0, pingora.0,
+        "different 408 heads (fast, then Pingora)"
+    );
+    assert_eq!(fast.1, pingora.1, "different access-log records");
+    assert_eq!(fast.2, pingora.2, "the metrics moved differently");
+    let key = "cutover_rejected_requests_total{phase=\"parity\",reason=\"header_timeout\"}";
+    assert_eq!(fast.2.get(key), Some(&1.0), "{:?}", fast.2);
 }
 
 #[tokio::test]

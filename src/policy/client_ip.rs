@@ -20,7 +20,8 @@ pub enum Source {
     MalformedHeader,
 }
 
-fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
+/// `ip` (an IPv4-mapped address read as IPv4) is in one of `nets`.
+pub fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
     let ip = canonical(ip);
     nets.iter().any(|n| n.contains(&ip))
 }

@@ -64,13 +64,7 @@ pub struct ListenerPolicy {
 impl ListenerPolicy {
     /// Whether `peer` may (and with `v1`/`v2` must) send a PROXY header.
     pub fn trusts(&self, peer: Option<IpAddr>) -> bool {
-        peer.is_some_and(|p| {
-            let p = match p {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(p, IpAddr::V4),
-                v4 => v4,
-            };
-            self.proxy_trusted.iter().any(|n| n.contains(&p))
-        })
+        peer.is_some_and(|p| super::client_ip::trusted(&self.proxy_trusted, p))
     }
 }
 
