@@ -32,6 +32,7 @@ expected="./etc/cutover/cutover.yaml
 ./usr/share/doc/cutover/changelog.Debian.gz
 ./usr/share/doc/cutover/copyright
 ./usr/share/doc/cutover/examples/phase-1-old-through-proxy.yaml
+./usr/share/doc/cutover/examples/phase-2-rollout.yaml
 ./usr/share/doc/cutover/examples/phase-2-split.yaml
 ./usr/share/doc/cutover/examples/phase-3-new-with-old-backup.yaml
 ./usr/share/lintian/overrides/cutover"

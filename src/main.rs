@@ -43,6 +43,29 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Show each route's weights, the shares actually served, and its rollout (from the admin listener's /status)
+    Status {
+        /// The admin listener (default: `admin.address` of --config)
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Redraw every 2 seconds
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Resume a rolled-back or paused rollout, or abort one (to 0% until a reload with a new start)
+    Rollout {
+        #[arg(value_parser = ["resume", "abort"])]
+        action: String,
+        /// The route whose rollout to act on
+        route: String,
+        /// The admin listener (default: `admin.address` of --config)
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 /// Names in this hosts(5)-format file resolve before DNS, re-read at every refresh.
@@ -65,6 +88,43 @@ fn main() -> ExitCode {
             proxy,
             resolve,
         } => verify(&config, proxy, resolve),
+        Command::Status {
+            admin,
+            config,
+            watch,
+        } => match admin_address(admin, &config)
+            .and_then(|a| cutover::lifecycle::status::status_command(a, watch))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cutover status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Rollout {
+            action,
+            route,
+            admin,
+            config,
+        } => {
+            let path = format!("/rollout/{route}/{action}");
+            match admin_address(admin, &config)
+                .and_then(|a| cutover::lifecycle::status::admin_request(a, "POST", &path))
+            {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok((_, body)) => {
+                    eprint!("cutover rollout: {body}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("cutover rollout: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo => match cutover::rehearsal::demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -95,6 +155,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `--admin`, else the config's `admin.address`.
+fn admin_address(
+    admin: Option<std::net::SocketAddr>,
+    config: &std::path::Path,
+) -> Result<std::net::SocketAddr, String> {
+    if let Some(a) = admin {
+        return Ok(a);
+    }
+    let cfg = config::load(config).map_err(|e| format!("{e}(or give --admin ADDR:PORT)"))?;
+    cfg.admin.ok_or_else(|| {
+        format!(
+            "{} has no `admin.address`: give --admin ADDR:PORT",
+            config.display()
+        )
+    })
 }
 
 fn parse_resolve(s: &str) -> Result<(String, std::net::SocketAddr), String> {

@@ -36,6 +36,8 @@ const WARM_NAME: &str = "warm.example.test";
 const REFUSE_NAME: &str = "refuse.example.test";
 const STALL_NAME: &str = "stall.example.test";
 const DETECT_NAME: &str = "detect.example.test";
+/// A route whose upstreams carry `expect_header` markers.
+const MARKED_NAME: &str = "marked.example.test";
 /// A route's `rewrite_names`: a name besides the upstream's own.
 const EXTRA_NAME: &str = "assets-new.example.test";
 
@@ -95,6 +97,19 @@ async fn start_forwarding(forward: &str) -> Bed {
                 .into_bytes(),
             )]);
         }
+        if let Some(said) = target.strip_prefix("/marker/") {
+            // `/marker/strict`, `/marker/old`, …: X-Origin-Id says it;
+            // `/marker/-` has none.
+            let said = said.split('?').next().unwrap_or("");
+            let field = if said == "-" {
+                String::new()
+            } else {
+                format!("X-Origin-Id: {said}\r\n")
+            };
+            return Some(vec![Step::Send(
+                format!("HTTP/1.1 200 OK\r\n{field}Content-Length: 2\r\n\r\nok").into_bytes(),
+            )]);
+        }
         if let Some(status) = target.strip_prefix("/deleak/").and_then(|t| t.get(..3)) {
             // `/deleak/301`, `/deleak/bad`: see `deleak_answer`.
             return Some(vec![Step::Send(deleak_answer(status))]);
@@ -127,6 +142,11 @@ async fn start_forwarding(forward: &str) -> Bed {
             ca = ca_path.display()
         )
     };
+    let marked = format!(
+            "{}        expect_header: {{ name: X-Origin-Id, value: strict }}\n{}        weight: 0\n        expect_header: {{ name: x-origin-id, value: old }}\n",
+        upstream("strict", origin.addr, "3s"),
+        upstream("old-one", closed, "3s")
+    );
     let yaml = format!(
         "phase: parity\n\
          listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: auto\n    trusted: [127.0.0.1]\n    header_timeout: 2s\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
@@ -141,6 +161,7 @@ async fn start_forwarding(forward: &str) -> Bed {
          \x20   rewrite_names: [{EXTRA_NAME}]\n\
          \x20   upstreams:\n{cdn}\
          \x20 - name: detect\n    hosts: [{DETECT_NAME}]\n    rewrite_response: detect\n    upstreams:\n{detect}\
+         \x20 - name: marked\n    hosts: [{MARKED_NAME}]\n    response_headers: {{ remove: [X-Origin-Id] }}\n    upstreams:\n{marked}\
          \x20 - name: warm\n    hosts: [{WARM_NAME}]\n    upstreams:\n{warm}\
          \x20 - name: refuse\n    hosts: [{REFUSE_NAME}]\n    upstreams:\n{refuse}\
          \x20 - name: stall\n    hosts: [{STALL_NAME}]\n    upstreams:\n{stall}",
@@ -657,6 +678,47 @@ async fn values_naming_the_upstream_that_are_not_urls_are_left_counted_and_logge
     // Still serving.
     let after = serve(&bed, Carrier::Fast, "/parity/after-bad", GET).await;
     assert_eq!(after.response.status(), 200);
+}
+
+#[tokio::test]
+async fn who_answered_is_checked_counted_and_logged_the_same() {
+    let bed = start().await;
+    let get = to(MARKED_NAME, GET);
+    let key = "cutover_marker_mismatch_total{route=\"marked\",upstream=\"strict\"}";
+    for (said, want) in [
+        ("strict", None),
+        ("STRICT", None),
+        ("-", Some("missing")),
+        ("old", Some("old-one")),
+        ("staging", Some("unknown")),
+    ] {
+        let target = format!("/marker/{said}");
+        let fast = serve(&bed, Carrier::Fast, &target, &get).await;
+        let pingora = serve(&bed, Carrier::Pingora, &target, &get).await;
+        assert_same(&target, &fast, &pingora);
+        assert_eq!(fast.response.status(), 200);
+        assert_eq!(
+            fast.record.get("marker_mismatch").and_then(|v| v.as_str()),
+            want,
+            "{target}: {:?}",
+            fast.record
+        );
+        assert_eq!(
+            fast.metrics.get(key).copied(),
+            want.map(|_| 1.0),
+            "{target}: {:?}",
+            fast.metrics
+        );
+        // Read before the route's edits, which remove it from the answer.
+        assert!(field(&fast.response, "x-origin-id").is_empty());
+    }
+    assert!(
+        bed.proxy
+            .log()
+            .contains("was not answered by upstream strict: its x-origin-id is old-one"),
+        "{}",
+        bed.proxy.log()
+    );
 }
 
 #[tokio::test]

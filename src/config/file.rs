@@ -115,6 +115,67 @@ pub struct RouteFile {
     pub rewrite_names: Vec<String>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamFile>,
+    /// A schedule that moves traffic from one upstream to another.
+    pub rollout: Option<RolloutFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutFile {
+    pub from: String,
+    pub to: String,
+    /// Percent to `to`, kept as YAML values for a message naming the step.
+    #[serde(default)]
+    pub steps: Vec<serde_yaml::Value>,
+    /// One duration for every step, or one per step.
+    pub hold: Option<HoldFile>,
+    pub start: Option<String>,
+    pub gates: Option<GatesFile>,
+    /// `rollback` (the default), `previous` or `hold`.
+    pub on_failure: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HoldFile {
+    One(String),
+    PerStep(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatesFile {
+    pub max_5xx_ratio: Option<f64>,
+    pub max_5xx_ratio_vs_from: Option<f64>,
+    pub max_p99: Option<String>,
+    pub max_edge_refused_ratio: Option<f64>,
+    pub max_marker_mismatch_ratio: Option<f64>,
+    pub max_connect_error_ratio: Option<f64>,
+    pub min_requests: Option<u64>,
+    pub interval: Option<String>,
+    pub window: Option<String>,
+    pub failure_limit: Option<u32>,
+    /// Base URL of a Prometheus server for the `queries` gates.
+    pub prometheus: Option<String>,
+    pub prometheus_timeout: Option<String>,
+    #[serde(default)]
+    pub queries: Vec<QueryGateFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryGateFile {
+    pub name: String,
+    pub query: String,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectHeaderFile {
+    pub name: String,
+    pub value: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +202,8 @@ pub struct UpstreamFile {
     pub weight: Option<serde_yaml::Value>,
     pub backup: Option<bool>,
     pub expect_body: Option<String>,
+    /// A response field this upstream's answers carry (who really answered).
+    pub expect_header: Option<ExpectHeaderFile>,
     /// `auto` (the default), `ipv4` or `ipv6`.
     pub address_family: Option<String>,
     pub health_check: Option<HealthCheckFile>,

@@ -6,6 +6,7 @@
 mod file;
 mod model;
 mod positions;
+mod rollout;
 mod validate;
 
 use std::fmt;

@@ -150,6 +150,102 @@ pub struct RouteConfig {
     /// Extra names (lower case) treated as the upstreams' own.
     pub rewrite_names: Vec<String>,
     pub upstreams: Vec<UpstreamConfig>,
+    pub rollout: Option<Rollout>,
+}
+
+/// A schedule moving a route's traffic from one upstream to another
+/// ([`crate::shift::rollout`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Index of the upstream traffic leaves, in the route's `upstreams`.
+    pub from: usize,
+    /// Index of the upstream traffic moves to.
+    pub to: usize,
+    /// Share of `to` at each step, in basis points (1% = 100), increasing.
+    pub steps: Vec<u32>,
+    /// How long each step holds, one per step.
+    pub holds: Vec<Duration>,
+    /// When the first step takes effect.
+    pub start: std::time::SystemTime,
+    pub gates: Option<Gates>,
+    pub on_failure: OnFailure,
+}
+
+/// Basis points of a whole route: 100%.
+pub const ALL_BASIS_POINTS: u32 = 10_000;
+
+/// What a rollout does after `failure_limit` failed evaluations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Back to 0% for `to`.
+    Rollback,
+    /// Back one step.
+    Previous,
+    /// Stay at this step, stop advancing.
+    Hold,
+}
+
+/// When a rollout may advance: thresholds on the new upstream over a
+/// sliding window, compared with the old one over the same window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gates {
+    pub max_5xx_ratio: Option<f64>,
+    pub max_5xx_ratio_vs_from: Option<f64>,
+    pub max_p99: Option<Duration>,
+    pub max_edge_refused_ratio: Option<f64>,
+    pub max_marker_mismatch_ratio: Option<f64>,
+    pub max_connect_error_ratio: Option<f64>,
+    pub min_requests: u64,
+    pub interval: Duration,
+    pub window: Duration,
+    pub failure_limit: u32,
+    pub fleet: Option<FleetGates>,
+}
+
+impl Gates {
+    /// Whether any threshold reads this instance's own counters.
+    pub fn has_local(&self) -> bool {
+        self.max_5xx_ratio.is_some()
+            || self.max_5xx_ratio_vs_from.is_some()
+            || self.max_p99.is_some()
+            || self.max_edge_refused_ratio.is_some()
+            || self.max_marker_mismatch_ratio.is_some()
+            || self.max_connect_error_ratio.is_some()
+    }
+}
+
+/// Gates on the whole fleet's numbers: PromQL against a Prometheus server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetGates {
+    pub url: HttpUrl,
+    pub timeout: Duration,
+    pub queries: Vec<QueryGate>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryGate {
+    pub name: String,
+    /// With `$window` replaced by the gates' window (e.g. `30s`).
+    pub query: String,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+}
+
+/// An `http://` or `https://` URL, split for a client that needs no parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    /// Without a trailing `/` (empty for the root).
+    pub path: String,
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path)
+    }
 }
 
 /// What a route does with response fields that name its upstreams'
@@ -221,6 +317,8 @@ pub struct UpstreamConfig {
     pub weight: u32,
     pub backup: bool,
     pub expect_body: Option<String>,
+    /// A field its responses carry, naming it: `x-origin-id: new`.
+    pub expect_header: Option<(HeaderName, HeaderValue)>,
     pub address_family: AddressFamily,
     pub health_check: Option<HealthCheck>,
     pub timeouts: Timeouts,

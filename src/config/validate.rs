@@ -20,14 +20,14 @@ const DEFAULT_PID_FILE: &str = "/run/cutover/cutover.pid";
 /// Largest accepted weight: keeps sums far from overflow and slices meaningful.
 const MAX_WEIGHT: u64 = 1_000_000;
 
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     base_dir: &'a Path,
     problems: Vec<Problem>,
-    warnings: Vec<String>,
+    pub(super) warnings: Vec<String>,
 }
 
 impl Checker<'_> {
-    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.into(),
             message: message.into(),
@@ -35,7 +35,12 @@ impl Checker<'_> {
         });
     }
 
-    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        path: &str,
+        text: Option<&str>,
+        default: Duration,
+    ) -> Duration {
         let Some(text) = text else { return default };
         match humantime::parse_duration(text.trim()) {
             Ok(d) if d.is_zero() => {
@@ -80,7 +85,7 @@ impl Checker<'_> {
         }
     }
 
-    fn header_name(&mut self, path: &str, text: &str) -> Option<HeaderName> {
+    pub(super) fn header_name(&mut self, path: &str, text: &str) -> Option<HeaderName> {
         match HeaderName::from_bytes(text.as_bytes()) {
             Ok(n) => Some(n),
             Err(_) => {
@@ -130,7 +135,7 @@ pub fn validate(raw: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>
                 format!("route name `{}` is used twice", r.name),
             );
         }
-        let (hosts, route) = check_route(&mut c, &path, r);
+        let (hosts, route) = check_route(&mut c, &path, r, &raw.routes);
         // Checked even when the route has other problems, so that one run
         // reports everything.
         for (j, host) in hosts {
@@ -438,6 +443,7 @@ fn check_route(
     c: &mut Checker,
     path: &str,
     r: &RouteFile,
+    all: &[RouteFile],
 ) -> (Vec<(usize, HostPattern)>, Option<RouteConfig>) {
     let before = c.problems.len();
     if r.name.trim().is_empty() {
@@ -551,6 +557,10 @@ fn check_route(
         );
     }
 
+    let rollout = r.rollout.as_ref().and_then(|ro| {
+        super::rollout::check_rollout(c, &format!("{path}.rollout"), ro, r, &upstreams, all)
+    });
+
     let route = (c.problems.len() == before).then(|| RouteConfig {
         name: r.name.trim().to_string(),
         hosts: hosts.iter().map(|(_, h)| h.clone()).collect(),
@@ -561,6 +571,7 @@ fn check_route(
         rewrite_response,
         rewrite_names,
         upstreams,
+        rollout,
     });
     (hosts, route)
 }
@@ -778,6 +789,20 @@ fn check_upstream(
             c.problem(format!("{path}.expect_body"), "must not be empty");
         }
     }
+    let expect_header = u.expect_header.as_ref().and_then(|e| {
+        let name = c.header_name(&format!("{path}.expect_header.name"), &e.name);
+        let value = match HeaderValue::from_str(e.value.trim()) {
+            Ok(v) if !v.is_empty() => Some(v),
+            _ => {
+                c.problem(
+                    format!("{path}.expect_header.value"),
+                    format!("`{}` is not a non-empty header value", e.value),
+                );
+                None
+            }
+        };
+        Some((name?, value?))
+    });
     let health_check = u.health_check.as_ref().map(|h| {
         let hpath = format!("{path}.health_check");
         let check_path = h.path.clone().unwrap_or_else(|| "/".into());
@@ -874,6 +899,7 @@ fn check_upstream(
         weight,
         backup: u.backup.unwrap_or(false),
         expect_body: u.expect_body.clone(),
+        expect_header,
         address_family,
         health_check,
         timeouts,

@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
 //! serves), `/readyz` (config loaded and every route has an upstream it can use;
-//! the body also names every upstream with no live address).
+//! the body also names every upstream with no live address), `/status`
+//! (JSON: routes, weights, shares served, rollouts; [`super::status`]) and
+//! `POST /rollout/ROUTE/resume|abort`.
 //! Meant for Prometheus and for an ALB target-group health check.
 
 use std::sync::Arc;
@@ -29,9 +31,28 @@ fn text(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path = session.req_header().uri.path();
+        let path = session.req_header().uri.path().to_string();
+        let post = session.req_header().method == http::Method::POST;
         let plain = "text/plain; charset=utf-8";
-        match path {
+        if path.starts_with("/rollout/") {
+            if !post {
+                return text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    plain,
+                    b"use POST (cutover rollout resume|abort ROUTE)\n".to_vec(),
+                );
+            }
+            let (code, body) = super::status::operate(&self.process, &path);
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return text(code, plain, body.into_bytes());
+        }
+        match path.as_str() {
+            "/status" => {
+                let mut body = serde_json::to_vec_pretty(&super::status::status_json(&self.process))
+                    .unwrap_or_default();
+                body.push(b'\n');
+                text(StatusCode::OK, "application/json", body)
+            }
             "/metrics" => {
                 self.process.model().sample_address_gauges();
                 let families = self.process.metrics.registry.gather();
@@ -68,7 +89,8 @@ impl ServeHttp for AdminApp {
             _ => text(
                 StatusCode::NOT_FOUND,
                 plain,
-                b"cutover admin: /metrics, /healthz, /readyz\n".to_vec(),
+                b"cutover admin: /metrics, /healthz, /readyz, /status, POST /rollout/ROUTE/resume|abort\n"
+                    .to_vec(),
             ),
         }
     }

@@ -6,4 +6,5 @@ pub mod admin;
 pub mod drain;
 pub mod server;
 pub mod signals;
+pub mod status;
 pub mod verify;

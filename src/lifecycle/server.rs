@@ -279,6 +279,12 @@ fn build_server(
         },
     ));
     server.add_service(background_service(
+        "rollouts",
+        crate::model::rollout::RolloutController {
+            process: process.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "dns refresh",
         DnsRefresh {
             resolver: process.resolver.clone(),

@@ -6,6 +6,8 @@
 pub mod checks;
 pub mod dns;
 pub mod peer;
+pub mod prometheus;
+pub mod rollout;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +40,10 @@ pub struct Route {
     pub response_headers: HeaderEdits,
     pub rewrite_response: crate::config::RewriteMode,
     pub upstreams: Vec<Upstream>,
+    /// The route's rollout, when it has one: its schedule and live state.
+    pub rollout: Option<rollout::RouteRollout>,
+    /// Its upstreams' counters over the last minutes ([`rollout`]).
+    pub history: rollout::SharedHistory,
 }
 
 pub struct Upstream {
@@ -53,6 +59,21 @@ pub struct Upstream {
     pub health: Arc<Health>,
     pub metrics: UpstreamMetrics,
     pub config: UpstreamConfig,
+    /// Set for a rollout's `from` (`false`) and `to` (`true`): the weight
+    /// is the rollout's share, read at each choice.
+    pub rollout: Option<(Arc<rollout::RolloutRuntime>, bool)>,
+}
+
+impl Upstream {
+    /// The weight a choice uses now: the configured one, or the rollout's.
+    pub fn live_weight(&self) -> u32 {
+        match &self.rollout {
+            None => self.weight,
+            Some((rt, is_to)) => {
+                rollout::weight_of(rt.share.load(std::sync::atomic::Ordering::Relaxed), *is_to)
+            }
+        }
+    }
 }
 
 /// The hosts a route's responses must not send the client to: every name
@@ -98,6 +119,7 @@ pub struct Process {
     /// with (listeners change only with `run --upgrade`).
     pub listeners: crate::policy::timeouts::ListenerTable,
     health: std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
+    rollouts: std::sync::Mutex<HashMap<String, std::sync::Weak<rollout::RolloutRuntime>>>,
 }
 
 impl Process {
@@ -108,7 +130,8 @@ impl Process {
         access_log: Option<AccessLog>,
     ) -> Arc<Self> {
         let health = std::sync::Mutex::new(HashMap::new());
-        let first = build(&config, &metrics, &resolver, &health);
+        let rollouts = std::sync::Mutex::new(HashMap::new());
+        let first = build(&config, &metrics, &resolver, &health, &rollouts);
         metrics.init_reload_counters();
         Arc::new(Self {
             listeners: crate::policy::timeouts::ListenerTable::new(&config.listeners),
@@ -118,6 +141,7 @@ impl Process {
             access_log,
             draining: std::sync::atomic::AtomicBool::new(false),
             health,
+            rollouts,
         })
     }
 
@@ -136,7 +160,13 @@ impl Process {
     /// Names new to this config are resolved before the swap, so the first
     /// requests to a new upstream have somewhere to go.
     pub async fn install(&self, config: Config) {
-        let next = build(&config, &self.metrics, &self.resolver, &self.health);
+        let next = build(
+            &config,
+            &self.metrics,
+            &self.resolver,
+            &self.health,
+            &self.rollouts,
+        );
         self.resolver.refresh(true).await;
         self.current.store(Arc::new(next));
     }
@@ -147,7 +177,12 @@ fn build(
     metrics: &Metrics,
     resolver: &Resolver,
     health: &std::sync::Mutex<HashMap<String, std::sync::Weak<Health>>>,
+    rollouts: &std::sync::Mutex<HashMap<String, std::sync::Weak<rollout::RolloutRuntime>>>,
 ) -> Model {
+    let now = std::time::SystemTime::now();
+    let mut rollouts = rollouts.lock().unwrap_or_else(|e| e.into_inner());
+    rollouts.retain(|_, r| r.strong_count() > 0);
+    metrics.rollout.clear();
     let config = Arc::new(config.clone());
     let phase = config.phase.as_str();
     metrics.set_phase(phase);
@@ -159,53 +194,88 @@ fn build(
         .routes
         .iter()
         .map(|r| (r, Arc::new(rewrite_names(r))))
-        .map(|(r, names)| Route {
-            name: r.name.clone(),
-            sticky: r.sticky,
-            request_headers: r.request_headers.clone(),
-            response_headers: r.response_headers.clone(),
-            rewrite_response: r.rewrite_response,
-            upstreams: r
+        .map(|(r, names)| {
+            let ro = r.rollout.as_ref().map(|ro| {
+                let key = rollout::identity(r, ro);
+                let runtime = match rollouts.get(&key).and_then(std::sync::Weak::upgrade) {
+                    Some(rt) => rt,
+                    None => {
+                        let rt = rollout::RolloutRuntime::new(&r.name, ro, &metrics.rollout, now);
+                        rollouts.insert(key, Arc::downgrade(&rt));
+                        rt
+                    }
+                };
+                runtime.publish(&metrics.rollout, &r.name, ro);
+                rollout::RouteRollout {
+                    config: ro.clone(),
+                    runtime,
+                }
+            });
+            let expectations: Vec<_> = r
                 .upstreams
                 .iter()
-                .map(|u| {
-                    let addresses = match u.ip {
-                        Some(ip) => ResolvedName::fixed(ip, u.port),
-                        None => resolver.entry(&u.host, u.port, u.address_family),
-                    };
-                    let key = identity(&r.name, u);
-                    let h = match health.get(&key).and_then(std::sync::Weak::upgrade) {
-                        Some(h) => h,
-                        None => {
-                            let h = Arc::new(Health::default());
-                            health.insert(key, Arc::downgrade(&h));
-                            h
-                        }
-                    };
-                    let m = metrics.upstream(phase, &r.name, &u.name);
-                    m.weight.set(i64::from(u.weight));
-                    m.healthy.set(i64::from(h.is_healthy()));
-                    Upstream {
-                        name: u.name.clone(),
-                        weight: u.weight,
-                        backup: u.backup,
-                        host_header: u.host_header.clone(),
-                        addresses,
-                        peer: PeerTemplate::new(u),
-                        plan: Plan::new(
-                            u.host_header.clone(),
-                            &r.request_headers,
-                            &r.response_headers,
-                            config.client_ip.forward,
-                            r.rewrite_response,
-                            names.clone(),
-                        ),
-                        health: h,
-                        metrics: m,
-                        config: u.clone(),
-                    }
-                })
-                .collect(),
+                .map(|u| u.expect_header.clone())
+                .collect();
+            Route {
+                name: r.name.clone(),
+                sticky: r.sticky,
+                request_headers: r.request_headers.clone(),
+                response_headers: r.response_headers.clone(),
+                rewrite_response: r.rewrite_response,
+                upstreams: r
+                    .upstreams
+                    .iter()
+                    .enumerate()
+                    .map(|(k, u)| {
+                        let addresses = match u.ip {
+                            Some(ip) => ResolvedName::fixed(ip, u.port),
+                            None => resolver.entry(&u.host, u.port, u.address_family),
+                        };
+                        let key = identity(&r.name, u);
+                        let h = match health.get(&key).and_then(std::sync::Weak::upgrade) {
+                            Some(h) => h,
+                            None => {
+                                let h = Arc::new(Health::default());
+                                health.insert(key, Arc::downgrade(&h));
+                                h
+                            }
+                        };
+                        let m = metrics.upstream(phase, &r.name, &u.name);
+                        let moving = ro.as_ref().and_then(|ro| {
+                            (k == ro.config.from || k == ro.config.to)
+                                .then(|| (ro.runtime.clone(), k == ro.config.to))
+                        });
+                        m.healthy.set(i64::from(h.is_healthy()));
+                        let up = Upstream {
+                            name: u.name.clone(),
+                            weight: u.weight,
+                            backup: u.backup,
+                            host_header: u.host_header.clone(),
+                            addresses,
+                            peer: PeerTemplate::new(u),
+                            plan: Plan::new(
+                                u.host_header.clone(),
+                                &r.request_headers,
+                                &r.response_headers,
+                                config.client_ip.forward,
+                                r.rewrite_response,
+                                names.clone(),
+                            )
+                            .with_marker(
+                                crate::policy::marker::Marker::for_upstream(&expectations, k),
+                            ),
+                            health: h,
+                            metrics: m,
+                            config: u.clone(),
+                            rollout: moving,
+                        };
+                        up.metrics.weight.set(i64::from(up.live_weight()));
+                        up
+                    })
+                    .collect(),
+                rollout: ro,
+                history: Default::default(),
+            }
         })
         .collect();
 
@@ -279,7 +349,7 @@ impl Model {
 
 impl crate::shift::selection::Candidate for Upstream {
     fn weight(&self) -> u32 {
-        self.weight
+        self.live_weight()
     }
     fn is_backup(&self) -> bool {
         self.backup

@@ -72,6 +72,10 @@ pub struct Entry<'a> {
     /// The AWS VPC endpoint id the connection's PROXY header named, empty
     /// without one.
     pub vpce: &'a str,
+    /// Who answered when the upstream's `expect_header` says someone else
+    /// did: `missing`, `unknown`, or the upstream its marker names; empty
+    /// otherwise ([`crate::policy::marker`]).
+    pub marker: &'a str,
 }
 
 #[derive(Serialize)]
@@ -94,6 +98,8 @@ struct JsonLine<'a> {
     cf_pop: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     vpce: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    marker_mismatch: &'a str,
 }
 
 impl AccessLog {
@@ -137,6 +143,7 @@ impl AccessLog {
                     cf_id: e.cf_id,
                     cf_pop: e.cf_pop,
                     vpce: e.vpce,
+                    marker_mismatch: e.marker,
                 };
                 if serde_json::to_writer(&mut line, &json).is_err() {
                     return;

@@ -3,6 +3,8 @@
 
 use std::sync::OnceLock;
 
+use prometheus::core::Metric;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -12,6 +14,12 @@ use crate::policy::cdn::{CacheResult, EdgeAnswer};
 use crate::policy::deleak::Field;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
+
+/// Bounds of `cutover_request_duration_seconds` (a rollout's p99 gate
+/// reads the same buckets).
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// The metric families, registered once per process.
 pub struct Metrics {
@@ -32,6 +40,8 @@ pub struct Metrics {
     edge_answers: IntCounterVec,
     rewrites: IntCounterVec,
     rewrites_unreadable: IntCounterVec,
+    marker_mismatch: IntCounterVec,
+    pub rollout: RolloutFamilies,
     dns_lookups: IntCounterVec,
     dns_dropped: IntCounterVec,
     hosts_file_bad_lines: IntCounter,
@@ -88,9 +98,7 @@ impl Metrics {
                 "cutover_request_duration_seconds",
                 "Time from request start to the last response byte, by upstream",
             )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
+            .buckets(DURATION_BUCKETS.to_vec()),
             &["phase", "route", "upstream"],
         )
         .expect("static metric definition");
@@ -204,6 +212,15 @@ impl Metrics {
                  or cookie domain: left unchanged",
                 &["route", "header"],
             ),
+            marker_mismatch: counter(
+                r,
+                "cutover_marker_mismatch_total",
+                "Responses of an upstream with `expect_header` that lacked the field or named \
+                 something else (another upstream's value, or an unknown one): someone else \
+                 answered",
+                &["route", "upstream"],
+            ),
+            rollout: RolloutFamilies::new(r),
             addresses: gauge(
                 r,
                 "cutover_upstream_addresses",
@@ -316,6 +333,7 @@ impl Metrics {
                 self.rewrites_unreadable
                     .with_label_values(&[route, f.label()])
             }),
+            marker_mismatch: self.marker_mismatch.with_label_values(&[route, upstream]),
             addresses_active: self
                 .addresses
                 .with_label_values(&[route, upstream, "active"]),
@@ -405,6 +423,7 @@ pub struct UpstreamMetrics {
     /// By [`Field`], labelled by route only.
     pub rewrites: [IntCounter; Field::ALL.len()],
     pub rewrites_unreadable: [IntCounter; Field::ALL.len()],
+    pub marker_mismatch: IntCounter,
 }
 
 /// The resolver's counters (labelled by name: names come from the config).
@@ -468,6 +487,100 @@ impl UpstreamMetrics {
 
     pub fn count_error(&self, kind: ErrorKind) {
         self.errors[kind as usize].inc();
+    }
+
+    /// What a rollout's gates read, now: one sample of the counters.
+    pub fn rollout_counts(&self) -> crate::shift::rollout::Counts {
+        let h = self.duration.metric();
+        let buckets = h
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| b.cumulative_count())
+            .collect();
+        crate::shift::rollout::Counts {
+            requests: self.duration.get_sample_count(),
+            errors_5xx: self.by_code[400..500]
+                .iter()
+                .filter_map(OnceLock::get)
+                .map(IntCounter::get)
+                .sum(),
+            edge_refused: self.edge_answers[EdgeAnswer::Refused as usize].get(),
+            marker_mismatch: self.marker_mismatch.get(),
+            connect_errors: self.errors[ErrorKind::Connect as usize].get()
+                + self.errors[ErrorKind::Tls as usize].get(),
+            buckets,
+        }
+    }
+}
+
+/// A rollout's metric families ([`crate::shift::rollout`]).
+pub struct RolloutFamilies {
+    pub step: IntGaugeVec,
+    pub percent: prometheus::GaugeVec,
+    pub state: IntGaugeVec,
+    pub decisions: IntCounterVec,
+    pub gate_value: prometheus::GaugeVec,
+    pub gate_limit: prometheus::GaugeVec,
+}
+
+impl RolloutFamilies {
+    /// Forget the gauges of a model being replaced (a removed rollout must
+    /// not stay "holding" forever); the next model publishes its own.
+    pub fn clear(&self) {
+        self.step.reset();
+        self.percent.reset();
+        self.state.reset();
+        self.gate_value.reset();
+        self.gate_limit.reset();
+    }
+
+    fn new(r: &Registry) -> Self {
+        let fgauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
+            r.register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        Self {
+            step: gauge(
+                r,
+                "cutover_rollout_step",
+                "The rollout step in effect, counted from 1 (0: before the first step, or \
+                 rolled back or aborted to 0%)",
+                &["route"],
+            ),
+            percent: fgauge(
+                "cutover_rollout_percent",
+                "Percent of the route's traffic the rollout sends to its `to` upstream now",
+                &["route"],
+            ),
+            state: gauge(
+                r,
+                "cutover_rollout_state",
+                "1 for the rollout's state (waiting, stepping, holding, rolled_back, paused, \
+                 aborted, done), 0 for the others",
+                &["route", "state"],
+            ),
+            decisions: counter(
+                r,
+                "cutover_rollout_decisions_total",
+                "Rollout decisions: evaluations (pass, fail, no_data) and what followed (join, \
+                 advance, hold, rollback, pause, resume, abort, done)",
+                &["route", "decision"],
+            ),
+            gate_value: fgauge(
+                "cutover_rollout_gate_value",
+                "Each gate's value at the last evaluation (NaN: no data)",
+                &["route", "gate"],
+            ),
+            gate_limit: fgauge(
+                "cutover_rollout_gate_limit",
+                "Each gate's threshold",
+                &["route", "gate"],
+            ),
+        }
     }
 }
 

@@ -68,6 +68,8 @@ pub struct RequestCtx {
     interim: usize,
     /// What the final response's CDN fields said.
     cdn: CdnFacts,
+    /// Who answered, by the upstream's `expect_header`.
+    marker: crate::policy::marker::Seen,
     /// The client used https ([`policy::client_ip::client_https`]).
     https: bool,
 }
@@ -248,6 +250,7 @@ impl ProxyHttp for PingoraPath {
             nominates: false,
             interim: 0,
             cdn: CdnFacts::default(),
+            marker: Default::default(),
             https: false,
         }
     }
@@ -654,13 +657,14 @@ impl ProxyHttp for PingoraPath {
         for (name, value) in &fields {
             cdn.add(name, value);
         }
-        let rewrites = upstream
+        let findings = upstream
             .plan
             .response(&facts, fields.iter().copied(), &mut render);
-        request::answered(route, upstream, status, &cdn, &rewrites);
+        request::answered(route, upstream, status, &cdn, &findings);
         render.finish()?;
         *resp = next;
         ctx.cdn = cdn;
+        ctx.marker = findings.marker;
         Ok(())
     }
 
@@ -811,6 +815,7 @@ impl ProxyHttp for PingoraPath {
                 vpce: ClientStream::of(session.stream())
                     .and_then(ClientStream::vpce)
                     .unwrap_or(""),
+                marker: served.map_or("", |(route, _)| request::marker_label(route, ctx.marker)),
             };
             request::finish(&self.process, served.map(|(_, up)| up), &entry);
         }

@@ -20,6 +20,8 @@ use crate::policy::cdn::{CdnFacts, EdgeAnswer};
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::deleak::{Field, Rewrites};
 use crate::policy::failure::ErrorKind;
+use crate::policy::forward::Findings;
+use crate::policy::marker::Seen;
 use crate::policy::refusal::Refusal;
 use crate::shift::selection::{choose, client_point, Candidate};
 
@@ -128,7 +130,7 @@ struct ByHealth<'a>(&'a Upstream);
 
 impl Candidate for ByHealth<'_> {
     fn weight(&self) -> u32 {
-        self.0.weight
+        self.0.live_weight()
     }
     fn is_backup(&self) -> bool {
         self.0.backup
@@ -210,9 +212,25 @@ pub fn address_failed(
 /// fields say): its cache result is counted, and an answer the edge made
 /// itself is counted by kind and logged with the edge's request id and
 /// location ([`crate::policy::cdn`]).
-pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts, rewrites: &Rewrites) {
-    if rewrites.any() {
-        rewrote(route, up, status, rewrites);
+pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts, findings: &Findings) {
+    if findings.rewrites.any() {
+        rewrote(route, up, status, &findings.rewrites);
+    }
+    if findings.marker.is_mismatch() {
+        up.metrics.marker_mismatch.inc();
+        let said = marker_label(route, findings.marker);
+        limited!(
+            warn,
+            "response {status} was not answered by upstream {}: its {} is {said}: route={} cf_pop={} cf_id={}",
+            up.name,
+            up.config
+                .expect_header
+                .as_ref()
+                .map_or("marker", |(n, _)| n.as_str()),
+            route.name,
+            or_dash(cdn.pop.as_str()),
+            or_dash(cdn.id.as_str())
+        );
     }
     let Some(cache) = cdn.cache else {
         return;
@@ -235,6 +253,20 @@ pub fn answered(route: &Route, up: &Upstream, status: u16, cdn: &CdnFacts, rewri
             or_dash(cdn.pop.as_str()),
             or_dash(cdn.id.as_str())
         );
+    }
+}
+
+/// What the access log says of a response's marker: empty unless it says
+/// someone else answered.
+pub fn marker_label(route: &Route, seen: Seen) -> &str {
+    match seen {
+        Seen::Unchecked | Seen::Matched => "",
+        Seen::Missing => "missing",
+        Seen::Unknown => "unknown",
+        Seen::Names(i) => route
+            .upstreams
+            .get(i)
+            .map_or("unknown", |u| u.name.as_str()),
     }
 }
 
@@ -360,6 +392,7 @@ pub fn unread_head(process: &Process, refusal: Refusal, peer: Option<IpAddr>, ca
         cf_id: "",
         cf_pop: "",
         vpce: "",
+        marker: "",
     };
     finish(process, None, &entry);
 }

@@ -37,6 +37,7 @@ use std::sync::Arc;
 
 use super::deleak::{self, Field, Names, Outcome, Public, Rewrites};
 use super::fields::{forward_request_field, forward_response_field, nominated};
+use super::marker::{Marker, Seen};
 use crate::config::{HeaderEdits, RewriteMode, XffMode};
 
 /// Where a carrier renders a head, one field at a time.
@@ -134,6 +135,17 @@ pub struct Plan {
     /// ([`super::deleak`]), or only counted.
     deleak: RewriteMode,
     names: Arc<Names>,
+    /// The upstream's `expect_header` ([`super::marker`]).
+    marker: Option<Marker>,
+}
+
+/// What [`Plan::response`] found in a response head besides rendering it.
+#[derive(Debug, Clone, Default)]
+pub struct Findings {
+    /// Fields that named an upstream's host (rewritten, or only counted).
+    pub rewrites: Rewrites,
+    /// Who answered, by the upstream's `expect_header`.
+    pub marker: Seen,
 }
 
 /// What a carrier knows about the request, for [`Plan::request`].
@@ -193,7 +205,14 @@ impl Plan {
             xfh: !request.edits(b"x-forwarded-host"),
             request,
             response: Edits::new(response),
+            marker: None,
         }
+    }
+
+    /// Check the upstream's responses for its `expect_header`.
+    pub fn with_marker(mut self, marker: Option<Marker>) -> Plan {
+        self.marker = marker;
+        self
     }
 
     /// Whether [`RequestFacts::client`] is read (`forward: replace`).
@@ -278,8 +297,9 @@ impl Plan {
 
     /// Render the response's fields (after the status line) into `out`.
     /// `fields` are the upstream's, in the order received. What it
-    /// rewrote (or, in detect mode, would have) comes back for counting.
-    pub fn response<'f, I, W>(&self, facts: &ResponseFacts<'_>, fields: I, out: &mut W) -> Rewrites
+    /// rewrote (or, in detect mode, would have) and who answered come back
+    /// for counting.
+    pub fn response<'f, I, W>(&self, facts: &ResponseFacts<'_>, fields: I, out: &mut W) -> Findings
     where
         I: Iterator<Item = (&'f [u8], &'f [u8])> + Clone,
         W: HeadWriter,
@@ -291,8 +311,15 @@ impl Plan {
                 .map(|(_, v)| v)
         };
         let mut rewrites = Rewrites::default();
+        let mut marker = match self.marker {
+            Some(_) => Seen::Missing,
+            None => Seen::Unchecked,
+        };
         let mut scratch = Vec::new();
         for (name, value) in fields.clone() {
+            if let Some(m) = &self.marker {
+                m.add(&mut marker, name, value);
+            }
             let ours = match name.len() {
                 4 => is(name, b"date"),
                 14 => facts.drop_content_length && is(name, b"content-length"),
@@ -331,7 +358,7 @@ impl Plan {
                 if facts.close { b"close" } else { b"keep-alive" },
             );
         }
-        rewrites
+        Findings { rewrites, marker }
     }
 }
 
@@ -571,7 +598,9 @@ mod tests {
                 },
             };
             let mut out = Vec::new();
-            let rewrites = plan.response(&facts, upstream.iter().copied(), &mut out);
+            let rewrites = plan
+                .response(&facts, upstream.iter().copied(), &mut out)
+                .rewrites;
             (String::from_utf8(out).unwrap(), rewrites)
         };
         let (text, rewrites) = run(RewriteMode::Rewrite);

@@ -10,6 +10,7 @@ pub mod fields;
 pub mod forward;
 pub mod framing;
 pub mod handover;
+pub mod marker;
 pub mod proxy_protocol;
 pub mod refusal;
 pub mod routing;

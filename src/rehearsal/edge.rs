@@ -149,6 +149,10 @@ struct State {
     /// (distribution, path) pairs served once: the next answer is a "Hit".
     cached: Mutex<HashSet<(usize, String)>>,
     acceptor: SslContext,
+    /// Per distribution: every N-th request it serves is answered 503 by
+    /// its origin (0: never); and its requests so far.
+    fail_every: Vec<AtomicU64>,
+    served: Vec<AtomicU64>,
 }
 
 pub struct Edge {
@@ -185,12 +189,14 @@ impl Edge {
                     })
                     .collect(),
             ),
-            dists,
             seen: Mutex::default(),
             tls_connections: AtomicU64::new(0),
             arrived: AtomicU64::new(0),
             cached: Mutex::default(),
             acceptor,
+            fail_every: dists.iter().map(|_| AtomicU64::new(0)).collect(),
+            served: dists.iter().map(|_| AtomicU64::new(0)).collect(),
+            dists,
         });
         let first = TcpListener::bind(binds[0]).await?;
         let port = first.local_addr()?.port();
@@ -284,6 +290,14 @@ impl Edge {
                 body: body.into(),
                 status,
             };
+        }
+    }
+
+    /// Make distribution `id`'s origin answer every `n`-th request with 503
+    /// (`n` = 20: 5% of its answers); 0 stops it.
+    pub fn fail_every(&self, id: &str, n: u64) {
+        if let Some(i) = self.state.dists.iter().position(|d| d.id == id) {
+            self.state.fail_every[i].store(n, Ordering::Relaxed);
         }
     }
 
@@ -533,7 +547,13 @@ async fn handle(
             seen.distribution = Some(state.dists[h].id.clone());
             edge_made = false;
             let key = (h, path.clone());
-            let (status, body) = serve(state, h, &path, req, &sni, &host).await;
+            let nth = state.served[h].fetch_add(1, Ordering::Relaxed) + 1;
+            let every = state.fail_every[h].load(Ordering::Relaxed);
+            let (status, body) = if every > 0 && nth.is_multiple_of(every) {
+                (503, full("origin failed (the test asked for it)\n"))
+            } else {
+                serve(state, h, &path, req, &sni, &host).await
+            };
             if status < 400 {
                 let mut cached = state.cached.lock().unwrap_or_else(|e| e.into_inner());
                 cache = if cached.insert(key) {

@@ -27,6 +27,7 @@ use crate::policy::cdn::CdnFacts;
 use crate::policy::deleak::Public;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
+use crate::policy::marker::Seen;
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     pub(super) async fn forward(
@@ -181,9 +182,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
 
         let up = &route.upstreams[idx];
         let mut cdn = CdnFacts::default();
+        let mut marker = Seen::Unchecked;
         let (status, bytes, keep_client) = match outcome {
             Ok(done) => {
-                cdn = done.cdn;
+                (cdn, marker) = done.cdn;
                 (done.status, done.bytes, done.keep_client)
             }
             Err((kind, cause, counted)) => {
@@ -215,6 +217,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             cf_id: cdn.id.as_str(),
             cf_pop: cdn.pop.as_str(),
             vpce: conn.vpce.as_deref().unwrap_or(""),
+            marker: request::marker_label(route, marker),
         };
         request::finish(&self.process, Some(up), &entry);
         Step::Served { keep_client }
@@ -258,10 +261,11 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Ok(UpstreamHead::Final {
                     status,
                     framing,
-                    rewrites,
+                    findings,
                 }) => {
-                    request::answered(route, up, status, &framing.cdn, &rewrites);
-                    break (status, end, framing.body, framing.reusable, framing.cdn);
+                    request::answered(route, up, status, &framing.cdn, &findings);
+                    let cdn = (framing.cdn, findings.marker);
+                    break (status, end, framing.body, framing.reusable, cdn);
                 }
                 Ok(UpstreamHead::Interim) => {
                     // Not forwarded (as the Pingora path and nginx); the
@@ -465,5 +469,6 @@ pub(super) struct Done {
     pub(super) status: u16,
     pub(super) bytes: u64,
     pub(super) keep_client: bool,
-    pub(super) cdn: CdnFacts,
+    /// What the CDN's fields said, and who answered by the marker.
+    pub(super) cdn: (CdnFacts, Seen),
 }

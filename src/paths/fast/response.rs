@@ -12,9 +12,10 @@ use super::chunked::ChunkedEnd;
 use super::head::{head_end_and_folds, Unfolding};
 use super::{MAX_HEAD, MAX_RESPONSE_HEADERS, READ_CHUNK};
 use crate::policy::cdn::CdnFacts;
-use crate::policy::deleak::{Public, Rewrites};
+use crate::policy::deleak::Public;
 use crate::policy::failure::ErrorKind;
 use crate::policy::fields::ConnectionOptions;
+use crate::policy::forward::Findings;
 use crate::policy::forward::{Plan, ResponseFacts};
 use crate::policy::framing::{FramingFields, ResponseBody};
 
@@ -39,8 +40,9 @@ pub(super) enum UpstreamHead {
     Final {
         status: u16,
         framing: ResponseFraming,
-        /// What the de-leak rewrote ([`crate::policy::deleak`]).
-        rewrites: Rewrites,
+        /// What the de-leak rewrote ([`crate::policy::deleak`]) and who
+        /// answered.
+        findings: Findings,
     },
 }
 
@@ -74,11 +76,11 @@ pub(super) fn client_head(
     }
     let framing =
         response_framing(&resp, head_request).map_err(|why| format!("response framing: {why}"))?;
-    let rewrites = build_response_head(out, &resp, plan, &framing, public, close, folded);
+    let findings = build_response_head(out, &resp, plan, &framing, public, close, folded);
     Ok(UpstreamHead::Final {
         status,
         framing,
-        rewrites,
+        findings,
     })
 }
 
@@ -140,7 +142,7 @@ pub(super) fn build_response_head(
     public: &Public<'_>,
     close: bool,
     folded: bool,
-) -> Rewrites {
+) -> Findings {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     let mut code = itoa::Buffer::new();
@@ -159,13 +161,13 @@ pub(super) fn build_response_head(
         public: *public,
     };
     let fields = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-    let rewrites = if folded {
+    let findings = if folded {
         plan.response(&facts, fields, &mut Unfolding(out))
     } else {
         plan.response(&facts, fields, out)
     };
     out.extend_from_slice(b"\r\n");
-    rewrites
+    findings
 }
 
 /// A response's framing as the fast path relays it.
