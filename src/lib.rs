@@ -16,12 +16,15 @@
 //! - [`observe`]: metrics, the access log, rate-limited log lines.
 //! - [`shift`]: upstream choice (weights, stickiness, failover) and the
 //!   health state it reads; knows nothing of the model (a `Candidate` is
-//!   anything with a weight, a backup flag and a health flag).
+//!   anything with a weight, a backup flag and a health flag); a rollout's
+//!   schedule, gates and state (`shift::rollout`, pure: the caller brings
+//!   the clock and the numbers).
 //! - [`model`]: the runtime model a request runs on: config joined with
 //!   live handles (DNS entries, metric handles, health), built on load and
 //!   reload and swapped whole; the background services that keep those
 //!   handles fresh (DNS refresh with its answer checks, per-address active
-//!   health checks).
+//!   health checks, the rollout controller that samples the counters, asks
+//!   Prometheus and publishes each rollout's share).
 //! - [`paths`]: the two carriers, the fast path and Pingora's `ProxyHttp`,
 //!   and [`paths::request`], what both do around a request (sticky point,
 //!   failover, the failure line, the finished record) and
@@ -31,7 +34,7 @@
 //!   decide, and `tests/parity.rs` checks they send the same bytes.
 //! - [`lifecycle`]: the process: server assembly (the only module that
 //!   names both carriers), signals and reload, drain, admin endpoints,
-//!   `cutover verify`.
+//!   `/status` with `cutover status` and `cutover rollout`, `cutover verify`.
 //! - [`rehearsal`]: the offline CloudFront-like edge, the throwaway CA, the
 //!   strict RFC 9112 reader and `cutover demo`.
 

@@ -203,6 +203,7 @@ async fn healthy_traffic_completes_the_schedule_on_time_moving_clients_only_forw
 
     let start_i = instant_of(start);
     let mut reached = Vec::new();
+    let mut mid = String::new();
     for step in 1..=3u64 {
         reached.push(
             wait_for(
@@ -213,6 +214,10 @@ async fn healthy_traffic_completes_the_schedule_on_time_moving_clients_only_forw
             )
             .await,
         );
+        if step == 2 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            mid = cutover(&["status", "--admin", &proxy.admin.to_string()]).1;
+        }
     }
     let done = wait_for(&proxy, Duration::from_secs(10), "done", |ro| {
         ro["state"] == "done"
@@ -283,7 +288,7 @@ async fn healthy_traffic_completes_the_schedule_on_time_moving_clients_only_forw
     );
     assert!(view.contains("✔ 5xx_ratio"), "{view}");
     assert!(!view.contains('\x1b'), "colour only on a terminal:\n{view}");
-    println!("{view}");
+    println!("{mid}\n{view}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
