@@ -16,7 +16,6 @@ pub(super) fn check_rollout(
     path: &str,
     ro: &RolloutFile,
     route: &RouteFile,
-    upstreams: &[UpstreamConfig],
     all: &[RouteFile],
 ) -> Option<Rollout> {
     let from = upstream_index(c, &format!("{path}.from"), &ro.from, route, all);
@@ -135,7 +134,6 @@ pub(super) fn check_rollout(
             OnFailure::Rollback
         }
     };
-    let _ = upstreams;
     Some(Rollout {
         from: from?,
         to: to?,

@@ -557,9 +557,10 @@ fn check_route(
         );
     }
 
-    let rollout = r.rollout.as_ref().and_then(|ro| {
-        super::rollout::check_rollout(c, &format!("{path}.rollout"), ro, r, &upstreams, all)
-    });
+    let rollout = r
+        .rollout
+        .as_ref()
+        .and_then(|ro| super::rollout::check_rollout(c, &format!("{path}.rollout"), ro, r, all));
 
     let route = (c.problems.len() == before).then(|| RouteConfig {
         name: r.name.trim().to_string(),

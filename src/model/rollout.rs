@@ -22,7 +22,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config::{FleetGates, Rollout, ALL_BASIS_POINTS};
-use crate::model::{Model, Process, Route};
+use crate::model::{Process, Route};
 use crate::observe::metrics::{RolloutFamilies, DURATION_BUCKETS};
 use crate::shift::rollout::{self, Counts, Decision, Progress, Reading, State, Verdict};
 
@@ -283,7 +283,7 @@ impl BackgroundService for RolloutController {
                 _ = ticker.tick() => {
                     let model = self.process.model();
                     for route in &model.routes {
-                        tick(&self.process, &model, route, SystemTime::now()).await;
+                        tick(&self.process, route, SystemTime::now()).await;
                     }
                 }
             }
@@ -297,7 +297,7 @@ fn keep(route: &Route) -> Duration {
     gates.map_or(STATUS_WINDOW, |g| g.window.max(STATUS_WINDOW) + g.interval) + 2 * SAMPLE_EVERY
 }
 
-async fn tick(process: &Process, model: &Model, route: &Route, now: SystemTime) {
+async fn tick(process: &Process, route: &Route, now: SystemTime) {
     route
         .history
         .lock()
@@ -335,17 +335,13 @@ async fn tick(process: &Process, model: &Model, route: &Route, now: SystemTime) 
         let mut history = route.history.lock().unwrap_or_else(|e| e.into_inner());
         history.sample(route, now, keep(route), true);
         let (counts, _) = history.window(gates.window);
-        match (counts.get(r.to), counts.get(r.from)) {
-            (Some(to), Some(from)) if gates.has_local() => {
-                rollout::read_local(gates, to, from, &DURATION_BUCKETS)
-            }
-            _ if gates.has_local() => rollout::read_local(
-                gates,
-                &Counts::default(),
-                &Counts::default(),
-                &DURATION_BUCKETS,
-            ),
-            _ => Vec::new(),
+        if gates.has_local() {
+            // An empty history (just built) reads as no requests: no data.
+            let none = Counts::default();
+            let of = |k: usize| counts.get(k).unwrap_or(&none);
+            rollout::read_local(gates, of(r.to), of(r.from), &DURATION_BUCKETS)
+        } else {
+            Vec::new()
         }
     };
     let mut readings = local;
@@ -386,7 +382,6 @@ async fn tick(process: &Process, model: &Model, route: &Route, now: SystemTime) 
             ),
         )
     };
-    let _ = model;
     rt.record(families, &route.name, r, now, &decisions, &detail);
 }
 
