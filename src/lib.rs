@@ -6,7 +6,8 @@
 //! it in this list; nothing uses a folder below it.
 //!
 //! - [`config`]: the config file → a validated, immutable `Config`; every
-//!   problem with its key path. No I/O but reading the file.
+//!   problem with its key path; a bootstrap file joined with a served
+//!   document (`config::source`). No I/O but reading files.
 //! - [`policy`]: the decisions about a request that both carriers make the
 //!   same way: routing by Host, the client address, framing, which fields
 //!   are forwarded, refusals, failure → status, what a CDN edge's own
@@ -33,7 +34,8 @@
 //!   carriers never import each other; they render what `policy` and `paths::request`
 //!   decide, and `tests/parity.rs` checks they send the same bytes.
 //! - [`lifecycle`]: the process: server assembly (the only module that
-//!   names both carriers), signals and reload, drain, admin endpoints,
+//!   names both carriers), signals and reload, the config document pulled
+//!   from a URL (`lifecycle::source`), drain, admin endpoints,
 //!   `/status` with `cutover status` and `cutover rollout`, `cutover verify`.
 //! - [`rehearsal`]: the offline CloudFront-like edge, the throwaway CA, the
 //!   strict RFC 9112 reader and `cutover demo`.

@@ -21,6 +21,9 @@ enum Command {
     Run {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Fetch phase, client_ip, dns_refresh and routes from this URL (the config file is then a bootstrap: listeners, admin, server, access_log, config_source)
+        #[arg(long, value_name = "URL")]
+        config_url: Option<String>,
         /// Take the listening sockets over from the running instance (Pingora graceful upgrade)
         #[arg(long)]
         upgrade: bool,
@@ -42,6 +45,12 @@ enum Command {
     Check {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// With a bootstrap --config: the URL it would fetch from (as `run --config-url`)
+        #[arg(long, value_name = "URL")]
+        config_url: Option<String>,
+        /// With a bootstrap --config: check this file as the served document, exactly as every instance will before it runs it
+        #[arg(long, value_name = "FILE")]
+        document: Option<PathBuf>,
     },
     /// Show each route's weights, the shares actually served, and its rollout (from the admin listener's /status)
     Status {
@@ -82,7 +91,11 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            config_url,
+            document,
+        } => check(&config, config_url.as_deref(), document.as_deref()),
         Command::Verify {
             config,
             proxy,
@@ -132,8 +145,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, upgrade } => {
-            let cfg = match config::load(&config) {
+        Command::Run {
+            config,
+            config_url,
+            upgrade,
+        } => {
+            let loaded = match config::load_file(&config, config_url.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("{e}");
@@ -142,11 +159,12 @@ fn main() -> ExitCode {
             };
             let opts = cutover::lifecycle::server::RunOptions {
                 config_path: config,
+                config_url,
                 upgrade,
                 hosts_file: std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from),
                 exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/cutover")),
             };
-            match cutover::lifecycle::server::run(cfg, opts) {
+            match cutover::lifecycle::server::run(loaded, opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cutover: {e:#}");
@@ -165,7 +183,11 @@ fn admin_address(
     if let Some(a) = admin {
         return Ok(a);
     }
-    let cfg = config::load(config).map_err(|e| format!("{e}(or give --admin ADDR:PORT)"))?;
+    let cfg = match config::load_file(config, None) {
+        Ok(config::Loaded::Whole(c)) => c,
+        Ok(config::Loaded::Bootstrap(b)) => b.settings().clone(),
+        Err(e) => return Err(format!("{e}(or give --admin ADDR:PORT)")),
+    };
     cfg.admin.ok_or_else(|| {
         format!(
             "{} has no `admin.address`: give --admin ADDR:PORT",
@@ -189,18 +211,7 @@ fn verify(
     proxy: Option<std::net::SocketAddr>,
     resolve: Vec<(String, std::net::SocketAddr)>,
 ) -> ExitCode {
-    let cfg = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let opts = cutover::lifecycle::verify::VerifyOptions {
-        proxy,
-        resolve: resolve.into_iter().collect(),
-        hosts_file: std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from),
-    };
+    let hosts_file = std::env::var_os(HOSTS_FILE_ENV).map(PathBuf::from);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -211,6 +222,36 @@ fn verify(
             return ExitCode::FAILURE;
         }
     };
+    let cfg = match config::load_file(path, None) {
+        Ok(config::Loaded::Whole(c)) => c,
+        // A bootstrap: verify what the fleet runs, the served document.
+        Ok(config::Loaded::Bootstrap(b)) => {
+            match rt.block_on(cutover::lifecycle::source::document_now(
+                &b,
+                hosts_file.as_deref(),
+            )) {
+                Ok((c, note)) => {
+                    if let Some(note) = note {
+                        eprintln!("cutover verify: {note}");
+                    }
+                    c
+                }
+                Err(e) => {
+                    eprintln!("cutover verify: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = cutover::lifecycle::verify::VerifyOptions {
+        proxy,
+        resolve: resolve.into_iter().collect(),
+        hosts_file,
+    };
     let outcome = rt.block_on(cutover::lifecycle::verify::verify(&cfg, &opts));
     print!("{}", outcome.report);
     if outcome.ok {
@@ -220,24 +261,84 @@ fn verify(
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match config::load(path) {
-        Ok(c) => {
-            for w in &c.warnings {
-                eprintln!("warning: {w}");
-            }
-            let upstreams: usize = c.routes.iter().map(|r| r.upstreams.len()).sum();
+/// One line: what a checked config holds.
+fn summary(c: &config::Config) -> String {
+    let upstreams: usize = c.routes.iter().map(|r| r.upstreams.len()).sum();
+    format!(
+        "phase {:?}, {} listener(s), {} route(s), {} upstream(s)",
+        c.phase,
+        c.listeners.len(),
+        c.routes.len(),
+        upstreams
+    )
+}
+
+/// A bootstrap is checked offline (no fetch); `--document` checks a file
+/// as the served document, joined with the bootstrap, as `run` will.
+fn check(
+    path: &std::path::Path,
+    url: Option<&str>,
+    document: Option<&std::path::Path>,
+) -> ExitCode {
+    let warn_all = |c: &config::Config| {
+        for w in &c.warnings {
+            eprintln!("warning: {w}");
+        }
+    };
+    match (config::load_file(path, url), document) {
+        (Ok(config::Loaded::Whole(c)), None) => {
+            warn_all(&c);
+            println!("{}: ok: {}", path.display(), summary(&c));
+            ExitCode::SUCCESS
+        }
+        (Ok(config::Loaded::Whole(_)), Some(_)) => {
+            eprintln!(
+                "{}: --document needs a bootstrap config (one with `config_source`, or give --config-url)",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+        (Ok(config::Loaded::Bootstrap(b)), None) => {
+            let s = b.settings();
+            warn_all(s);
+            let src = b.source();
             println!(
-                "{}: ok: phase {:?}, {} listener(s), {} route(s), {} upstream(s)",
+                "{}: ok: bootstrap, {} listener(s), document from {} every {}, cache {} (check a document with --document FILE)",
                 path.display(),
-                c.phase,
-                c.listeners.len(),
-                c.routes.len(),
-                upstreams
+                s.listeners.len(),
+                src.url,
+                humantime::format_duration(src.interval),
+                src.cache.display()
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        (Ok(config::Loaded::Bootstrap(b)), Some(doc)) => {
+            let text = match std::fs::read_to_string(doc) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: cannot read the document: {e}", doc.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match b.with_document(&doc.display().to_string(), &text) {
+                Ok(c) => {
+                    warn_all(&c);
+                    println!(
+                        "{}: ok: document sha256={} for {}: {}",
+                        doc.display(),
+                        c.sha256,
+                        path.display(),
+                        summary(&c)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprint!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        (Err(e), _) => {
             eprint!("{e}");
             ExitCode::FAILURE
         }

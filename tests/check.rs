@@ -147,3 +147,101 @@ fn a_keepalive_timeout_the_load_balancer_outlasts_is_a_warning() {
     assert!(!stderr.contains("listeners[2]"), "{stderr}");
     assert_eq!(stderr.lines().count(), 2, "{stderr}");
 }
+
+fn check_args(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN).arg("check").args(args).output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_bootstrap_and_a_document_are_checked_apart_and_together() {
+    let fleet = root().join("conf/fleet");
+    let boot = fleet.join("bootstrap.yaml");
+    let doc = fleet.join("document.yaml");
+    let (code, out) = check_args(&["--config", boot.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok: bootstrap, 1 listener(s), document from https://config.example.com/cutover/cutover.yaml every 10s, cache /var/lib/cutover/source.yaml"),
+        "{out}"
+    );
+    let (code, out) = check_args(&[
+        "--config",
+        boot.to_str().unwrap(),
+        "--document",
+        doc.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let sha = cutover::config::sha256_hex(&std::fs::read(&doc).unwrap());
+    assert!(
+        out.contains(&format!("ok: document sha256={sha}")) && out.contains("1 route(s)"),
+        "{out}"
+    );
+
+    // Keys in the wrong part are named, with where they are.
+    let dir = tempfile::tempdir().unwrap();
+    let bad_boot = dir.path().join("boot.yaml");
+    std::fs::write(
+        &bad_boot,
+        "config_source: { url: \"http://config.internal/c.yaml\", interval: 500ms }\nlisteners: [{ address: 0.0.0.0:8080 }]\nphase: p\nroutes:\n  - { name: r, hosts: [a.example.com], upstreams: [{ name: u, address: \"d.example.net:443\" }] }\n",
+    )
+    .unwrap();
+    let (code, out) = check_args(&["--config", bad_boot.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        "1:18: config_source.url: http:// is allowed only to a loopback address; `config.internal` needs https://",
+        "config_source.interval: must be at least 1s",
+        "3:1: phase: comes from the served document",
+        "4:1: routes: comes from the served document",
+        "4 problems",
+    ] {
+        assert!(out.contains(want), "{want:?} in\n{out}");
+    }
+    let bad_doc = dir.path().join("doc.yaml");
+    std::fs::write(
+        &bad_doc,
+        "phase: p\nlisteners: [{ address: 0.0.0.0:9999 }]\nroutes:\n  - name: r\n    hosts: [a.example.com]\n    upstreams: [{ name: u, address: \"d.example.net:443\", weight: 0 }]\n",
+    )
+    .unwrap();
+    let (code, out) = check_args(&[
+        "--config",
+        boot.to_str().unwrap(),
+        "--document",
+        bad_doc.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        "doc.yaml",
+        "2:1: listeners: is set in each instance's bootstrap file",
+        "6:5: routes[0].upstreams: every upstream has weight 0",
+    ] {
+        assert!(out.contains(want), "{want:?} in\n{out}");
+    }
+    // `--document` needs a bootstrap; `--config-url` makes one.
+    let whole = root().join("tests/config/valid/minimal.yaml");
+    let (code, out) = check_args(&[
+        "--config",
+        whole.to_str().unwrap(),
+        "--document",
+        doc.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--document needs a bootstrap config"), "{out}");
+    let (code, out) = check_args(&[
+        "--config",
+        whole.to_str().unwrap(),
+        "--config-url",
+        "https://config.example.com/c.yaml",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("routes: comes from the served document"),
+        "{out}"
+    );
+}

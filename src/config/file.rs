@@ -12,17 +12,64 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub phase: String,
+    /// Where the document (phase, client_ip, dns_refresh, routes) comes
+    /// from, when this file is a bootstrap ([`super::source`]).
+    pub config_source: Option<SourceFile>,
+    pub phase: Option<String>,
     #[serde(default)]
     pub listeners: Vec<ListenerFile>,
     pub admin: Option<AdminFile>,
-    #[serde(default)]
-    pub server: ServerFile,
+    pub server: Option<ServerFile>,
     pub access_log: Option<AccessLogFile>,
     pub client_ip: Option<ClientIpFile>,
     pub dns_refresh: Option<String>,
     #[serde(default)]
     pub routes: Vec<RouteFile>,
+}
+
+impl FileConfig {
+    /// The top-level keys set here that a served document holds.
+    pub fn document_keys(&self) -> Vec<&'static str> {
+        [
+            ("phase", self.phase.is_some()),
+            ("client_ip", self.client_ip.is_some()),
+            ("dns_refresh", self.dns_refresh.is_some()),
+            ("routes", !self.routes.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    /// The top-level keys set here that each instance's bootstrap holds.
+    pub fn bootstrap_keys(&self) -> Vec<&'static str> {
+        [
+            ("config_source", self.config_source.is_some()),
+            ("listeners", !self.listeners.is_empty()),
+            ("admin", self.admin.is_some()),
+            ("server", self.server.is_some()),
+            ("access_log", self.access_log.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    /// `https://…` (or `http://` to a loopback address); `run --config-url`
+    /// gives it instead.
+    pub url: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    /// The last good document, kept for a start while the source is down.
+    pub cache: Option<String>,
+    pub ca_file: Option<String>,
+    /// A file holding one `Name: value` line sent with every fetch.
+    pub header_file: Option<String>,
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

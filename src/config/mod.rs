@@ -7,12 +7,14 @@ mod file;
 mod model;
 mod positions;
 mod rollout;
+mod source;
 mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use model::*;
+pub use source::{load_file, parse_file, parse_header_line, sha256_hex, Bootstrap, Loaded};
 
 /// One thing wrong with a config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,29 +60,89 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Read, parse and check the config file at `path`.
+impl ConfigError {
+    fn whole(file: &Path, message: String) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![Problem {
+                path: String::new(),
+                message,
+                position: None,
+            }],
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::whole(path, format!("cannot read the config file: {e}")))
+}
+
+/// Read, parse and check the config file at `path`: a whole config (a
+/// bootstrap file, which names a `config_source`, is refused here: see
+/// [`load_file`]).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        problems: vec![Problem {
-            path: String::new(),
-            message: format!("cannot read the config file: {e}"),
-            position: None,
-        }],
-    })?;
-    parse(path, &text)
+    parse(path, &read(path)?)
 }
 
 /// Parse and check config text; `path` names the file in messages and anchors
 /// relative `ca_file`/`cert`/`key` paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw = deserialize(path, text)?;
+    if raw.config_source.is_some() {
+        return Err(ConfigError::whole(
+            path,
+            "this is a bootstrap file (it has `config_source`): its routes come from the URL"
+                .to_string(),
+        ));
+    }
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let mut config = checked(
+        path,
+        text,
+        None,
+        |raw| validate::validate(raw, base_dir, validate::Part::Whole, None),
+        raw,
+    )?;
+    config.sha256 = sha256_hex(text.as_bytes());
+    Ok(config)
+}
+
+/// Run `check` on `raw`; its problems get positions in `text` (or, for the
+/// keys a bootstrap holds, in `bootstrap`'s text).
+fn checked(
+    path: &Path,
+    text: &str,
+    bootstrap: Option<(&Path, &str)>,
+    check: impl FnOnce(file::FileConfig) -> Result<Config, Vec<Problem>>,
+    raw: file::FileConfig,
+) -> Result<Config, ConfigError> {
+    check(raw).map_err(|mut problems| {
+        let index = positions::KeyPositions::index(text);
+        let other = bootstrap.map(|(_, t)| positions::KeyPositions::index(t));
+        for p in &mut problems {
+            let from_bootstrap = other.is_some() && source::bootstrap_key(&p.path);
+            p.position = p.position.or_else(|| match (&other, from_bootstrap) {
+                (Some(b), true) => b.find(&p.path),
+                _ => index.find(&p.path),
+            });
+        }
+        ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        }
+    })
+}
+
+/// YAML → the file's shape, with serde's one error made readable.
+fn deserialize(path: &Path, text: &str) -> Result<file::FileConfig, ConfigError> {
     let fail = |problems| ConfigError {
         file: path.to_path_buf(),
         problems,
     };
     let deserializer = serde_yaml::Deserializer::from_str(text);
-    let raw: file::FileConfig = match serde_path_to_error::deserialize(deserializer) {
-        Ok(raw) => raw,
+    match serde_path_to_error::deserialize(deserializer) {
+        Ok(raw) => Ok(raw),
         Err(e) => {
             let key_path = e.path().to_string();
             let inner = e.into_inner();
@@ -101,7 +163,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 }
                 .to_string();
             }
-            return Err(fail(vec![Problem {
+            Err(fail(vec![Problem {
                 path: if key_path == "." {
                     String::new()
                 } else {
@@ -109,17 +171,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 },
                 message,
                 position,
-            }]));
+            }]))
         }
-    };
-    let base_dir = path.parent().unwrap_or(Path::new("."));
-    validate::validate(raw, base_dir).map_err(|mut problems| {
-        let index = positions::KeyPositions::index(text);
-        for p in &mut problems {
-            p.position = p.position.or_else(|| index.find(&p.path));
-        }
-        fail(problems)
-    })
+    }
 }
 
 /// serde_yaml puts the key path before its messages and " at line X column Y"

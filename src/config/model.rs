@@ -23,6 +23,69 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Accepted but worth an operator's attention (e.g. `verify: false`).
     pub warnings: Vec<String>,
+    /// Set when the document comes from a URL (a bootstrap file's
+    /// `config_source`); changes only with `run --upgrade`.
+    pub source: Option<ConfigSource>,
+    /// Hex SHA-256 of the document this config was read from (the whole
+    /// file, or the served document): `cutover_config_info{sha256}`.
+    pub sha256: String,
+}
+
+/// `config_source:` in a bootstrap file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub url: SourceUrl,
+    pub interval: Duration,
+    /// One fetch, connect to last body byte.
+    pub timeout: Duration,
+    pub cache: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub header_file: Option<PathBuf>,
+    /// A bigger body is refused as soon as it passes this.
+    pub max_bytes: usize,
+}
+
+pub const DEFAULT_SOURCE_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_SOURCE_CACHE: &str = "/var/lib/cutover/source.yaml";
+pub const DEFAULT_SOURCE_MAX_BYTES: usize = 1 << 20;
+
+/// A source URL, split for the fetcher. Its query (an S3 presigned URL's
+/// signature) is a credential: `Display` leaves it out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SourceUrl {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query as sent, at least `/`.
+    pub path_and_query: String,
+}
+
+impl std::fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let (path, query) = match self.path_and_query.split_once('?') {
+            Some((p, _)) => (p, "?…"),
+            None => (self.path_and_query.as_str(), ""),
+        };
+        let default_port = if self.https { 443 } else { 80 };
+        if self.port == default_port {
+            write!(f, "{scheme}://{host}{path}{query}")
+        } else {
+            write!(f, "{scheme}://{host}:{}{path}{query}", self.port)
+        }
+    }
+}
+
+impl std::fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,6 +27,10 @@ pub(super) struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    pub(super) fn base_dir(&self) -> &Path {
+        self.base_dir
+    }
+
     pub(super) fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.into(),
@@ -74,7 +78,7 @@ impl Checker<'_> {
     }
 
     /// Resolve `text` against the config file's folder and check it can be read.
-    fn readable_file(&mut self, path: &str, text: &str) -> Option<PathBuf> {
+    pub(super) fn readable_file(&mut self, path: &str, text: &str) -> Option<PathBuf> {
         let file = self.base_dir.join(text);
         match std::fs::read(&file) {
             Ok(_) => Some(file),
@@ -96,23 +100,57 @@ impl Checker<'_> {
     }
 }
 
-pub fn validate(raw: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+/// What a file must hold: a whole config, or a bootstrap's part only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    Bootstrap,
+}
+
+impl Part {
+    fn needs_document(self) -> bool {
+        self == Part::Whole
+    }
+}
+
+/// `url_override` is `run --config-url`'s URL, which stands for
+/// `config_source.url`.
+pub fn validate(
+    raw: FileConfig,
+    base_dir: &Path,
+    part: Part,
+    url_override: Option<&str>,
+) -> Result<Config, Vec<Problem>> {
     let mut c = Checker {
         base_dir,
         problems: Vec::new(),
         warnings: Vec::new(),
     };
 
-    if raw.phase.trim().is_empty() {
-        c.problem("phase", "must not be empty: it labels every traffic metric");
+    let phase = raw.phase.as_deref().map(str::trim).unwrap_or_default();
+    if part.needs_document() {
+        match &raw.phase {
+            None => c.problem(
+                "phase",
+                "missing: name the migration phase (e.g. `phase: split`); it labels every traffic metric",
+            ),
+            Some(_) if phase.is_empty() => {
+                c.problem("phase", "must not be empty: it labels every traffic metric")
+            }
+            Some(_) => {}
+        }
     }
+    let source = match (&raw.config_source, url_override) {
+        (None, None) => None,
+        (file, url) => super::source::check_source(&mut c, file.as_ref(), url),
+    };
 
     let listeners = check_listeners(&mut c, &raw.listeners);
     let admin = raw
         .admin
         .as_ref()
         .and_then(|a| c.socket_addr("admin.address", &a.address));
-    let server = check_server(&mut c, &raw.server);
+    let server = check_server(&mut c, &raw.server.unwrap_or_default());
     let access_log = check_access_log(&mut c, raw.access_log.as_ref());
     let client_ip = check_client_ip(&mut c, raw.client_ip.as_ref());
     let dns_refresh = c.duration(
@@ -121,7 +159,7 @@ pub fn validate(raw: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>
         DEFAULT_DNS_REFRESH,
     );
 
-    if raw.routes.is_empty() {
+    if raw.routes.is_empty() && part.needs_document() {
         c.problem("routes", "at least one route is needed");
     }
     let mut route_names = HashSet::new();
@@ -155,7 +193,9 @@ pub fn validate(raw: FileConfig, base_dir: &Path) -> Result<Config, Vec<Problem>
 
     if c.problems.is_empty() {
         Ok(Config {
-            phase: raw.phase.trim().to_string(),
+            phase: phase.to_string(),
+            source,
+            sha256: String::new(),
             listeners,
             admin,
             server,

@@ -16,7 +16,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{AccessLog as AccessLogConfig, Config, ProxyProtocolMode};
+use crate::config::{AccessLog as AccessLogConfig, Config, Loaded, ProxyProtocolMode};
 use crate::lifecycle::admin::AdminApp;
 use crate::lifecycle::drain::DrainingApp;
 use crate::lifecycle::signals::Signals;
@@ -29,8 +29,10 @@ use crate::paths::fast::FastPath;
 use crate::paths::pingora::PingoraPath;
 
 pub struct RunOptions {
-    /// Re-read on SIGHUP.
+    /// Re-read on SIGHUP (a bootstrap file: read at start only).
     pub config_path: PathBuf,
+    /// `run --config-url`, passed on to a SIGUSR2 successor.
+    pub config_url: Option<String>,
     /// Take the listening sockets over from a running instance.
     pub upgrade: bool,
     /// Names resolved before DNS (see [`crate::model::dns`]).
@@ -58,12 +60,21 @@ fn pingora_conf(config: &Config) -> ServerConf {
     }
 }
 
-/// Build everything, then serve until a shutdown signal. Blocks.
-pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
+/// Build everything, then serve until a shutdown signal. Blocks. A
+/// bootstrap's document is fetched (or read from the cache) first.
+pub fn run(start: Loaded, opts: RunOptions) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (config, source) = match start {
+        Loaded::Whole(config) => (config, None),
+        Loaded::Bootstrap(bootstrap) => {
+            let started =
+                crate::lifecycle::source::start(bootstrap, &metrics, opts.hosts_file.clone())?;
+            (started.config, Some(started.source))
+        }
+    };
     for w in &config.warnings {
         warn!("config: {w}");
     }
-    let metrics = Arc::new(Metrics::new());
     let resolver = Arc::new(Resolver::with_metrics(
         opts.hosts_file.clone(),
         metrics.dns(),
@@ -100,7 +111,16 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
     });
     drop(startup);
 
-    let server = build_server(&config, &process, &opts)?;
+    let mut server = build_server(&config, &process, &opts)?;
+    if let Some(source) = &source {
+        server.add_service(background_service(
+            "config source",
+            crate::lifecycle::source::SourcePoller {
+                source: source.clone(),
+                process: process.clone(),
+            },
+        ));
+    }
     info!(
         "cutover {} serving phase {:?}: {} route(s), listeners {}",
         env!("CARGO_PKG_VERSION"),
@@ -122,6 +142,8 @@ pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<()> {
         shutdown_signal: Box::new(Signals {
             process,
             config_path: opts.config_path,
+            config_url: opts.config_url,
+            source,
             running: config,
             exe: opts.exe,
         }),

@@ -29,6 +29,11 @@ const SUCCESSOR_START: Duration = Duration::from_secs(15);
 pub struct Signals {
     pub process: Arc<Process>,
     pub config_path: PathBuf,
+    /// `run --config-url`, given again to a successor.
+    pub config_url: Option<String>,
+    /// The document's URL, when `config_path` is a bootstrap: SIGHUP
+    /// fetches it now instead of re-reading the file.
+    pub source: Option<Arc<crate::lifecycle::source::Source>>,
     /// The config whose listeners/admin/server settings this process runs with.
     pub running: Config,
     /// The binary a SIGUSR2 upgrade starts.
@@ -78,6 +83,15 @@ impl Signals {
         // logrotate's postrotate sends SIGHUP too: reopen whatever the config says.
         if let Some(log) = &self.process.access_log {
             log.reopen();
+        }
+        if let Some(source) = &self.source {
+            info!(
+                "SIGHUP: fetching {} now (the bootstrap file {} is read only at start and by `run --upgrade`)",
+                source.bootstrap.source().url,
+                self.config_path.display()
+            );
+            source.wake();
+            return;
         }
         let config = match config::load(&self.config_path) {
             Ok(c) => c,
@@ -130,8 +144,10 @@ impl Signals {
             error!("binary upgrade aborted, still serving: {why}");
             false
         };
-        let next = match config::load(&self.config_path) {
-            Ok(c) => c,
+        // A bootstrap is checked here; its document the successor fetches.
+        let next = match config::load_file(&self.config_path, self.config_url.as_deref()) {
+            Ok(config::Loaded::Whole(c)) => c,
+            Ok(config::Loaded::Bootstrap(b)) => b.settings().clone(),
             Err(e) => return fail(format!("the config does not load. {e}")),
         };
         let sock = PathBuf::from(&self.running.server.upgrade_sock);
@@ -149,6 +165,11 @@ impl Signals {
             .arg("--upgrade")
             .arg("--config")
             .arg(&self.config_path)
+            .args(
+                self.config_url
+                    .iter()
+                    .flat_map(|u| ["--config-url", u.as_str()]),
+            )
             .stdin(Stdio::null())
             .spawn()
         {

@@ -186,6 +186,7 @@ fn build(
     let config = Arc::new(config.clone());
     let phase = config.phase.as_str();
     metrics.set_phase(phase);
+    metrics.set_config(&config.sha256, phase);
     metrics.clear_upstream_gauges();
     let mut health = health.lock().unwrap_or_else(|e| e.into_inner());
     health.retain(|_, h| h.strong_count() > 0);

@@ -48,6 +48,9 @@ pub struct Metrics {
     reloads: IntCounterVec,
     upgrades: IntCounterVec,
     phase_info: IntGaugeVec,
+    config_info: IntGaugeVec,
+    /// The `config_source` families: series exist only in that mode.
+    pub source: SourceFamilies,
     _build_info: IntGaugeVec,
     pub access_log_dropped: IntCounter,
     pub access_log_write_errors: IntCounter,
@@ -284,6 +287,13 @@ impl Metrics {
                 "Always 1 for the phase currently configured",
                 &["phase"],
             ),
+            config_info: gauge(
+                r,
+                "cutover_config_info",
+                "Always 1 for the config document running: its SHA-256 (as sha256sum prints it) and phase; a fleet with one document has one sha256",
+                &["sha256", "phase"],
+            ),
+            source: SourceFamilies::new(r),
             _build_info: build_info,
             access_log_dropped: plain_counter(
                 r,
@@ -365,6 +375,12 @@ impl Metrics {
     pub fn set_phase(&self, phase: &str) {
         self.phase_info.reset();
         self.phase_info.with_label_values(&[phase]).set(1);
+    }
+
+    /// The document running now (one series: the old one goes).
+    pub fn set_config(&self, sha256: &str, phase: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[sha256, phase]).set(1);
     }
 
     /// Forget the per-upstream gauges of a model being replaced, so a removed
@@ -589,4 +605,108 @@ pub struct PhaseMetrics {
     /// By [`crate::policy::refusal::Refusal`], in its order.
     pub rejected: [IntCounter; crate::policy::refusal::Refusal::ALL.len()],
     pub client_ip_ignored: IntCounter,
+}
+
+/// What one fetch of the config source came to
+/// (`cutover_config_fetches_total{result}`).
+pub const FETCH_RESULTS: [&str; 9] = [
+    // A new document, checked and running.
+    "applied",
+    // 304 to our If-None-Match / If-Modified-Since.
+    "not_modified",
+    // 200 with the document already running (or already refused).
+    "unchanged",
+    // Not a config: YAML or validation problems, HTML, not UTF-8.
+    "invalid",
+    // An HTTP status other than 200, 304 or a redirect.
+    "status",
+    // More than the allowed redirects, or one from https to http.
+    "redirects",
+    "too_large",
+    "timeout",
+    // DNS, connect, TLS, a broken connection, an unreadable header_file.
+    "error",
+];
+
+/// `cutover_config_fetches_total`, `cutover_config_last_success_timestamp_seconds`,
+/// `cutover_config_from_cache`, `cutover_config_cache_write_errors_total`.
+pub struct SourceFamilies {
+    fetches: IntCounterVec,
+    last_success: prometheus::GaugeVec,
+    from_cache: IntGaugeVec,
+    cache_write_errors: IntCounterVec,
+}
+
+impl SourceFamilies {
+    fn new(r: &Registry) -> Self {
+        let last_success = prometheus::GaugeVec::new(
+            Opts::new(
+                "cutover_config_last_success_timestamp_seconds",
+                "When the config source last brought or confirmed the running document (Unix time; 0: not since the process started); only with config_source",
+            ),
+            &[],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(last_success.clone()))
+            .expect("metric registered once");
+        Self {
+            fetches: counter(
+                r,
+                "cutover_config_fetches_total",
+                "Fetches of the config source, by result",
+                &["result"],
+            ),
+            last_success,
+            from_cache: gauge(
+                r,
+                "cutover_config_from_cache",
+                "1 while the running document was read from the local cache and the source has not confirmed it",
+                &[],
+            ),
+            cache_write_errors: counter(
+                r,
+                "cutover_config_cache_write_errors_total",
+                "Writes of the last good document to the local cache that failed",
+                &[],
+            ),
+        }
+    }
+
+    /// Make every series visible (at 0) once the process runs from a source.
+    pub fn init(&self) {
+        for r in FETCH_RESULTS {
+            self.fetches.with_label_values(&[r]);
+        }
+        self.cache_write_errors.with_label_values(&[] as &[&str]);
+        self.from_cache.with_label_values(&[] as &[&str]);
+        // 0 until the first success: an instance that started from its
+        // cache and never reached the source is as stale as can be.
+        self.last_success.with_label_values(&[] as &[&str]).set(0.0);
+    }
+
+    pub fn fetched(&self, result: &str) {
+        debug_assert!(FETCH_RESULTS.contains(&result));
+        self.fetches.with_label_values(&[result]).inc();
+    }
+
+    pub fn succeeded(&self, at: std::time::SystemTime) {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_success
+            .with_label_values(&[] as &[&str])
+            .set(secs);
+    }
+
+    pub fn set_from_cache(&self, yes: bool) {
+        self.from_cache
+            .with_label_values(&[] as &[&str])
+            .set(i64::from(yes));
+    }
+
+    pub fn cache_write_failed(&self) {
+        self.cache_write_errors
+            .with_label_values(&[] as &[&str])
+            .inc();
+    }
 }

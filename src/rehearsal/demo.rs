@@ -145,11 +145,12 @@ pub fn run() -> anyhow::Result<()> {
 
     let opts = crate::lifecycle::server::RunOptions {
         config_path,
+        config_url: None,
         upgrade: false,
         hosts_file: Some(hosts),
         exe: std::env::current_exe()?,
     };
-    let result = crate::lifecycle::server::run(config, opts);
+    let result = crate::lifecycle::server::run(crate::config::Loaded::Whole(config), opts);
     drop(edge);
     edge_rt.shutdown_timeout(Duration::from_secs(1));
     // The rehearsal's CA, config and hosts file are throwaway.

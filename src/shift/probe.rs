@@ -49,23 +49,59 @@ impl Reply {
 
 /// GET `target` with an overall deadline.
 pub async fn get(target: &Target, timeout: Duration) -> anyhow::Result<Reply> {
-    tokio::time::timeout(timeout, get_inner(target))
+    tokio::time::timeout(timeout, get_inner(target, &[], usize::MAX))
         .await
         .map_err(|_| anyhow!("no answer from {} within {timeout:?}", target.connect))?
 }
 
-async fn get_inner(target: &Target) -> anyhow::Result<Reply> {
+/// A body longer than the caller's limit: reading stopped there.
+#[derive(Debug)]
+pub struct TooLarge {
+    pub limit: usize,
+    /// The length the response announced, if it did.
+    pub announced: Option<u64>,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.announced {
+            Some(n) => write!(f, "the body is {n} bytes, over the limit of {}", self.limit),
+            None => write!(f, "the body passed the limit of {} bytes", self.limit),
+        }
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// GET `target` with `extra` header fields, reading at most `max_body`
+/// bytes of body (more is a [`TooLarge`] error); no deadline of its own.
+pub async fn get_limited(
+    target: &Target,
+    extra: &[(http::HeaderName, http::HeaderValue)],
+    max_body: usize,
+) -> anyhow::Result<Reply> {
+    get_inner(target, extra, max_body).await
+}
+
+async fn get_inner(
+    target: &Target,
+    extra: &[(http::HeaderName, http::HeaderValue)],
+    max_body: usize,
+) -> anyhow::Result<Reply> {
     let tcp = TcpStream::connect(target.connect)
         .await
         .with_context(|| format!("connecting to {}", target.connect))?;
     let remote = tcp.peer_addr()?;
-    let req = Request::get(target.path.as_str())
+    let mut req = Request::get(target.path.as_str())
         .header(http::header::HOST, target.host.as_str())
         .header(
             http::header::USER_AGENT,
             concat!("cutover/", env!("CARGO_PKG_VERSION")),
         )
         .body(Empty::<Bytes>::new())?;
+    for (name, value) in extra {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
     let resp = match &target.tls {
         None => send(TokioIo::new(tcp), req).await?,
         Some(tls) => {
@@ -94,11 +130,28 @@ async fn get_inner(target: &Target) -> anyhow::Result<Reply> {
         }
     };
     let (parts, body) = resp.into_parts();
-    let body = body
-        .collect()
-        .await
-        .context("reading the response body")?
-        .to_bytes();
+    let announced = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max_body as u64) {
+        return Err(TooLarge {
+            limit: max_body,
+            announced,
+        }
+        .into());
+    }
+    let body = match http_body_util::Limited::new(body, max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(TooLarge {
+                limit: max_body,
+                announced,
+            }
+            .into())
+        }
+        Err(e) => return Err(anyhow!("reading the response body: {e}")),
+    };
     Ok(Reply {
         status: parts.status,
         headers: parts.headers,

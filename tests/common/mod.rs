@@ -16,6 +16,7 @@ use cutover::rehearsal::pki::TestCa;
 use cutover::shift::probe::{self, Reply, Target};
 
 pub mod netns;
+pub mod nginx;
 pub mod strict_origin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
