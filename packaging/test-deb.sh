@@ -31,6 +31,8 @@ expected="./etc/cutover/cutover.yaml
 ./usr/share/doc/cutover/README.md
 ./usr/share/doc/cutover/changelog.Debian.gz
 ./usr/share/doc/cutover/copyright
+./usr/share/doc/cutover/examples/fleet/bootstrap.yaml
+./usr/share/doc/cutover/examples/fleet/document.yaml
 ./usr/share/doc/cutover/examples/phase-1-old-through-proxy.yaml
 ./usr/share/doc/cutover/examples/phase-2-rollout.yaml
 ./usr/share/doc/cutover/examples/phase-2-split.yaml
@@ -76,6 +78,37 @@ wait "$pid"; rc=$?
 check "SIGTERM: clean exit" test "$rc" = 0
 sed 's/^/       log: /' /tmp/test-deb.run | tail -3
 
+# 3b. A fleet instance: the example bootstrap with its document served on
+# loopback (python3's http.server), the cache in /var/lib/cutover (which
+# the unit's StateDirectory= makes).
+install -d -o cutover -g cutover -m 0750 /var/lib/cutover
+fleet=$(mktemp -d); chmod 755 "$fleet"
+cp /usr/share/doc/cutover/examples/fleet/document.yaml "$fleet/cutover.yaml"
+sed 's#^  url: .*#  url: "http://127.0.0.1:18950/cutover.yaml"#' \
+  /usr/share/doc/cutover/examples/fleet/bootstrap.yaml > "$fleet/bootstrap.yaml"
+python3 -m http.server 18950 --bind 127.0.0.1 --directory "$fleet" >/dev/null 2>&1 &
+web=$!
+for _ in $(seq 1 50); do curl -fs --max-time 1 -o /dev/null http://127.0.0.1:18950/cutover.yaml && break; sleep 0.1; done
+check "the fleet example bootstrap passes check" runuser -u cutover -- /usr/bin/cutover check --config "$fleet/bootstrap.yaml"
+check "the fleet example document passes check with it" \
+  runuser -u cutover -- /usr/bin/cutover check --config "$fleet/bootstrap.yaml" --document "$fleet/cutover.yaml"
+setpriv --reuid cutover --regid cutover --init-groups -- \
+  /usr/bin/cutover run --config "$fleet/bootstrap.yaml" >/tmp/test-deb.fleet 2>&1 &
+pid=$!
+sha=$(sha256sum "$fleet/cutover.yaml" | cut -d' ' -f1)
+up=0
+for _ in $(seq 1 100); do
+  if curl -fs --max-time 1 http://127.0.0.1:9091/metrics 2>/dev/null | grep -q "cutover_config_info{phase=\"phase-2-split-10\",sha256=\"$sha\"} 1"; then up=1; break; fi
+  sleep 0.1
+done
+check "a fleet instance runs the served document (cutover_config_info names its sha256)" test "$up" = 1
+check "its cache is written in /var/lib/cutover, owned by cutover" \
+  sh -c "test \"\$(stat -c %U /var/lib/cutover/source.yaml)\" = cutover && tail -n +2 /var/lib/cutover/source.yaml | cmp - '$fleet/cutover.yaml'"
+kill -TERM "$pid"; wait "$pid"
+kill "$web"; wait "$web" 2>/dev/null
+sed 's/^/       log: /' /tmp/test-deb.fleet | grep "lifecycle::source" | tail -2
+rm -rf "$fleet"
+
 # 4. Remove, then purge.
 check "dpkg -r" dpkg -r cutover
 check "binary removed" test ! -e /usr/bin/cutover
@@ -85,7 +118,7 @@ check "config gone after purge" test ! -e /etc/cutover
 check "unit gone after purge" test ! -e /usr/lib/systemd/system/cutover.service
 check "user gone after purge" sh -c "! getent passwd cutover"
 check "group gone after purge" sh -c "! getent group cutover"
-check "runtime and log dirs gone after purge" sh -c "test ! -e /run/cutover && test ! -e /var/log/cutover"
+check "runtime, log and state dirs gone after purge" sh -c "test ! -e /run/cutover && test ! -e /var/log/cutover && test ! -e /var/lib/cutover"
 check "package fully gone" sh -c "! dpkg -s cutover"
 
 echo "deb: $passed passed, $failed failed"
