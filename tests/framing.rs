@@ -9,9 +9,10 @@
 //! (each response strictly parsed and matched to its request), and the
 //! origin must never see a byte a strict server would refuse.
 //!
-//! Every case runs twice: on a fresh connection (the fast path, for what it
-//! takes; everything else is handed to Pingora from the first request), and
-//! after a `POST` on the same connection (the Pingora path). A case ends
+//! Every case runs four times: on a fresh connection (the fast path, for
+//! what it takes; everything else is handed to Pingora from the first
+//! request), and after a `POST` on the same connection (the Pingora path),
+//! each on the plain and on the TLS listener. A case ends
 //! with a probe request on the same connection when it stays open, so a
 //! smuggled request or a stray response shows up as a mismatch there.
 
@@ -30,6 +31,33 @@ use cutover::rehearsal::strict::Message;
 enum Carrier {
     Fast,
     Pingora,
+    /// The TLS listener's fast path (a fresh connection).
+    TlsFast,
+    /// The TLS listener's Pingora path (after a `POST`).
+    TlsPingora,
+}
+
+impl Carrier {
+    const ALL: [Carrier; 4] = [
+        Carrier::Fast,
+        Carrier::Pingora,
+        Carrier::TlsFast,
+        Carrier::TlsPingora,
+    ];
+
+    fn pingora(self) -> bool {
+        matches!(self, Carrier::Pingora | Carrier::TlsPingora)
+    }
+
+    /// A short tag for the run's path prefix.
+    fn tag(self) -> &'static str {
+        match self {
+            Carrier::Fast => "f",
+            Carrier::Pingora => "p",
+            Carrier::TlsFast => "tf",
+            Carrier::TlsPingora => "tp",
+        }
+    }
 }
 
 /// One response the client must get, in order.
@@ -513,6 +541,9 @@ struct Bed {
     _dir: tempfile::TempDir,
     origin: StrictOrigin,
     proxy: Proxy,
+    /// The TLS listener, with a certificate for the public name from `ca_path`.
+    tls: std::net::SocketAddr,
+    ca_path: std::path::PathBuf,
 }
 
 async fn start() -> Bed {
@@ -531,12 +562,30 @@ async fn start() -> Bed {
         origin.addr.port(),
         ca_path.display()
     );
-    let yaml = config_yaml(&origin.addr, &ca_path, dir.path(), &upstreams);
+    let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
+    let (cert, key) = (
+        dir.path().join("listener.pem"),
+        dir.path().join("listener.key"),
+    );
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let tls = free_port();
+    let yaml = config_yaml(&origin.addr, &ca_path, dir.path(), &upstreams).replacen(
+        "listeners:\n  - address: 127.0.0.1:0\n",
+        &format!(
+            "listeners:\n  - address: 127.0.0.1:0\n  - address: {tls}\n    tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
+        1,
+    );
     let proxy = Proxy::start(dir.path(), &yaml, None);
     Bed {
         _dir: dir,
         origin,
         proxy,
+        tls,
+        ca_path,
     }
 }
 
@@ -552,8 +601,13 @@ fn body_text(m: &Message) -> String {
 
 /// Open a connection on the wanted carrier: for Pingora's, a POST first.
 async fn open(bed: &Bed, carrier: Carrier, prefix: &str) -> Result<RawClient, String> {
-    let mut c = RawClient::connect(bed.proxy.listen).await;
-    if carrier == Carrier::Pingora {
+    let mut c = match carrier {
+        Carrier::Fast | Carrier::Pingora => RawClient::connect(bed.proxy.listen).await,
+        Carrier::TlsFast | Carrier::TlsPingora => {
+            RawClient::connect_tls(bed.tls, &bed.ca_path, PUBLIC_NAME).await
+        }
+    };
+    if carrier.pingora() {
         c.send(
             fill(
                 "POST {P}/warm HTTP/1.1\r\nHost: {H}\r\nContent-Length: 4\r\n\r\nwarm",
@@ -613,7 +667,7 @@ async fn run_request_case(
         c.send(fill(w, prefix).as_bytes()).await;
     }
     let mut expected: Vec<(String, String, String)> = Vec::new();
-    if carrier == Carrier::Pingora {
+    if carrier.pingora() {
         expected.push(("POST".into(), format!("{prefix}/warm"), "warm".into()));
     }
     expected.extend(
@@ -621,9 +675,7 @@ async fn run_request_case(
             .iter()
             .map(|(m, t, b)| (m.to_string(), format!("{prefix}{t}"), b.to_string())),
     );
-    let mut echoes = expected
-        .iter()
-        .skip(usize::from(carrier == Carrier::Pingora));
+    let mut echoes = expected.iter().skip(usize::from(carrier.pingora()));
     for (i, want) in case.client.iter().enumerate() {
         let head = matches!(want, HeadStatus(_));
         let r = c
@@ -781,8 +833,8 @@ async fn no_request_is_smuggled_on_either_carrier() {
         .enumerate()
         .filter(|(_, c)| selected(c.name))
     {
-        for carrier in [Carrier::Fast, Carrier::Pingora] {
-            let prefix = format!("/q{i}{}", if carrier == Carrier::Fast { "f" } else { "p" });
+        for carrier in Carrier::ALL {
+            let prefix = format!("/q{i}{}", carrier.tag());
             runs += 1;
             if let Err(e) = run_request_case(&bed, case, carrier, &prefix).await {
                 failures.push(format!("{} ({carrier:?}): {e}", case.name));
@@ -802,8 +854,8 @@ async fn no_request_is_smuggled_on_either_carrier() {
     let (mut refused, mut unmatched) = (0.0, 0.0);
     for case in REQUESTS.iter().filter(|c| selected(c.name)) {
         match case.client.first() {
-            Some(Status(421)) => unmatched += 2.0,
-            Some(Status(s)) if *s >= 400 => refused += 2.0,
+            Some(Status(421)) => unmatched += 4.0,
+            Some(Status(s)) if *s >= 400 => refused += 4.0,
             _ => {}
         }
     }
@@ -846,8 +898,8 @@ async fn no_response_crosses_requests_on_either_carrier() {
         .enumerate()
         .filter(|(_, c)| selected(c.name))
     {
-        for carrier in [Carrier::Fast, Carrier::Pingora] {
-            let prefix = format!("/r{i}{}", if carrier == Carrier::Fast { "f" } else { "p" });
+        for carrier in Carrier::ALL {
+            let prefix = format!("/r{i}{}", carrier.tag());
             runs += 1;
             if let Err(e) = run_response_case(&bed, case, carrier, &prefix).await {
                 failures.push(format!("{} ({carrier:?}): {e}", case.name));
@@ -866,7 +918,7 @@ async fn no_response_crosses_requests_on_either_carrier() {
         .iter()
         .filter(|c| selected(c.name) && matches!(c.want, Refused))
         .count() as f64
-        * 2.0;
+        * 4.0;
     let m = bed.proxy.metrics().await;
     let errors: f64 = m
         .lines()

@@ -45,8 +45,20 @@ const EXTRA_NAME: &str = "assets-new.example.test";
 enum Carrier {
     Fast,
     Pingora,
-    /// The TLS listener (always the Pingora path).
-    Tls,
+    /// The TLS listener, fast path (a fresh connection).
+    TlsFast,
+    /// The TLS listener, Pingora path (after a `POST`).
+    TlsPingora,
+}
+
+impl Carrier {
+    fn tls(self) -> bool {
+        matches!(self, Carrier::TlsFast | Carrier::TlsPingora)
+    }
+
+    fn pingora(self) -> bool {
+        matches!(self, Carrier::Pingora | Carrier::TlsPingora)
+    }
 }
 
 struct Bed {
@@ -149,7 +161,7 @@ async fn start_forwarding(forward: &str) -> Bed {
     );
     let yaml = format!(
         "phase: parity\n\
-         listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: auto\n    trusted: [127.0.0.1]\n    header_timeout: 2s\n  - address: {tls}\n    tls: {{ cert: {cert}, key: {key} }}\n\
+         listeners:\n  - address: 127.0.0.1:0\n    proxy_protocol: auto\n    trusted: [127.0.0.1]\n    header_timeout: 2s\n  - address: {tls}\n    header_timeout: 2s\n    tls: {{ cert: {cert}, key: {key} }}\n\
          admin:\n  address: 127.0.0.1:0\n\
          server:\n  threads: 2\n  grace_period: 4s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
          client_ip:\n  header: X-Forwarded-For\n  trusted: [127.0.0.0/8]\n  forward: {forward}\n\
@@ -194,14 +206,16 @@ async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
 
 /// The same, with `prefix` (a PROXY header) the first bytes sent.
 async fn open_after(bed: &Bed, carrier: Carrier, prefix: &[u8]) -> RawClient {
-    if carrier == Carrier::Tls {
-        return RawClient::connect_tls(bed.tls, &bed.ca_path, PUBLIC_NAME).await;
-    }
-    let mut c = RawClient::connect(bed.proxy.listen).await;
+    let mut c = if carrier.tls() {
+        assert!(prefix.is_empty(), "the TLS listener reads no PROXY header");
+        RawClient::connect_tls(bed.tls, &bed.ca_path, PUBLIC_NAME).await
+    } else {
+        RawClient::connect(bed.proxy.listen).await
+    };
     if !prefix.is_empty() {
         c.send(prefix).await;
     }
-    if carrier == Carrier::Pingora {
+    if carrier.pingora() {
         c.send(
             format!(
                 "POST /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\nContent-Length: 4\r\n\r\nwarm"
@@ -346,6 +360,15 @@ async fn serve_after(
     }
 }
 
+/// The request on the TLS listener, on both carriers: the same, and
+/// returned (fast, Pingora) for the caller's own checks.
+async fn serve_tls_pair(bed: &Bed, name: &str, target: &str, request: &str) -> (Seen, Seen) {
+    let fast = serve(bed, Carrier::TlsFast, target, request).await;
+    let pingora = serve(bed, Carrier::TlsPingora, target, request).await;
+    assert_same(&format!("{name} (TLS listener)"), &fast, &pingora);
+    (fast, pingora)
+}
+
 fn assert_same(name: &str, fast: &Seen, pingora: &Seen) {
     assert_eq!(
         fast.upstream_head, pingora.upstream_head,
@@ -418,6 +441,20 @@ async fn a_get_reaches_the_origin_and_the_client_the_same_on_both_carriers() {
     );
     assert_eq!(fast.record["client"], "203.0.113.7", "{:?}", fast.record);
     assert_same("GET", &fast, &pingora);
+
+    // The TLS listener: the same on both carriers, and what differs from
+    // the plain listener is the scheme the client used, only.
+    let (tls, _) = serve_tls_pair(&bed, "GET", "/parity/get", GET).await;
+    let tls_head = tls.upstream_head.as_deref().expect("the origin got it");
+    assert_eq!(
+        tls_head,
+        head.replace(
+            "X-Forwarded-Proto: http\r\n",
+            "X-Forwarded-Proto: https\r\n"
+        ),
+        "the TLS listener's request differs from the plain one's by more than the scheme"
+    );
+    assert_eq!(client_head(&tls.response), client_head(&fast.response));
 }
 
 #[tokio::test]
@@ -453,8 +490,9 @@ async fn edge_answer(bed: &Bed, status: u16) {
         "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c2v3b4n5m6QQ=="
     );
     assert_same(&target, &fast, &pingora);
-    let both = delta(&before, &samples(&bed.proxy).await);
-    assert_eq!(both.get(refused), Some(&2.0), "one per carrier: {both:?}");
+    serve_tls_pair(bed, &target, &target, GET).await;
+    let all = delta(&before, &samples(&bed.proxy).await);
+    assert_eq!(all.get(refused), Some(&4.0), "one per carrier: {all:?}");
 }
 
 #[tokio::test]
@@ -586,12 +624,12 @@ async fn responses_naming_the_upstream_go_back_with_the_clients_name_on_every_ca
             field(&posted.response, "refresh"),
             [format!("0; url=http://{PUBLIC_NAME}/next")]
         );
-        for request in [GET, post.as_str()] {
-            let tls = serve(&bed, Carrier::Tls, &target, request).await;
+        let (tls_fast, _) = serve_tls_pair(&bed, &target, &target, GET).await;
+        let tls_post = serve(&bed, Carrier::TlsFast, &target, &post).await;
+        for tls in [tls_fast, tls_post] {
             assert_eq!(
                 field(&tls.response, "location"),
                 [format!("https://{PUBLIC_NAME}/moved?a=1")],
-                "{request}"
             );
             assert_eq!(
                 field(&tls.response, "refresh"),
@@ -775,7 +813,13 @@ async fn a_proxy_headers_client_is_the_same_on_both_carriers() {
 async fn a_head_that_does_not_finish_in_time_is_the_same_408() {
     let bed = start().await;
     let mut seen = Vec::new();
-    for carrier in [Carrier::Fast, Carrier::Pingora] {
+    let all = [
+        Carrier::Fast,
+        Carrier::Pingora,
+        Carrier::TlsFast,
+        Carrier::TlsPingora,
+    ];
+    for carrier in all {
         let mut c = open(&bed, carrier).await;
         let before = samples(&bed.proxy).await;
         let log_before = std::fs::read_to_string(&bed.access_log).unwrap_or_default();
@@ -805,18 +849,26 @@ async fn a_head_that_does_not_finish_in_time_is_the_same_408() {
         let metrics = delta(&before, &samples(&bed.proxy).await);
         seen.push((client_head(&response), record, metrics));
     }
-    let (fast, pingora) = (&seen[0], &seen[1]);
+    let fast = &seen[0];
     assert!(
         fast.0.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
         "{}",
         fast.0
     );
-    assert_eq!(
-        fast.0, pingora.0,
-        "different 408 heads (fast, then Pingora)"
-    );
-    assert_eq!(fast.1, pingora.1, "different access-log records");
-    assert_eq!(fast.2, pingora.2, "the metrics moved differently");
+    for (carrier, other) in all.iter().zip(&seen).skip(1) {
+        assert_eq!(
+            fast.0, other.0,
+            "different 408 heads (fast, then {carrier:?})"
+        );
+        assert_eq!(
+            fast.1, other.1,
+            "different access-log records ({carrier:?})"
+        );
+        assert_eq!(
+            fast.2, other.2,
+            "the metrics moved differently ({carrier:?})"
+        );
+    }
     let key = "cutover_rejected_requests_total{phase=\"parity\",reason=\"header_timeout\"}";
     assert_eq!(fast.2.get(key), Some(&1.0), "{:?}", fast.2);
 }
@@ -829,6 +881,7 @@ async fn a_head_request_is_carried_the_same() {
     let pingora = serve(&bed, Carrier::Pingora, "/parity/head", &req).await;
     assert_eq!(fast.response.status(), 200);
     assert_same("HEAD", &fast, &pingora);
+    serve_tls_pair(&bed, "HEAD", "/parity/head", &req).await;
 }
 
 #[tokio::test]
@@ -844,13 +897,14 @@ async fn an_upstream_that_refuses_is_the_same_502() {
         fast.metrics
     );
     assert_same("502", &fast, &pingora);
-    // One log line per failure, the same words from either carrier.
+    serve_tls_pair(&bed, "502", "/parity/refused", &req).await;
+    // One log line per failure, the same words from every carrier.
     let log = bed.proxy.log();
     for line in [
         "upstream connect failed: route=refuse upstream=closed addr=",
         "502 route=refuse upstream=closed kind=connect cause=",
     ] {
-        assert_eq!(log.matches(line).count(), 2, "{line:?} twice in:\n{log}");
+        assert_eq!(log.matches(line).count(), 4, "{line:?} 4 times in:\n{log}");
     }
 }
 
@@ -862,9 +916,10 @@ async fn an_upstream_that_stalls_is_the_same_504() {
     let pingora = serve(&bed, Carrier::Pingora, "/parity/stall", &req).await;
     assert_eq!(fast.response.status(), 504, "{fast:?}");
     assert_same("504", &fast, &pingora);
+    serve_tls_pair(&bed, "504", "/parity/stall", &req).await;
     let log = bed.proxy.log();
     let line = "504 route=stall upstream=stalling kind=timeout cause=";
-    assert_eq!(log.matches(line).count(), 2, "{line:?} twice in:\n{log}");
+    assert_eq!(log.matches(line).count(), 4, "{line:?} 4 times in:\n{log}");
 }
 
 #[tokio::test]
@@ -876,6 +931,7 @@ async fn an_unknown_host_is_the_same_421() {
     assert_eq!(fast.response.status(), 421, "{fast:?}");
     assert!(fast.upstream_head.is_none());
     assert_same("421", &fast, &pingora);
+    serve_tls_pair(&bed, "421", "/parity/unknown", &req).await;
 }
 
 #[tokio::test]
@@ -894,6 +950,7 @@ async fn a_malformed_request_is_refused_the_same() {
         fast.metrics
     );
     assert_same("400", &fast, &pingora);
+    serve_tls_pair(&bed, "400", "/parity/malformed", req).await;
 }
 
 #[tokio::test]

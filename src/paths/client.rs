@@ -1,4 +1,7 @@
-//! The client connection as the Pingora path reads it: the listener's
+//! The client connection as the Pingora path reads it: first what the fast
+//! path read and did not serve (replayed, so a connection changes carrier
+//! between requests without losing a byte, on plain and TLS listeners
+//! alike), then the stream itself, with the listener's
 //! `keepalive_timeout` and `header_timeout` ([`ClientTimeouts`]) applied to
 //! the stream itself, because Pingora 0.9.1 has neither (its keep-alive
 //! timeout is a fixed 60 s for a connection's first request, applies to
@@ -65,6 +68,9 @@ pub fn is_header_timeout(e: &pingora::Error) -> bool {
 
 pub struct ClientStream {
     inner: Stream,
+    /// Bytes read before this stream took over, read again first.
+    replay: Vec<u8>,
+    replayed: usize,
     timeouts: ClientTimeouts,
     state: AtomicU8,
     /// The state the timer was last set for.
@@ -86,10 +92,17 @@ impl std::fmt::Debug for ClientStream {
 }
 
 impl ClientStream {
-    pub fn new(inner: Stream, timeouts: ClientTimeouts, vpce: Option<Arc<str>>) -> ClientStream {
+    pub fn new(
+        inner: Stream,
+        timeouts: ClientTimeouts,
+        vpce: Option<Arc<str>>,
+        replay: Vec<u8>,
+    ) -> ClientStream {
         ClientStream {
             vpce,
             inner,
+            replay,
+            replayed: 0,
             timeouts,
             state: AtomicU8::new(IDLE),
             armed_for: u8::MAX,
@@ -170,6 +183,21 @@ impl AsyncRead for ClientStream {
             return this.poll_answer(cx);
         }
         let state = this.state.load(Ordering::Relaxed);
+        if this.replayed < this.replay.len() {
+            let rest = &this.replay[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            if state == IDLE && n > 0 {
+                this.state.store(HEAD, Ordering::Relaxed);
+                this.arm(HEAD);
+            }
+            return Poll::Ready(Ok(()));
+        }
         if state == REQUEST {
             this.armed_for = REQUEST;
             return Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -291,6 +319,10 @@ impl GetSocketDigest for ClientStream {
 #[async_trait]
 impl Peek for ClientStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        // Peeking past replayed bytes would see the wrong ones.
+        if self.replayed < self.replay.len() {
+            return Ok(false);
+        }
         self.inner.try_peek(buf).await
     }
 }

@@ -1,7 +1,7 @@
 //! Why the fast path hands a client connection to the Pingora path: the
 //! `reason` label of `cutover_connections_handed_over_total`. The fast
 //! path serves HTTP/1.1 `GET`/`HEAD` without a body, in origin form, with
-//! one Host a route owns, on a plain listener; the first request that is
+//! one Host a route owns, on any listener; the first request that is
 //! anything else takes its connection to Pingora, which applies the same
 //! policy (and refuses what must be refused).
 
@@ -23,16 +23,14 @@ pub enum Handover {
     Host = 6,
     /// A head the fast path's parser does not read whole.
     Malformed = 7,
-    /// A TLS listener (its connections are all Pingora's).
-    Tls = 8,
     /// A head larger than the fast path reads.
-    HeadSize = 9,
+    HeadSize = 8,
     /// The route has no upstream to choose from (Pingora answers 502).
-    NoUpstream = 10,
+    NoUpstream = 9,
 }
 
 impl Handover {
-    pub const ALL: [Handover; 11] = [
+    pub const ALL: [Handover; 10] = [
         Handover::Method,
         Handover::Body,
         Handover::Version,
@@ -41,7 +39,6 @@ impl Handover {
         Handover::TargetForm,
         Handover::Host,
         Handover::Malformed,
-        Handover::Tls,
         Handover::HeadSize,
         Handover::NoUpstream,
     ];
@@ -56,7 +53,6 @@ impl Handover {
             Handover::TargetForm => "target_form",
             Handover::Host => "host",
             Handover::Malformed => "malformed",
-            Handover::Tls => "tls",
             Handover::HeadSize => "head_size",
             Handover::NoUpstream => "no_upstream",
         }

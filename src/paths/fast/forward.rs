@@ -42,7 +42,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             Ok(routed) => routed,
             Err(reason) => return Step::Handover(reason),
         };
-        ask.https = policy::client_ip::client_https(&model.client_ip, conn.peer, false, ask.proto);
+        ask.tls = conn.tls;
+        ask.https =
+            policy::client_ip::client_https(&model.client_ip, conn.peer, conn.tls, ask.proto);
         let route = &model.routes[route_idx];
         let values = header_values(req, model.client_ip.header.as_ref().map(|h| h.as_str()));
         let client = request::client_address(&model, conn.peer, values);

@@ -5,14 +5,15 @@
 //! header clones, and a pool round trip with an idle-watch task per
 //! request), twice nginx's CPU for the same job. This module serves the
 //! request a CDN migration is made of — HTTP/1.1 `GET`/`HEAD` without a body,
-//! on a plain-HTTP listener, with one Host that a route owns — with one parse
+//! with one Host that a route owns, on any listener — with one parse
 //! of the head, one write upstream and one write to the client, and keeps the
 //! upstream connection with the client connection between its requests.
 //!
 //! Everything else — other methods, request bodies, HTTP/1.0, `Upgrade`,
 //! `Expect`, absolute-form targets, a missing or unknown Host, anything
-//! malformed, TLS listeners — is handed, bytes untouched, to the Pingora
-//! proxy ([`crate::paths::pingora::PingoraPath`]) for the rest of the connection, so
+//! malformed — is handed, with the bytes already read replayed first, to
+//! the Pingora proxy ([`crate::paths::pingora::PingoraPath`]) for the rest
+//! of the connection, so
 //! each unusual case has exactly one implementation. Both paths share the
 //! runtime model, upstream selection, failover, metrics and access log.
 
@@ -139,31 +140,25 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             }
             first = start.rest;
             if let Some(acceptor) = self.after_proxy.get(l.index).and_then(Option::as_ref) {
+                // The bytes read after the header start the TLS handshake.
                 let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
                 l4.rewind(&first);
+                first = Vec::new();
                 let handshake = pingora::protocols::tls::server::handshake(acceptor, *l4);
-                let tls = match timeout(timeouts.idle, handshake).await {
-                    Ok(Ok(tls)) => tls,
+                stream = match timeout(timeouts.idle, handshake).await {
+                    Ok(Ok(tls)) => Box::new(tls),
                     Ok(Err(e)) => {
                         log::debug!("TLS handshake after the PROXY header failed: {e}");
                         return None;
                     }
                     Err(_) => return None,
                 };
-                self.process.metrics.handed_over[Handover::Tls as usize].inc();
-                return self
-                    .to_pingora(Box::new(tls), timeouts, vpce, shutdown)
-                    .await;
             }
-        }
-        // Only a plain TCP stream can be rewound for the handover.
-        if stream.get_ssl_digest().is_some() || !stream.as_any().is::<L4Stream>() {
-            self.process.metrics.handed_over[Handover::Tls as usize].inc();
-            return self.to_pingora(stream, timeouts, vpce, shutdown).await;
         }
         let peer = peer_ip(&stream);
         first.reserve(4096);
         let mut conn = Conn {
+            tls: stream.get_ssl_digest().is_some(),
             timeouts,
             vpce,
             peer,
@@ -180,11 +175,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         }
         let reason = handover?;
         self.process.metrics.handed_over[reason as usize].inc();
-        let mut stream = conn.stream;
-        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-        l4.rewind(&conn.buf);
-        stream = l4;
-        self.to_pingora(stream, timeouts, conn.vpce, shutdown).await
+        self.to_pingora(conn.stream, timeouts, conn.vpce, conn.buf, shutdown)
+            .await
     }
 
     async fn cleanup(&self) {
@@ -197,17 +189,19 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
 impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
     /// The rest of the connection on the Pingora path: Pingora's HTTP/1
     /// session loop (what its `ServerApp` does for HTTP/1; cutover offers
-    /// no HTTP/2), over the client stream that applies the listener's idle
-    /// and head timeouts ([`crate::paths::client`]), with Pingora's own
-    /// keep-alive timer off.
+    /// no HTTP/2), over the client stream that first replays `read` (what
+    /// the fast path read and did not serve) and applies the listener's
+    /// idle and head timeouts ([`crate::paths::client`]), with Pingora's
+    /// own keep-alive timer off.
     async fn to_pingora(
         &self,
         stream: Stream,
         timeouts: ClientTimeouts,
         vpce: Option<Arc<str>>,
+        read: Vec<u8>,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream: Stream = Box::new(ClientStream::new(stream, timeouts, vpce));
+        let stream: Stream = Box::new(ClientStream::new(stream, timeouts, vpce, read));
         let mut session = ServerSession::new_http1(stream);
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
         session.set_keepalive_reuses_remaining(
@@ -229,6 +223,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
 
 /// One client connection's state, kept across its requests.
 struct Conn {
+    /// A TLS listener's (decrypted by Pingora, or by cutover after a PROXY
+    /// header).
+    tls: bool,
     /// Its listener's idle and head timeouts.
     timeouts: ClientTimeouts,
     /// The AWS VPC endpoint id of its PROXY header.

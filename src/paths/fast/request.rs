@@ -28,6 +28,8 @@ pub(super) struct Ask<'b> {
     pub(super) proto: Option<&'b [u8]>,
     /// The client used https (known once the model's trust is applied).
     pub(super) https: bool,
+    /// The client connection is TLS (a TLS listener).
+    pub(super) tls: bool,
 }
 
 /// The fast path's part of a request and the route that owns its Host, or
@@ -131,6 +133,7 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
         nominates: connection.nominates,
         proto,
         https: false,
+        tls: false,
     })
 }
 
@@ -157,7 +160,7 @@ pub(super) fn build_request(
         authority: ask.host,
         peer: peer.map(str::as_bytes),
         client: client.as_ref().map(|c| c.as_bytes()),
-        tls: false,
+        tls: ask.tls,
         upgrade: false,
         nominates: ask.nominates,
     };
