@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# matrix.sh -- every way a user deploys cutover, against nginx and HAProxy doing the same job, in
+# one interleaved run, printed as one table.
+#
+#   sudo benches/compare/matrix.sh                         # setup if needed, build, run, table
+#   ROUNDS=5 DURATION=10 benches/compare/matrix.sh         # more rounds (medians)
+#   SCENARIOS="tls tls-close" benches/compare/matrix.sh    # a subset
+#   BASE_BIN=/tmp/cutover-old benches/compare/matrix.sh    # also that binary, as cutover-base
+#   PROFILE=dist benches/compare/matrix.sh                 # measure the `dist` build instead
+#
+# Scenarios (each row: one target, one path, wrk -t1 -c$CONNS, target pinned to CPU $PROXY_CPU,
+# wrk + origin on CPU $ORIGIN_CPU, the same job as run.sh: Host rewritten, TLS to the origin with
+# SNI and a verified certificate, upstream keep-alive, one worker, access logs off):
+#   plain      plain HTTP in (an ALB's HTTP targets), keep-alive clients, GET /ruok and /obj4k
+#   tls        TLS in (an ALB's HTTPS targets), keep-alive clients, GET /ruok and /obj4k
+#   close      plain in, a new connection per request (`Connection: close`), GET /ruok
+#   tls-close  TLS in, a new connection and handshake per request, GET /ruok (wrk offers the
+#              previous session back, so these are mostly resumed handshakes)
+#   post4k     plain in, keep-alive, POST of a 4 KiB body to /upload (the origin reads and drops it)
+#   4addr      plain in, cutover with the origin's name on 4 addresses (hosts file) vs 1; no peers
+#
+# Order: for round: for scenario: for path: for target (drift hits everyone alike); medians over
+# rounds, and the same-round ratio to nginx (x nginx) and to HAProxy (x haproxy) per row.
+# Env: ROUNDS=3 DURATION=10 WARMUP=2 CONNS=64 SCENARIOS="plain tls close tls-close post4k 4addr"
+#      BASE_BIN= PROFILE=release PEERS="nginx haproxy"
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+. "$HERE/common.sh"
+
+ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-2}; CONNS=${CONNS:-64}
+SCENARIOS=${SCENARIOS:-"plain tls close tls-close post4k 4addr"}
+PEERS=${PEERS:-"nginx haproxy"}
+PROFILE=${PROFILE:-release}
+BASE_BIN=${BASE_BIN:-}
+CUTOVER_PORT=18084; CUTOVER_TLS_PORT=18184; CUTOVER_ADMIN=18094
+BASE_PORT=18085; BASE_TLS_PORT=18185
+FOUR_PORT=18086
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/cutover-target}
+
+[ "$(id -u)" = 0 ] || die "run as root (taskset, binding)"
+# (Re)write the configs when they predate the TLS fronts; apt only when a program is missing.
+if ! grep -qs "$HAPROXY_TLS_PORT" "$CONF_DIR/haproxy.cfg" || ! grep -qs "$NGINX_TLS_PORT" "$CONF_DIR/nginx-proxy.conf"; then
+  skip=1; for c in nginx haproxy wrk; do command -v $c >/dev/null || skip=0; done
+  SKIP_APT=$skip "$HERE/setup.sh" || die "setup failed"
+fi
+(cd "$REPO" && cargo build --profile "$PROFILE" --locked) || die "build failed"
+BIN=$CARGO_TARGET_DIR/$PROFILE/cutover
+
+# cutover's configs: one process with a plain and a TLS listener (the bench CA's cdn.example.test).
+cutover_yaml() { # PLAIN-PORT TLS-PORT ADMIN-PORT NAME ORIGIN-ADDRESS
+  local tls_listener=""
+  [ -n "$2" ] && tls_listener="  - address: 127.0.0.1:$2
+    tls: { cert: $CERT_DIR/$FRONT_HOST.crt, key: $CERT_DIR/$FRONT_HOST.key }"
+  cat <<YAML
+phase: bench
+listeners:
+  - address: 127.0.0.1:$1
+$tls_listener
+admin:
+  address: 127.0.0.1:$3
+server:
+  threads: 1
+  grace_period: 1s
+  graceful_shutdown_timeout: 1s
+  upgrade_sock: $BENCH_DIR/tmp/$4-upgrade.sock
+  pid_file: $BENCH_DIR/tmp/$4.pid
+  upstream_keepalive_pool_size: 1024
+  work_stealing: false
+access_log: off
+routes:
+  - name: cdn
+    hosts: [$FRONT_HOST]
+    sticky: none
+    upstreams:
+      - name: origin
+        address: $5
+        host_header: $UP_HOST
+        sni: $UP_HOST
+        ca_file: $CERT_DIR/ca.crt
+        timeouts: { idle: 300s }
+YAML
+}
+printf '127.0.0.%s origin.bench.test\n' 1 2 3 4 >"$CONF_DIR/hosts-4addr"
+cutover_yaml $CUTOVER_PORT $CUTOVER_TLS_PORT $CUTOVER_ADMIN cutover "127.0.0.1:$ORIGIN_PORT" >"$CONF_DIR/matrix-cutover.yaml"
+cutover_yaml $BASE_PORT $BASE_TLS_PORT $((CUTOVER_ADMIN + 1)) cutover-base "127.0.0.1:$ORIGIN_PORT" >"$CONF_DIR/matrix-cutover-base.yaml"
+cutover_yaml $FOUR_PORT "" $((CUTOVER_ADMIN + 2)) cutover-4addr "origin.bench.test:$ORIGIN_PORT" >"$CONF_DIR/matrix-cutover-4addr.yaml"
+for c in matrix-cutover matrix-cutover-4addr; do "$BIN" check --config "$CONF_DIR/$c.yaml" >/dev/null || die "$c.yaml"; done
+
+CHILDREN=()
+start_cutover() { # NAME BINARY CONFIG PORT [hosts file]
+  taskset -c "$PROXY_CPU" env RUST_LOG=warn ${5:+CUTOVER_HOSTS_FILE=$5} "$2" run --config "$CONF_DIR/$3.yaml" \
+    >>"$LOG_DIR/$1.out" 2>&1 &
+  CHILDREN+=($!)
+  wait_port "$4" || die "$1 did not start; see $LOG_DIR/$1.out"
+}
+cleanup() { for pid in "${CHILDREN[@]}"; do kill -INT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done; stop_all; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$LOG_DIR"
+stop_all
+start_origin bench
+for p in $PEERS; do start_peer "$p"; done
+start_cutover cutover "$BIN" matrix-cutover $CUTOVER_TLS_PORT
+[ -n "$BASE_BIN" ] && start_cutover cutover-base "$BASE_BIN" matrix-cutover-base $BASE_TLS_PORT
+[[ " $SCENARIOS " == *" 4addr "* ]] && start_cutover cutover-4addr "$BIN" matrix-cutover-4addr $FOUR_PORT "$CONF_DIR/hosts-4addr"
+for pid in $(pids_on_port "$ORIGIN_PORT"); do taskset -a -p -c "$ORIGIN_CPU" "$pid" >/dev/null; done
+
+# Targets of a scenario: "NAME URL-BASE" lines.
+targets() {
+  local s=$1 tls=0 p
+  case $s in tls|tls-close) tls=1 ;; esac
+  if [ "$s" = 4addr ]; then
+    echo "cutover http://127.0.0.1:$CUTOVER_PORT"; echo "cutover-4addr http://127.0.0.1:$FOUR_PORT"; return
+  fi
+  for p in $PEERS; do
+    case $p:$tls in
+      nginx:0) echo "nginx http://127.0.0.1:$NGINX_PORT" ;; nginx:1) echo "nginx https://127.0.0.1:$NGINX_TLS_PORT" ;;
+      haproxy:0) echo "haproxy http://127.0.0.1:$HAPROXY_PORT" ;; haproxy:1) echo "haproxy https://127.0.0.1:$HAPROXY_TLS_PORT" ;;
+    esac
+  done
+  if [ $tls = 1 ]; then echo "cutover https://127.0.0.1:$CUTOVER_TLS_PORT"; else echo "cutover http://127.0.0.1:$CUTOVER_PORT"; fi
+  if [ -n "$BASE_BIN" ]; then
+    if [ $tls = 1 ]; then echo "cutover-base https://127.0.0.1:$BASE_TLS_PORT"; else echo "cutover-base http://127.0.0.1:$BASE_PORT"; fi
+  fi
+}
+paths() { case $1 in plain|tls|4addr) echo "/ruok /obj4k" ;; post4k) echo /upload ;; *) echo /ruok ;; esac; }
+# wrk's extra arguments and script per scenario
+POST_LUA=$BENCH_DIR/tmp/wrk-post4k.lua
+{ echo 'wrk.method = "POST"'; echo 'wrk.body = string.rep("p", 4096)'
+  echo 'wrk.headers["Content-Type"] = "application/octet-stream"'; cat "$HERE/wrk-report.lua"; } >"$POST_LUA"
+wrk_args() {
+  case $1 in
+    close|tls-close) echo "-H Connection:close -s $HERE/wrk-report.lua" ;;
+    post4k) echo "-s $POST_LUA" ;;
+    *) echo "-s $HERE/wrk-report.lua" ;;
+  esac
+}
+
+# Every target answers every path of its scenarios before anything is measured.
+for s in $SCENARIOS; do
+  while read -r n base; do
+    for path in $(paths "$s"); do
+      body=(); [ "$s" = post4k ] && body=(--data-binary "@$WWW_DIR/obj4k")
+      c=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 "${body[@]}" -H "Host: $FRONT_HOST" "$base$path")
+      [ "$c" = 200 ] || die "$n ($s): $base$path answered $c"
+    done
+  done < <(targets "$s")
+done
+log "every target answers; measuring: scenarios [$SCENARIOS], $ROUNDS rounds of ${DURATION}s, wrk -t1 -c$CONNS"
+
+RES=$BENCH_DIR/results/matrix-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RES/raw"
+CSV=$RES/runs.csv
+echo "round,scenario,target,path,rps,p50_us,p99_us,requests,errors,cpu_s,req_per_cpu_s,up_conns,rss_kb" >"$CSV"
+HZ=$(getconf CLK_TCK)
+origin_accepts() { curl -s --max-time 2 "http://127.0.0.1:$STATUS_PORT/status" | awk 'NR == 3 { print $1 }'; }
+
+measure() { # ROUND SCENARIO NAME URL
+  local r=$1 s=$2 n=$3 url=$4 raw pids t0 t1 a0 a1 line
+  raw=$RES/raw/r$r-$s-$n-${url##*/}.txt
+  port=${url##*:}; port=${port%%/*}
+  # shellcheck disable=SC2046
+  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" $(wrk_args "$s") -H "Host: $FRONT_HOST" "$url" >/dev/null 2>&1
+  pids=$(pids_on_port "$port")
+  a0=$(origin_accepts); t0=$(cpu_ticks $pids)
+  # shellcheck disable=SC2046
+  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency $(wrk_args "$s") \
+    -H "Host: $FRONT_HOST" "$url" >"$raw" 2>&1
+  t1=$(cpu_ticks $pids); a1=$(origin_accepts)
+  line=$(grep '^WRKSTAT' "$raw") || { log "wrk failed: $n $s $url: $(tail -2 "$raw")"; return; }
+  gv() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$line"; }
+  awk -v r="$r" -v s="$s" -v n="$n" -v path="/${url##*/}" -v reqs="$(gv requests)" -v dur="$(gv duration_us)" \
+      -v p50="$(gv p50_us)" -v p99="$(gv p99_us)" \
+      -v err=$(( $(gv err_status) + $(gv err_connect) + $(gv err_read) + $(gv err_write) + $(gv err_timeout) )) \
+      -v ticks=$((t1 - t0)) -v hz="$HZ" -v up=$((a1 - a0 - 1)) -v rss="$(rss_kb $pids)" 'BEGIN {
+    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%d,%d\n", r, s, n, path, reqs / (dur / 1e6),
+      p50, p99, reqs, err, cpu, (cpu > 0) ? reqs / cpu : 0, up, rss }' >>"$CSV"
+  tail -1 "$CSV" | awk -F, '{ printf "r%s %-9s %-13s %-7s %7s req/s p99 %6.2f ms %7s req/cpu-s err %s\n", $1, $2, $3, $4, $5, $7 / 1000, $11, $9 }' >&2
+}
+
+for r in $(seq 1 "$ROUNDS"); do
+  for s in $SCENARIOS; do
+    for path in $(paths "$s"); do
+      while read -r n base; do measure "$r" "$s" "$n" "$base$path"; done < <(targets "$s")
+    done
+  done
+done
+
+{
+  echo
+  echo "== $(date -Is) $(uname -n), $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); cutover $PROFILE build"
+  echo "== medians over $ROUNDS rounds; wrk -t1 -c$CONNS -d${DURATION}s; target on CPU $PROXY_CPU, wrk + origin on CPU $ORIGIN_CPU"
+  awk -F, -v scen="$SCENARIOS" '
+    function med(list,   a, m, i, j, t) { m = split(list, a, " ")
+      for (i = 2; i <= m; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+      return m == 0 ? "" : (m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2) }
+    NR > 1 { k = $2 SUBSEP $4 SUBSEP $3; seen[k] = 1; if (!(($2, $4) in order)) { order[$2, $4] = 1; pl[$2] = pl[$2] " " $4 }
+      if (!(($2, $3) in tn)) { tn[$2, $3] = 1; tl[$2] = tl[$2] " " $3 }
+      for (c = 5; c <= 13; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; rounds[$1] = 1 }
+    END {
+      printf "| scenario | path | target | req/s | p50 ms | p99 ms | req per proxy CPU-s | x nginx | x haproxy | upstream conns opened | RSS MiB | errors |\n"
+      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+      ns = split(scen, S, " ")
+      for (i = 1; i <= ns; i++) { s = S[i]; np = split(pl[s], P, " "); nt = split(tl[s], T, " ")
+        for (p = 1; p <= np; p++) for (t = 1; t <= nt; t++) { k = s SUBSEP P[p] SUBSEP T[t]; if (!(k in seen)) continue
+          xn = ""; xh = ""
+          for (r in rounds) { if (((r, s, P[p], "nginx") in rpc) && rpc[r, s, P[p], "nginx"] > 0) xn = xn " " rpc[r, s, P[p], T[t]] / rpc[r, s, P[p], "nginx"]
+                              if (((r, s, P[p], "haproxy") in rpc) && rpc[r, s, P[p], "haproxy"] > 0) xh = xh " " rpc[r, s, P[p], T[t]] / rpc[r, s, P[p], "haproxy"] }
+          xn = med(xn); xh = med(xh)
+          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.0f | %s | %s | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
+            med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
+            xh == "" ? "" : sprintf("%.2f", xh), med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
+    }' "$CSV"
+  echo
+  echo "x nginx / x haproxy: median over rounds of the same-round ratio of requests per proxy CPU-second."
+  echo "RSS: the target's processes after that row's run (nginx/HAProxy: master + worker)."
+  echo "raw: $RES"
+} | tee "$RES/summary.md"
