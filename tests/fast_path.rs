@@ -419,11 +419,20 @@ async fn unusual_requests_are_handed_to_pingora_mid_connection() {
     assert_eq!(r.status, 200);
     let handed_over = |m: &str| sample_sum(m, "cutover_connections_handed_over_total");
     assert_eq!(handed_over(&s.proxy.metrics().await), 0.0);
-    // A body: Pingora's path takes the connection from here on.
+    // A POST with a Content-Length body stays on the fast path.
     let r = c.send("POST", "/", "field=value").await;
     assert_eq!(r.status, 200, "{}", s.proxy.log());
     assert!(
         text(&r.body).starts_with("POST / HTTP/1.1\r\n"),
+        "{}",
+        text(&r.body)
+    );
+    assert_eq!(handed_over(&s.proxy.metrics().await), 0.0);
+    // An extension method: Pingora's path takes the connection from here on.
+    let r = c.send("PURGE", "/", "").await;
+    assert_eq!(r.status, 200, "{}", s.proxy.log());
+    assert!(
+        text(&r.body).starts_with("PURGE / HTTP/1.1\r\n"),
         "{}",
         text(&r.body)
     );
@@ -438,7 +447,7 @@ async fn unusual_requests_are_handed_to_pingora_mid_connection() {
             &[("reason", "method")]
         ),
         Some(1.0),
-        "a POST is handed over for its method: {m}"
+        "an extension method is handed over for its method: {m}"
     );
 
     // Pipelined: two requests in one write, answered in order; the second

@@ -313,6 +313,8 @@ fn record_fields(mut r: serde_json::Value) -> serde_json::Value {
 struct Seen {
     response: Message,
     upstream_head: Option<String>,
+    /// The request body the origin read (decoded).
+    upstream_body: Option<Vec<u8>>,
     record: serde_json::Value,
     metrics: BTreeMap<String, f64>,
     closed_after: bool,
@@ -350,10 +352,12 @@ async fn serve_after(
     let upstream_head = upstream
         .get(before_upstream)
         .map(|r| String::from_utf8_lossy(&r.msg.raw_head).into_owned());
+    let upstream_body = upstream.get(before_upstream).map(|r| r.msg.body.clone());
     let closed_after = c.closes_within(Duration::from_millis(500)).await.is_ok();
     Seen {
         response,
         upstream_head,
+        upstream_body,
         record: record_fields(record),
         metrics,
         closed_after,
@@ -373,6 +377,10 @@ fn assert_same(name: &str, fast: &Seen, pingora: &Seen) {
     assert_eq!(
         fast.upstream_head, pingora.upstream_head,
         "{name}: the origin got different request heads (fast, then Pingora)"
+    );
+    assert_eq!(
+        fast.upstream_body, pingora.upstream_body,
+        "{name}: the origin got different request bodies (fast, then Pingora)"
     );
     assert_eq!(
         client_head(&fast.response),
@@ -871,6 +879,126 @@ async fn a_head_that_does_not_finish_in_time_is_the_same_408() {
     }
     let key = "cutover_rejected_requests_total{phase=\"parity\",reason=\"header_timeout\"}";
     assert_eq!(fast.2.get(key), Some(&1.0), "{:?}", fast.2);
+}
+
+#[tokio::test]
+async fn requests_with_a_body_are_carried_the_same() {
+    let bed = start().await;
+    let body = "b".repeat(4096);
+    let post = format!(
+        "POST {{T}} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n{body}",
+        body.len()
+    );
+    let fast = serve(&bed, Carrier::Fast, "/parity/post", &post).await;
+    let pingora = serve(&bed, Carrier::Pingora, "/parity/post", &post).await;
+    assert_eq!(fast.response.status(), 200, "{fast:?}");
+    assert_eq!(fast.upstream_body.as_deref(), Some(body.as_bytes()));
+    let head = fast.upstream_head.as_deref().unwrap();
+    assert!(head.starts_with("POST /parity/post HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nContent-Length: 4096\r\n"), "{head}");
+    assert_same("POST 4 KiB", &fast, &pingora);
+    serve_tls_pair(&bed, "POST 4 KiB", "/parity/post", &post).await;
+    // No handover for it: the fast path carried it.
+    assert!(
+        !fast
+            .metrics
+            .keys()
+            .any(|k| k.starts_with("cutover_connections_handed_over_total")),
+        "{:?}",
+        fast.metrics
+    );
+
+    // A body of 256 KiB arrives after its head, in pieces; a PUT and a
+    // DELETE without one.
+    let big = "x".repeat(256 * 1024);
+    for (method, body) in [("PUT", big.as_str()), ("DELETE", ""), ("PATCH", "p")] {
+        let target = format!("/parity/{}", method.to_ascii_lowercase());
+        let mut seen = Vec::new();
+        for carrier in [Carrier::Fast, Carrier::Pingora, Carrier::TlsFast] {
+            let mut c = open(&bed, carrier).await;
+            let before = bed.origin.requests(&target).len();
+            c.send(
+                format!(
+                    "{method} {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+            for piece in body.as_bytes().chunks(64 * 1024) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                c.send(piece).await;
+            }
+            let r = c.response(false).await.expect("answered");
+            assert_eq!(r.status(), 200, "{method} on {carrier:?}");
+            let got = bed.origin.requests(&target);
+            assert_eq!(got.len(), before + 1, "{method} on {carrier:?}");
+            let msg = &got[before].msg;
+            assert_eq!(msg.body.len(), body.len(), "{method} on {carrier:?}");
+            assert!(
+                msg.body == body.as_bytes(),
+                "{method} on {carrier:?}: body differs"
+            );
+            seen.push(String::from_utf8_lossy(&msg.raw_head).into_owned());
+        }
+        assert_eq!(seen[0], seen[1], "{method}: different heads upstream");
+    }
+
+    // A body and the next request in one write: each its own answer.
+    for carrier in [Carrier::Fast, Carrier::Pingora] {
+        let mut c = open(&bed, carrier).await;
+        c.send(
+            format!(
+                "POST /parity/pipe1 HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\r\nhelloGET /parity/pipe2 HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        for want in ["/parity/pipe1", "/parity/pipe2"] {
+            let r = c.response(false).await.expect("answered");
+            assert_eq!(r.status(), 200, "{carrier:?} {want}");
+            assert!(
+                String::from_utf8_lossy(&r.body).contains(want),
+                "{carrier:?}: {:?} is not the answer to {want}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_is_the_same_499() {
+    let bed = start().await;
+    let mut records = Vec::new();
+    for (i, carrier) in [
+        Carrier::Fast,
+        Carrier::Pingora,
+        Carrier::TlsFast,
+        Carrier::TlsPingora,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let target = format!("/parity/gone{i}");
+        let mut c = open(&bed, carrier).await;
+        c.send(
+            format!("POST {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 1000\r\n\r\nonly part")
+                .as_bytes(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(c);
+        let mut r = wait_for_log(&bed.access_log, &target, 1)
+            .await
+            .pop()
+            .unwrap();
+        r["path"] = serde_json::Value::Null;
+        records.push((carrier, record_fields(r)));
+    }
+    assert_eq!(records[0].1["status"], 499, "{:?}", records[0]);
+    for (carrier, r) in &records[1..] {
+        assert_eq!(&records[0].1, r, "{carrier:?}: a different record");
+    }
 }
 
 #[tokio::test]

@@ -478,6 +478,29 @@ impl ProxyHttp for PingoraPath {
         e
     }
 
+    /// A failure after the request started going out (a reused connection
+    /// the upstream had closed, a reset before the response): sent again
+    /// on a fresh connection only when [`request::may_resend`] says so,
+    /// the same rule the fast path applies.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let method = session.req_header().method.as_str().as_bytes();
+        let whole = !session.as_ref().retry_buffer_truncated();
+        if request::may_resend(method, whole) {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
     /// A connection to the address: it is back in the rotation if it was out.
     async fn connected_to_upstream(
         &self,

@@ -140,6 +140,24 @@ impl Candidate for ByHealth<'_> {
     }
 }
 
+/// Whether `method` may be sent twice with the same effect (RFC 9110
+/// 9.2.2): GET, HEAD, PUT, DELETE, OPTIONS, TRACE.
+pub fn idempotent(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"GET" | b"HEAD" | b"PUT" | b"DELETE" | b"OPTIONS" | b"TRACE"
+    )
+}
+
+/// Whether a request whose reused upstream connection failed before any
+/// response byte arrived may be sent again on a fresh one: only an
+/// idempotent request whose whole body cutover still holds (nginx's
+/// `proxy_next_upstream` default, Pingora's retry buffer). A POST that
+/// may have reached the origin is never sent twice: it fails, counted.
+pub fn may_resend(method: &[u8], body_whole: bool) -> bool {
+    idempotent(method) && body_whole
+}
+
 /// What a request does after a connect to one address failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {

@@ -1,15 +1,16 @@
 //! Why the fast path hands a client connection to the Pingora path: the
 //! `reason` label of `cutover_connections_handed_over_total`. The fast
-//! path serves HTTP/1.1 `GET`/`HEAD` without a body, in origin form, with
-//! one Host a route owns, on any listener; the first request that is
+//! path serves HTTP/1.1 requests of the common methods with no body or a
+//! `Content-Length` one, in origin form, with one Host a route owns, on any
+//! listener; the first request that is
 //! anything else takes its connection to Pingora, which applies the same
 //! policy (and refuses what must be refused).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handover {
-    /// Not `GET` or `HEAD`.
+    /// Not one of GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH.
     Method = 0,
-    /// A request body (`Content-Length` other than 0, `Transfer-Encoding`).
+    /// A chunked request body, or body framing the policy refuses.
     Body = 1,
     /// Not HTTP/1.1.
     Version = 2,

@@ -30,10 +30,13 @@ use crate::policy::handover::Handover;
 use crate::policy::marker::Seen;
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
+    /// `after_head`: what the client's buffer holds after the head (the
+    /// body's start, perhaps more).
     pub(super) async fn forward(
         &self,
         conn: &mut Conn,
         req: &httparse::Request<'_, '_>,
+        after_head: &[u8],
         shutdown: &ShutdownWatch,
     ) -> Step {
         let started = Instant::now();
@@ -53,6 +56,14 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             return Step::Handover(Handover::NoUpstream);
         };
         let closing = self.process.closing(*shutdown.borrow());
+        // The body: what came with the head, then the rest from the client.
+        let early_len =
+            usize::try_from(ask.body).map_or(after_head.len(), |b| b.min(after_head.len()));
+        let mut upload = Upload {
+            early: &after_head[..early_len],
+            late: ask.body - early_len as u64,
+        };
+        let resendable = request::may_resend(ask.method, upload.late == 0);
 
         let mut first_attempt = true;
         // A reused connection found closed: the next connect is a fresh one
@@ -155,7 +166,17 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 client,
             );
             let exchanged = self
-                .exchange(conn, ups, reused, &ask, route, up, addr, closing)
+                .exchange(
+                    conn,
+                    ups,
+                    reused,
+                    &ask,
+                    route,
+                    up,
+                    addr,
+                    closing,
+                    &mut upload,
+                )
                 .await;
             match exchanged {
                 Ok((done, reusable)) => {
@@ -172,11 +193,34 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                     break Ok(done);
                 }
-                Err(Exchange::Stale) => {
+                Err(Exchange::Stale) if resendable => {
                     // Only a reused connection is stale; the retry is fresh.
                     debug_assert!(!fresh_only);
                     fresh_only = true;
                     continue;
+                }
+                Err(Exchange::Stale) => {
+                    let cause = format!(
+                        "the reused upstream connection closed before answering; a {} that may have reached the origin is not sent twice",
+                        String::from_utf8_lossy(ask.method)
+                    );
+                    break Err((ErrorKind::Reset, cause, false));
+                }
+                Err(Exchange::Client(status)) => {
+                    // The client stopped sending its body: answered as the
+                    // Pingora path answers it (408 after the body timeout),
+                    // the half-sent upstream connection dropped.
+                    let status = if status == 408 && write_error(&mut conn.stream, 408).await {
+                        408
+                    } else {
+                        499
+                    };
+                    break Ok(Done {
+                        status,
+                        bytes: 0,
+                        keep_client: false,
+                        cdn: (CdnFacts::default(), Seen::Unchecked),
+                    });
                 }
                 Err(Exchange::Failed(kind, cause, counted)) => break Err((kind, cause, counted)),
             }
@@ -222,7 +266,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             marker: request::marker_label(route, marker),
         };
         request::finish(&self.process, Some(up), &entry);
-        Step::Served { keep_client }
+        Step::Served {
+            keep_client,
+            body_read: early_len,
+        }
     }
 
     /// Send the request in `conn.out` and relay the response. On success, the
@@ -238,10 +285,12 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         up: &Upstream,
         addr: SocketAddr,
         closing: bool,
+        upload: &mut Upload<'_>,
     ) -> Result<(Done, Option<Stream>), Exchange> {
         let t = &up.config.timeouts;
         let fail = |kind: ErrorKind, cause: String| Err(Exchange::Failed(kind, cause, false));
-        let (mut ups, (mut end, mut folded)) = self.send(conn, ups, reused, up, addr).await?;
+        let (mut ups, (mut end, mut folded)) =
+            self.send(conn, ups, reused, up, addr, upload).await?;
         let mut interim = 0;
         let close = closing || ask.client_close;
         let public = &Public {
@@ -347,12 +396,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         Ok((done(relayed, keep_client), reusable))
     }
 
-    /// Write the request in `conn.out` and read the response head into
-    /// `conn.resp`; the stream it came on, the head's length and whether it
-    /// holds an obs-fold. A reused connection that the upstream closed while
-    /// idle is [`Exchange::Stale`]: the caller connects afresh (through the
-    /// address choice, so a dead address is ejected and another tried) and
-    /// sends again; the request is a GET or HEAD, so that is safe.
+    /// Write the request in `conn.out` and its body, and read the response
+    /// head into `conn.resp`; the stream it came on, the head's length and
+    /// whether it holds an obs-fold. A reused connection that the upstream
+    /// closed while idle is [`Exchange::Stale`]: the caller connects afresh
+    /// (through the address choice, so a dead address is ejected and
+    /// another tried) and sends again when [`request::may_resend`] allows.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         conn: &mut Conn,
@@ -360,21 +410,41 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         reused: bool,
         up: &Upstream,
         addr: SocketAddr,
+        upload: &mut Upload<'_>,
     ) -> Result<(Stream, (usize, bool)), Exchange> {
         let t = &up.config.timeouts;
-        conn.resp.clear();
-        let sent = match timeout(t.write, async {
-            ups.write_all(&conn.out).await?;
-            ups.flush().await
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                let cause = "writing the request timed out".to_string();
-                return Err(Exchange::Failed(ErrorKind::Timeout, cause, false));
-            }
+        let timed_out = || {
+            let cause = "writing the request timed out".to_string();
+            Err(Exchange::Failed(ErrorKind::Timeout, cause, false))
         };
+        conn.resp.clear();
+        // The head and the body bytes that came with it in one write.
+        if upload.early.len() <= 16 * 1024 {
+            conn.out.extend_from_slice(upload.early);
+        }
+        let early = if upload.early.len() > 16 * 1024 {
+            upload.early
+        } else {
+            b""
+        };
+        let mut sent = match timeout(t.write, write_parts(&mut ups, &[&conn.out, early])).await {
+            Ok(r) => r,
+            Err(_) => return timed_out(),
+        };
+        if sent.is_ok() && upload.late > 0 {
+            match relay_upload(conn, &mut ups, upload, t.write).await {
+                Ok(()) => {}
+                Err(UploadFailed::Client(status)) => return Err(Exchange::Client(status)),
+                Err(UploadFailed::UpstreamTimeout) => return timed_out(),
+                Err(UploadFailed::Upstream(e)) => sent = Err(e),
+            }
+        }
+        if sent.is_ok() {
+            sent = match timeout(t.write, ups.flush()).await {
+                Ok(r) => r,
+                Err(_) => return timed_out(),
+            };
+        }
         let head = match sent {
             Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
             Err(e) => Err(HeadError::Io(e)),
@@ -396,6 +466,51 @@ pub(super) enum Exchange {
     Failed(ErrorKind, String, bool),
     /// A reused connection turned out closed before any response byte.
     Stale,
+    /// The client stopped sending the request body: 408 (nothing within
+    /// the body timeout) or 499 (it closed).
+    Client(u16),
+}
+
+/// A request body on its way upstream: what came with the head, and how
+/// much is still to be read from the client.
+pub(super) struct Upload<'a> {
+    pub(super) early: &'a [u8],
+    pub(super) late: u64,
+}
+
+enum UploadFailed {
+    Client(u16),
+    Upstream(std::io::Error),
+    UpstreamTimeout,
+}
+
+/// The rest of a request body, from the client to the upstream as it
+/// arrives. Bytes the client sent past the body (a pipelined request) go
+/// to `conn.buf`, where the next request is read from.
+async fn relay_upload(
+    conn: &mut Conn,
+    ups: &mut Stream,
+    upload: &mut Upload<'_>,
+    write_timeout: std::time::Duration,
+) -> Result<(), UploadFailed> {
+    while upload.late > 0 {
+        conn.body.clear();
+        conn.body.reserve(READ_CHUNK);
+        let n = match timeout(conn.timeouts.body, conn.stream.read_buf(&mut conn.body)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(_) => return Err(UploadFailed::Client(499)),
+            Err(_) => return Err(UploadFailed::Client(408)),
+        };
+        let take = usize::try_from(upload.late).map_or(n, |late| late.min(n));
+        conn.buf.extend_from_slice(&conn.body[take..]);
+        match timeout(write_timeout, ups.write_all(&conn.body[..take])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(UploadFailed::Upstream(e)),
+            Err(_) => return Err(UploadFailed::UpstreamTimeout),
+        }
+        upload.late -= take as u64;
+    }
+    Ok(())
 }
 
 /// Relay the rest of a response body, after what went out with the head

@@ -167,6 +167,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             buf: first,
             out: Vec::new(),
             resp: Vec::new(),
+            body: Vec::new(),
             held: None,
         };
         let handover = self.serve(&mut conn, shutdown).await;
@@ -240,6 +241,8 @@ struct Conn {
     out: Vec<u8>,
     /// Bytes read from the upstream.
     resp: Vec<u8>,
+    /// Request body bytes read from the client after its head's read.
+    body: Vec<u8>,
     /// The upstream connection the last request used, while it stays usable.
     held: Option<Held>,
 }
@@ -294,7 +297,9 @@ enum Head {
 
 enum Step {
     /// Served; go on with the next request if the client connection stays.
-    Served { keep_client: bool },
+    /// `body_read`: how many bytes after the head in the client's buffer
+    /// were the request's body.
+    Served { keep_client: bool, body_read: usize },
     /// Not for the fast path: hand the connection, unread, to Pingora.
     Handover(Handover),
 }
@@ -309,14 +314,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                 Head::TooLarge => return Some(Handover::HeadSize),
             };
             match self.one_request(conn, head_end, shutdown).await {
-                Step::Served { keep_client: true } => {
-                    if conn.buf.len() == head_end {
-                        conn.buf.clear();
-                    } else {
-                        conn.buf.drain(..head_end);
-                    }
-                }
-                Step::Served { keep_client: false } => {
+                Step::Served {
+                    keep_client: true, ..
+                } => {}
+                Step::Served {
+                    keep_client: false, ..
+                } => {
                     let _ = to_client(conn.stream.shutdown()).await;
                     return None;
                 }
@@ -375,6 +378,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                             // An idle client keeps only its read buffer.
                             conn.out = Vec::new();
                             conn.resp = Vec::new();
+                            conn.body = Vec::new();
                             continue;
                         }
                         _ => return None,
@@ -408,10 +412,25 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
         let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
         let buf = std::mem::take(&mut conn.buf);
         let step = match parse_request(&buf[..head_end], &mut headers) {
-            Some(req) => self.forward(conn, &req, shutdown).await,
+            Some(req) => self.forward(conn, &req, &buf[head_end..], shutdown).await,
             None => Step::Handover(Handover::Malformed),
         };
-        conn.buf = buf;
+        // While it was served, `conn.buf` took what the client sent past
+        // the request's body (the next, pipelined request).
+        let after = std::mem::replace(&mut conn.buf, buf);
+        if let Step::Served {
+            keep_client: true,
+            body_read,
+        } = step
+        {
+            let used = head_end + body_read;
+            if conn.buf.len() == used {
+                conn.buf.clear();
+            } else {
+                conn.buf.drain(..used);
+            }
+            conn.buf.extend_from_slice(&after);
+        }
         step
     }
 }

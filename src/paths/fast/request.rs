@@ -17,7 +17,11 @@ use crate::shift::selection::choose;
 
 /// What the client asked for, as far as forwarding needs it.
 pub(super) struct Ask<'b> {
+    /// The request method, as the client sent it (one the fast path takes).
+    pub(super) method: &'b [u8],
     pub(super) head: bool,
+    /// The request body's `Content-Length` (0: none).
+    pub(super) body: u64,
     pub(super) host: &'b [u8],
     pub(super) path: &'b [u8],
     pub(super) client_close: bool,
@@ -80,6 +84,12 @@ pub(super) fn parse_request<'h, 'b>(
     }
 }
 
+/// The methods the fast path carries; any other (CONNECT, TRACE, an
+/// extension method) goes to the Pingora path, which refuses or carries it.
+const FAST_METHODS: [&[u8]; 7] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
+];
+
 /// The request line and headers the fast path forwards, or why the request
 /// is not one it serves ([`Handover`]). What it does not serve goes to the
 /// Pingora path, which applies the same policy and refuses what must be
@@ -88,13 +98,12 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
     if req.version != Some(1) {
         return Err(Handover::Version);
     }
-    let head = match req.method {
-        Some("GET") => false,
-        Some("HEAD") => true,
-        _ => return Err(Handover::Method),
-    };
+    let method = req.method.ok_or(Handover::Malformed)?.as_bytes();
+    if !FAST_METHODS.contains(&method) {
+        return Err(Handover::Method);
+    }
     let path = req.path.ok_or(Handover::Malformed)?.as_bytes();
-    if policy::refusal::request_target(b"GET", path) != Ok(TargetForm::Origin) {
+    if policy::refusal::request_target(method, path) != Ok(TargetForm::Origin) {
         return Err(Handover::TargetForm);
     }
     // One pass over the fields; what the policy decides from them is decided
@@ -119,14 +128,20 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
             _ => {}
         }
     }
-    if framing.request_body(false) != Ok(RequestBody::None) {
-        return Err(Handover::Body);
-    }
+    // A body the fast path relays has a length; a chunked one (and any
+    // framing the policy refuses: Pingora answers it) goes to Pingora.
+    let body = match framing.request_body(false) {
+        Ok(RequestBody::None) => 0,
+        Ok(RequestBody::Length(n)) => n,
+        Ok(RequestBody::Chunked) | Err(_) => return Err(Handover::Body),
+    };
     if connection.upgrade {
         return Err(Handover::Upgrade);
     }
     Ok(Ask {
-        head,
+        method,
+        head: method == b"HEAD",
+        body,
         host: host.ok_or(Handover::Host)?,
         path,
         client_close: connection.close,
@@ -153,7 +168,8 @@ pub(super) fn build_request(
         .map(crate::policy::client_ip::IpText::new);
     out.clear();
     out.reserve(2048);
-    out.extend_from_slice(if ask.head { b"HEAD " } else { b"GET " });
+    out.extend_from_slice(ask.method);
+    out.push(b' ');
     out.extend_from_slice(ask.path);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let facts = RequestFacts {
@@ -209,10 +225,23 @@ mod tests {
                 format!("GET / HTTP/1.1\r\n{h}Content-Length: 0\r\n\r\n"),
                 Ok(()),
             ),
-            (format!("POST / HTTP/1.1\r\n{h}\r\n"), Err(Method)),
+            (format!("POST / HTTP/1.1\r\n{h}\r\n"), Ok(())),
+            (
+                format!("PUT /x HTTP/1.1\r\n{h}Content-Length: 3\r\n\r\n"),
+                Ok(()),
+            ),
+            (format!("DELETE /x HTTP/1.1\r\n{h}\r\n"), Ok(())),
+            (format!("CONNECT / HTTP/1.1\r\n{h}\r\n"), Err(Method)),
+            (format!("TRACE / HTTP/1.1\r\n{h}\r\n"), Err(Method)),
+            (format!("PURGE / HTTP/1.1\r\n{h}\r\n"), Err(Method)),
+            (format!("OPTIONS * HTTP/1.1\r\n{h}\r\n"), Err(TargetForm)),
             (format!("GET / HTTP/1.0\r\n{h}\r\n"), Err(Version)),
             (
                 format!("GET / HTTP/1.1\r\n{h}Content-Length: 3\r\n\r\n"),
+                Ok(()),
+            ),
+            (
+                format!("POST / HTTP/1.1\r\n{h}Content-Length: 3\r\nContent-Length: 3\r\n\r\n"),
                 Err(Body),
             ),
             (
