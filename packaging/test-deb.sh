@@ -16,7 +16,7 @@ if dpkg -s cutover >/dev/null 2>&1; then
   echo "cutover is already installed here; refusing to touch it"; exit 2
 fi
 
-cargo deb --locked --strip >/tmp/test-deb.build 2>&1 || { cat /tmp/test-deb.build; exit 1; }
+cargo deb --locked --strip --profile dist >/tmp/test-deb.build 2>&1 || { cat /tmp/test-deb.build; exit 1; }
 deb=$(tail -1 /tmp/test-deb.build)
 [ -f "$deb" ] || { echo "no .deb built"; cat /tmp/test-deb.build; exit 1; }
 echo "# $deb"

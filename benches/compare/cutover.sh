@@ -29,8 +29,8 @@ FOUR_ADDRESSES=${FOUR_ADDRESSES:-}     # 1: a third cutover whose upstream name 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/cutover-target}
 
 [ -f "$CONF_DIR/origin-bench.conf" ] || "$HERE/setup.sh"
-(cd "$REPO" && cargo build --release --locked)
-BIN=$CARGO_TARGET_DIR/release/cutover
+(cd "$REPO" && cargo build --profile dist --locked)
+BIN=$CARGO_TARGET_DIR/dist/cutover
 
 case $ACCESS_LOG in
   off) access="access_log: off" ;;

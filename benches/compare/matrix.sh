@@ -6,7 +6,7 @@
 #   ROUNDS=5 DURATION=10 benches/compare/matrix.sh         # more rounds (medians)
 #   SCENARIOS="tls tls-close" benches/compare/matrix.sh    # a subset
 #   BASE_BIN=/tmp/cutover-old benches/compare/matrix.sh    # also that binary, as cutover-base
-#   PROFILE=dist benches/compare/matrix.sh                 # measure the `dist` build instead
+#   PROFILE=release benches/compare/matrix.sh              # measure the thin-LTO `release` build instead of `dist`
 #
 # Scenarios (each row: one target, one path, wrk -t1 -c$CONNS, target pinned to CPU $PROXY_CPU,
 # wrk + origin on CPU $ORIGIN_CPU, the same job as run.sh: Host rewritten, TLS to the origin with
@@ -19,19 +19,26 @@
 #   post4k     plain in, keep-alive, POST of a 4 KiB body to /upload (the origin reads and drops it)
 #   4addr      plain in, cutover with the origin's name on 4 addresses (hosts file) vs 1; no peers
 #
-# Order: for round: for scenario: for path: for target (drift hits everyone alike); medians over
-# rounds, and the same-round ratio to nginx (x nginx) and to HAProxy (x haproxy) per row.
-# Env: ROUNDS=3 DURATION=10 WARMUP=2 CONNS=64 SCENARIOS="plain tls close tls-close post4k 4addr"
-#      BASE_BIN= PROFILE=release PEERS="nginx haproxy"
+# Order: for round: for scenario: for path: for target, each round starting at another target (drift
+# hits everyone alike); medians over rounds, and the same-round ratio to nginx (x nginx) and to
+# HAProxy (x haproxy) per row. This machine kind's speed swings up to 2x within a minute: many short
+# rounds and same-round ratios are what hold; single rows do not.
+# MODE=concurrent (default) runs a scenario's targets at the same time, all pinned to CPU $PROXY_CPU,
+# one wrk each: each gets a share of that CPU under the same conditions, and requests per CPU-second
+# compare them even while the machine's speed changes (p99 then includes waiting for the CPU the
+# others hold). MODE=sequential measures one target at a time, the whole CPU each (run.sh's way).
+# Env: ROUNDS=5 DURATION=6 WARMUP=2 CONNS=64 MODE=concurrent SCENARIOS="plain tls close tls-close post4k 4addr"
+#      BASE_BIN= PROFILE=dist PEERS="nginx haproxy"
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 . "$HERE/common.sh"
 
-ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10}; WARMUP=${WARMUP:-2}; CONNS=${CONNS:-64}
+ROUNDS=${ROUNDS:-5}; DURATION=${DURATION:-6}; WARMUP=${WARMUP:-2}; CONNS=${CONNS:-64}
 SCENARIOS=${SCENARIOS:-"plain tls close tls-close post4k 4addr"}
 PEERS=${PEERS:-"nginx haproxy"}
-PROFILE=${PROFILE:-release}
+PROFILE=${PROFILE:-dist}
+MODE=${MODE:-concurrent}
 BASE_BIN=${BASE_BIN:-}
 CUTOVER_PORT=18084; CUTOVER_TLS_PORT=18184; CUTOVER_ADMIN=18094
 BASE_PORT=18085; BASE_TLS_PORT=18185
@@ -156,33 +163,54 @@ echo "round,scenario,target,path,rps,p50_us,p99_us,requests,errors,cpu_s,req_per
 HZ=$(getconf CLK_TCK)
 origin_accepts() { curl -s --max-time 2 "http://127.0.0.1:$STATUS_PORT/status" | awk 'NR == 3 { print $1 }'; }
 
-measure() { # ROUND SCENARIO NAME URL
-  local r=$1 s=$2 n=$3 url=$4 raw pids t0 t1 a0 a1 line
-  raw=$RES/raw/r$r-$s-$n-${url##*/}.txt
-  port=${url##*:}; port=${port%%/*}
-  # shellcheck disable=SC2046
-  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"${WARMUP}s" $(wrk_args "$s") -H "Host: $FRONT_HOST" "$url" >/dev/null 2>&1
-  pids=$(pids_on_port "$port")
-  a0=$(origin_accepts); t0=$(cpu_ticks $pids)
-  # shellcheck disable=SC2046
-  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency $(wrk_args "$s") \
-    -H "Host: $FRONT_HOST" "$url" >"$raw" 2>&1
-  t1=$(cpu_ticks $pids); a1=$(origin_accepts)
+# One row per target: wrk's figures, the target's CPU time during the run, the origin's new
+# connections (sequential mode only: concurrent targets share the origin) and the RSS after it.
+declare -A T0 A0 PIDS
+begin() { # NAME URL
+  local port=${2##*:}; port=${port%%/*}
+  PIDS[$1]=$(pids_on_port "$port"); T0[$1]=$(cpu_ticks ${PIDS[$1]}); A0[$1]=$(origin_accepts)
+}
+finish() { # ROUND SCENARIO NAME URL RAW
+  local r=$1 s=$2 n=$3 url=$4 raw=$5 line t1 up
+  t1=$(cpu_ticks ${PIDS[$n]})
+  if [ "$MODE" = sequential ]; then up=$(( $(origin_accepts) - A0[$n] - 1 )); else up=-; fi
   line=$(grep '^WRKSTAT' "$raw") || { log "wrk failed: $n $s $url: $(tail -2 "$raw")"; return; }
   gv() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$line"; }
   awk -v r="$r" -v s="$s" -v n="$n" -v path="/${url##*/}" -v reqs="$(gv requests)" -v dur="$(gv duration_us)" \
       -v p50="$(gv p50_us)" -v p99="$(gv p99_us)" \
       -v err=$(( $(gv err_status) + $(gv err_connect) + $(gv err_read) + $(gv err_write) + $(gv err_timeout) )) \
-      -v ticks=$((t1 - t0)) -v hz="$HZ" -v up=$((a1 - a0 - 1)) -v rss="$(rss_kb $pids)" 'BEGIN {
-    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%d,%d\n", r, s, n, path, reqs / (dur / 1e6),
+      -v ticks=$((t1 - T0[$n])) -v hz="$HZ" -v up="$up" -v rss="$(rss_kb ${PIDS[$n]})" 'BEGIN {
+    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%s,%d\n", r, s, n, path, reqs / (dur / 1e6),
       p50, p99, reqs, err, cpu, (cpu > 0) ? reqs / cpu : 0, up, rss }' >>"$CSV"
   tail -1 "$CSV" | awk -F, '{ printf "r%s %-9s %-13s %-7s %7s req/s p99 %6.2f ms %7s req/cpu-s err %s\n", $1, $2, $3, $4, $5, $7 / 1000, $11, $9 }' >&2
+}
+load() { # SECONDS SCENARIO URL OUT [--latency]
+  # shellcheck disable=SC2046
+  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"$1s" ${5:-} $(wrk_args "$2") -H "Host: $FRONT_HOST" "$3" >"$4" 2>&1
 }
 
 for r in $(seq 1 "$ROUNDS"); do
   for s in $SCENARIOS; do
     for path in $(paths "$s"); do
-      while read -r n base; do measure "$r" "$s" "$n" "$base$path"; done < <(targets "$s")
+      # Each round starts at another target, so no target is always measured first.
+      mapfile -t rows < <(targets "$s" | awk -v k="$r" '{ t[NR] = $0 } END { for (i = 0; i < NR; i++) print t[(i + k) % NR + 1] }')
+      if [ "$MODE" = concurrent ]; then
+        # Every target at once, all on CPU $PROXY_CPU, one wrk each: the machine's speed, whatever
+        # it is at that moment, is the same for all of them.
+        w=(); for row in "${rows[@]}"; do read -r n base <<<"$row"; load "$WARMUP" "$s" "$base$path" /dev/null & w+=($!); done; wait "${w[@]}"
+        w=(); for row in "${rows[@]}"; do read -r n base <<<"$row"; begin "$n" "$base$path"; done
+        for row in "${rows[@]}"; do read -r n base <<<"$row"
+          load "$DURATION" "$s" "$base$path" "$RES/raw/r$r-$s-$n-${path#/}.txt" --latency & w+=($!); done
+        wait "${w[@]}"
+        for row in "${rows[@]}"; do read -r n base <<<"$row"; finish "$r" "$s" "$n" "$base$path" "$RES/raw/r$r-$s-$n-${path#/}.txt"; done
+      else
+        for row in "${rows[@]}"; do read -r n base <<<"$row"
+          load "$WARMUP" "$s" "$base$path" /dev/null
+          begin "$n" "$base$path"
+          load "$DURATION" "$s" "$base$path" "$RES/raw/r$r-$s-$n-${path#/}.txt" --latency
+          finish "$r" "$s" "$n" "$base$path" "$RES/raw/r$r-$s-$n-${path#/}.txt"
+        done
+      fi
     done
   done
 done
@@ -190,7 +218,7 @@ done
 {
   echo
   echo "== $(date -Is) $(uname -n), $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); cutover $PROFILE build"
-  echo "== medians over $ROUNDS rounds; wrk -t1 -c$CONNS -d${DURATION}s; target on CPU $PROXY_CPU, wrk + origin on CPU $ORIGIN_CPU"
+  echo "== medians over $ROUNDS rounds; wrk -t1 -c$CONNS -d${DURATION}s per target; $MODE: targets on CPU $PROXY_CPU, wrk + origin on CPU $ORIGIN_CPU"
   awk -F, -v scen="$SCENARIOS" '
     function med(list,   a, m, i, j, t) { m = split(list, a, " ")
       for (i = 2; i <= m; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
@@ -210,7 +238,7 @@ done
           xn = med(xn); xh = med(xh)
           printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.0f | %s | %s | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
             med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
-            xh == "" ? "" : sprintf("%.2f", xh), med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
+            xh == "" ? "" : sprintf("%.2f", xh), v[k, 12] ~ /-/ ? "-" : med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
     }' "$CSV"
   echo
   echo "x nginx / x haproxy: median over rounds of the same-round ratio of requests per proxy CPU-second."

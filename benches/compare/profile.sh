@@ -3,6 +3,8 @@
 #
 #   benches/compare/profile.sh new=$CARGO_TARGET_DIR/release/cutover old=/tmp/cutover-old
 #   PATHS="/ruok /obj4k" SECONDS_RUN=10 CONNS=4 benches/compare/profile.sh ...
+#   TLS=1 benches/compare/profile.sh ...     # through the TLS listener
+#   POST=1 benches/compare/profile.sh ...    # POST 4 KiB
 #
 # Instruction counts (valgrind's callgrind) do not depend on how fast the machine is today, so two
 # builds can be compared on different days; syscalls per request come from `strace -c -f`. For each
@@ -16,8 +18,17 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PATHS=${PATHS:-"/ruok /obj4k"}
 SECONDS_RUN=${SECONDS_RUN:-10}
 CONNS=${CONNS:-4}
-PORT=${CUTOVER_PORT:-18084}
-[ -f "$CONF_DIR/cutover.yaml" ] || die "run cutover.sh once first (it writes $CONF_DIR/cutover.yaml)"
+# TLS=1: through the TLS listener (matrix.sh's config has one on 18184); POST=1: POST 4 KiB to /upload
+TLS=${TLS:-0}; POST=${POST:-0}
+CONFIG=${CONFIG:-$CONF_DIR/matrix-cutover.yaml}
+if [ "$TLS" = 1 ]; then PORT=18184; SCHEME=https; else PORT=${CUTOVER_PORT:-18084}; SCHEME=http; fi
+[ -f "$CONFIG" ] || die "run matrix.sh once first (it writes $CONFIG)"
+WRK_SCRIPT=()
+if [ "$POST" = 1 ]; then
+  PATHS=/upload
+  printf 'wrk.method = "POST"\nwrk.body = string.rep("p", 4096)\n' >"$BENCH_DIR/tmp/profile-post.lua"
+  WRK_SCRIPT=(-s "$BENCH_DIR/tmp/profile-post.lua")
+fi
 command -v valgrind >/dev/null && command -v strace >/dev/null || die "needs valgrind and strace"
 [ $# -gt 0 ] || die "usage: profile.sh NAME=BINARY..."
 OUT=$BENCH_DIR/profile/$(date +%Y%m%d-%H%M%S)
@@ -27,7 +38,7 @@ stop_all
 start_origin bench
 
 load() { # SECONDS PATH -> prints completed requests
-  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"$1s" -H "Host: $FRONT_HOST" "http://127.0.0.1:$PORT$2" \
+  taskset -c "$ORIGIN_CPU" wrk -t1 -c"$CONNS" -d"$1s" "${WRK_SCRIPT[@]}" -H "Host: $FRONT_HOST" "$SCHEME://127.0.0.1:$PORT$2" \
     | awk '/requests in/ { print $1 }'
 }
 
@@ -37,7 +48,7 @@ for arg in "$@"; do
   for path in $PATHS; do
     cg=$OUT/$name-${path//\//}.callgrind
     taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$cg" \
-      "$bin" run --config "$CONF_DIR/cutover.yaml" >"$OUT/$name.valgrind.log" 2>&1 &
+      "$bin" run --config "$CONFIG" >"$OUT/$name.valgrind.log" 2>&1 &
     pid=$!
     wait_port "$PORT" 300 || die "$name did not start under valgrind"
     load 2 "$path" >/dev/null
@@ -50,7 +61,7 @@ for arg in "$@"; do
     ir=$(callgrind_annotate "$cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
 
     st=$OUT/$name-${path//\//}.strace
-    taskset -c "$PROXY_CPU" "$bin" run --config "$CONF_DIR/cutover.yaml" >>"$OUT/$name.log" 2>&1 &
+    taskset -c "$PROXY_CPU" "$bin" run --config "$CONFIG" >>"$OUT/$name.log" 2>&1 &
     pid=$!
     wait_port "$PORT" || die "$name did not start"
     load 2 "$path" >/dev/null
