@@ -175,7 +175,7 @@ async fn load(
 }
 
 /// `clients` clients sending `each` POSTs (each on a new connection, so
-/// each is carried by the Pingora path: the fast path hands a body over).
+/// each is carried by the Pingora path: the fast path hands a chunked body over).
 async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tasks = tokio::task::JoinSet::new();
@@ -190,8 +190,8 @@ async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
                     let mut c = tokio::net::TcpStream::connect(proxy).await?;
                     c.write_all(
                         format!(
-                            "POST /echo HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\
-                             Connection: close\r\n\r\nhello"
+                            "POST /echo HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\
+                             Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                         )
                         .as_bytes(),
                     )
@@ -203,7 +203,9 @@ async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
                     continue;
                 }
                 let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
-                if !text.starts_with("http/1.1 200") || !text.ends_with("hello") {
+                // The body echoed back, chunked as it came.
+                let echoed = text.ends_with("\r\n5\r\nhello\r\n0\r\n\r\n");
+                if !text.starts_with("http/1.1 200") || !echoed {
                     seen.errors
                         .push(text.lines().next().unwrap_or("").to_string());
                 } else if !text.contains("x-edge-distribution: d-new\r\n") {

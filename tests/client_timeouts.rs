@@ -92,7 +92,7 @@ async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
             let mut c = RawClient::connect(bed.proxy.listen).await;
             c.send(
                 format!(
-                    "POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 2\r\n\r\nhi"
+                    "POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
                 )
                 .as_bytes(),
             )

@@ -610,7 +610,7 @@ async fn open(bed: &Bed, carrier: Carrier, prefix: &str) -> Result<RawClient, St
     if carrier.pingora() {
         c.send(
             fill(
-                "POST {P}/warm HTTP/1.1\r\nHost: {H}\r\nContent-Length: 4\r\n\r\nwarm",
+                "POST {P}/warm HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwarm\r\n0\r\n\r\n",
                 prefix,
             )
             .as_bytes(),

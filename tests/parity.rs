@@ -216,9 +216,11 @@ async fn open_after(bed: &Bed, carrier: Carrier, prefix: &[u8]) -> RawClient {
         c.send(prefix).await;
     }
     if carrier.pingora() {
+        // A chunked body: the one request the fast path never carries.
+        let handed = handed_over(&bed.proxy).await;
         c.send(
             format!(
-                "POST /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\nContent-Length: 4\r\n\r\nwarm"
+                "POST /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwarm\r\n0\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -229,8 +231,21 @@ async fn open_after(bed: &Bed, carrier: Carrier, prefix: &[u8]) -> RawClient {
             .expect("the warm-up POST is answered");
         assert_eq!(warm.status(), 200);
         wait_for_log(&bed.access_log, "/parity/warm", 1).await;
+        assert_eq!(
+            handed_over(&bed.proxy).await,
+            handed + 1.0,
+            "the warm-up did not hand its connection to the Pingora path"
+        );
     }
     c
+}
+
+/// Connections the fast path handed to the Pingora path so far.
+async fn handed_over(proxy: &Proxy) -> f64 {
+    sample_sum(
+        &proxy.metrics().await,
+        "cutover_connections_handed_over_total",
+    )
 }
 
 /// The access-log records for `path`, once there are `n` of them.
