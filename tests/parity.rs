@@ -36,6 +36,13 @@ const WARM_NAME: &str = "warm.example.test";
 const REFUSE_NAME: &str = "refuse.example.test";
 const STALL_NAME: &str = "stall.example.test";
 const DETECT_NAME: &str = "detect.example.test";
+/// Routes whose own upstream closes every connection it gets a request on
+/// without answering (an edge dying with requests in flight), the origin
+/// under its real name as the backup: one for a GET, one for a POST.
+const DIE_NAME: &str = "die.example.test";
+const DIE_POST_NAME: &str = "die-post.example.test";
+/// The Host the dying upstreams send: the origin closes on it.
+const DYING_HOST: &str = "dying.example.test";
 /// A route whose upstreams carry `expect_header` markers.
 const MARKED_NAME: &str = "marked.example.test";
 /// A route's `rewrite_names`: a name besides the upstream's own.
@@ -82,6 +89,9 @@ async fn start_forwarding(forward: &str) -> Bed {
     let ca_path = ca.write_cert(dir.path()).unwrap();
     let script: Script = Arc::new(|msg: &Message| {
         let target = msg.target();
+        if msg.header("host") == Some(DYING_HOST.as_bytes()) {
+            return Some(vec![Step::Close]);
+        }
         if target.contains("/stall") {
             return Some(vec![Step::Hang]);
         }
@@ -176,7 +186,9 @@ async fn start_forwarding(forward: &str) -> Bed {
          \x20 - name: marked\n    hosts: [{MARKED_NAME}]\n    response_headers: {{ remove: [X-Origin-Id] }}\n    upstreams:\n{marked}\
          \x20 - name: warm\n    hosts: [{WARM_NAME}]\n    upstreams:\n{warm}\
          \x20 - name: refuse\n    hosts: [{REFUSE_NAME}]\n    upstreams:\n{refuse}\
-         \x20 - name: stall\n    hosts: [{STALL_NAME}]\n    upstreams:\n{stall}",
+         \x20 - name: stall\n    hosts: [{STALL_NAME}]\n    upstreams:\n{stall}\
+         \x20 - name: die\n    hosts: [{DIE_NAME}]\n    upstreams:\n{dying}{backup}\
+         \x20 - name: die-post\n    hosts: [{DIE_POST_NAME}]\n    upstreams:\n{dying}{backup}",
         dir = dir.path().display(),
         log = access_log.display(),
         cdn = upstream("strict", origin.addr, "3s"),
@@ -186,6 +198,14 @@ async fn start_forwarding(forward: &str) -> Bed {
         warm = upstream("strict", origin.addr, "3s"),
         refuse = upstream("closed", closed, "3s"),
         stall = upstream("stalling", origin.addr, "1s"),
+        dying = upstream("dying", origin.addr, "3s").replace(
+            &format!("host_header: {ORIGIN_NAME}"),
+            &format!("host_header: {DYING_HOST}")
+        ),
+        backup = format!(
+            "{}        weight: 0\n        backup: true\n",
+            upstream("backup", origin.addr, "3s")
+        ),
     );
     let proxy = Proxy::start(dir.path(), &yaml, None);
     Bed {
@@ -349,7 +369,18 @@ async fn serve_after(
     target: &str,
     request: &str,
 ) -> Seen {
-    let mut c = open_after(bed, carrier, prefix).await;
+    let c = open_after(bed, carrier, prefix).await;
+    serve_on(bed, carrier, c, target, request).await
+}
+
+/// The same on the connection `c`.
+async fn serve_on(
+    bed: &Bed,
+    carrier: Carrier,
+    mut c: RawClient,
+    target: &str,
+    request: &str,
+) -> Seen {
     let before_upstream = bed.origin.requests(target).len();
     let before_log = wait_for_log(&bed.access_log, target, 0).await.len();
     let before = samples(&bed.proxy).await;
@@ -1125,6 +1156,124 @@ async fn a_head_pingoras_parser_refuses_is_answered_counted_and_logged_on_both()
         "{records:?}"
     );
     assert!(bed.origin.requests("/parity/bad-name").is_empty());
+}
+
+/// An upstream whose connection closes with the request in flight (an
+/// edge killed under load): a GET is sent again, on the backup, and the
+/// client never sees the failure; a POST, which may have reached the
+/// origin, is answered 502 and counted as not resent. The same on every
+/// carrier. A bed per carrier: the failure ejects the dying upstream's
+/// address, which would send the next carrier's request straight to the
+/// backup.
+#[tokio::test]
+async fn a_connection_dying_before_the_answer_resends_a_get_and_not_a_post_the_same() {
+    let get = GET.replace("cdn.example.test", DIE_NAME);
+    let post =
+        format!("POST {{T}} HTTP/1.1\r\nHost: {DIE_POST_NAME}\r\nContent-Length: 5\r\n\r\nhello");
+    let mut seen = Vec::new();
+    for carrier in [
+        Carrier::Fast,
+        Carrier::Pingora,
+        Carrier::TlsFast,
+        Carrier::TlsPingora,
+    ] {
+        let bed = start().await;
+        // Every carrier with a pooled connection to the origin first (the
+        // Pingora carriers' warm-up leaves one): the dying upstream gets it
+        // from the pool, finds it closed, and dies again on a fresh one.
+        let mut c = open(&bed, carrier).await;
+        if !carrier.pingora() {
+            c.send(format!("GET /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\n\r\n").as_bytes())
+                .await;
+            assert_eq!(c.response(false).await.unwrap().status(), 200);
+            wait_for_log(&bed.access_log, "/parity/warm", 1).await;
+        }
+        let mut g = serve_on(&bed, carrier, c, "/parity/die", &get).await;
+        let mut p = serve(&bed, carrier, "/parity/die-post", &post).await;
+        // Each bed's origin has a port of its own.
+        for s in [&mut g, &mut p] {
+            let addr = s.record["upstream_addr"].take();
+            assert_eq!(addr, bed.origin.addr.to_string(), "{carrier:?}");
+        }
+        assert_eq!(g.response.status(), 200, "{carrier:?}: {g:?}");
+        assert_eq!(g.response.body, b"GET /parity/die?q=1", "{carrier:?}");
+        // The origin got it three times: on the pooled connection and on a
+        // fresh one from the dying upstream, then from the backup.
+        let hosts: Vec<String> = bed
+            .origin
+            .requests("/parity/die?")
+            .iter()
+            .map(|r| r.msg.header_str("host").unwrap_or("").to_string())
+            .collect();
+        assert_eq!(hosts, [DYING_HOST, DYING_HOST, ORIGIN_NAME], "{carrier:?}");
+        let key = |name: &str, route: &str, rest: &str| {
+            // Labels in the exposition's (alphabetical) order.
+            format!("{name}{{{rest},route=\"{route}\",upstream=\"dying\"}}")
+        };
+        for result in ["stale", "failed"] {
+            let resent = key(
+                "cutover_upstream_resends_total",
+                "die",
+                &format!("result=\"{result}\""),
+            );
+            assert_eq!(
+                g.metrics.get(&resent),
+                Some(&1.0),
+                "{carrier:?}: {:?}",
+                g.metrics
+            );
+        }
+        let failover = key(
+            "cutover_upstream_failovers_total",
+            "die",
+            "reason=\"reset\"",
+        );
+        assert_eq!(
+            g.metrics.get(&failover),
+            Some(&1.0),
+            "{carrier:?}: {:?}",
+            g.metrics
+        );
+        assert_eq!(g.record["upstream"], "backup", "{carrier:?}");
+
+        assert_eq!(p.response.status(), 502, "{carrier:?}: {p:?}");
+        assert_eq!(
+            bed.origin.requests("/parity/die-post").len(),
+            1,
+            "{carrier:?}: sent twice"
+        );
+        let not_resent = key(
+            "cutover_upstream_resends_total",
+            "die-post",
+            "result=\"unsafe\"",
+        );
+        assert_eq!(
+            p.metrics.get(&not_resent),
+            Some(&1.0),
+            "{carrier:?}: {:?}",
+            p.metrics
+        );
+        let log = bed.proxy.log();
+        for line in [
+            "upstream connection failed before answering: route=die upstream=dying addr=",
+            "502 route=die-post upstream=dying kind=reset cause=",
+        ] {
+            assert_eq!(
+                log.matches(line).count(),
+                1,
+                "{carrier:?}: {line:?} once in:\n{log}"
+            );
+        }
+        seen.push((carrier, g, p));
+    }
+    // Plain listener and TLS listener each: fast path, then Pingora path.
+    for pair in seen.chunks(2) {
+        let [(_, fast_get, fast_post), (carrier, g, p)] = pair else {
+            unreachable!()
+        };
+        assert_same(&format!("resent GET ({carrier:?})"), fast_get, g);
+        assert_same(&format!("POST not resent ({carrier:?})"), fast_post, p);
+    }
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ pub struct Metrics {
     weight: IntGaugeVec,
     ejections: IntCounterVec,
     failovers: IntCounterVec,
+    resends: IntCounterVec,
     response_bytes: IntCounterVec,
     addresses: IntGaugeVec,
     cache_results: IntCounterVec,
@@ -176,8 +177,19 @@ impl Metrics {
                 r,
                 "cutover_upstream_failovers_total",
                 "Requests sent to another upstream than their own, by the upstream they left and why \
-                 (connect: its connect failed; no_address: every address of it was ejected)",
+                 (connect: its connect failed; no_address: every address of it was ejected; \
+                 reset: its connection failed before answering)",
                 &["route", "upstream", "reason"],
+            ),
+            resends: counter(
+                r,
+                "cutover_upstream_resends_total",
+                "Requests whose upstream connection failed before any response byte reached the client, \
+                 by the upstream it failed on and what became of them (stale: a reused connection found \
+                 closed, sent again on a fresh one; failed: sent again to another address or upstream; \
+                 unsafe: not sent again, answered 502, because the method is not idempotent or the body \
+                 was already streamed)",
+                &["route", "upstream", "result"],
             ),
             ejections: counter(
                 r,
@@ -329,6 +341,10 @@ impl Metrics {
                 self.failovers
                     .with_label_values(&[route, upstream, f.label()])
             }),
+            resends: ResendResult::ALL.map(|f| {
+                self.resends
+                    .with_label_values(&[route, upstream, f.label()])
+            }),
             weight: self.weight.with_label_values(&[route, upstream]),
             cache_results: CacheResult::ALL.map(|c| {
                 self.cache_results
@@ -430,6 +446,9 @@ pub struct UpstreamMetrics {
     pub ejections: IntCounter,
     /// By [`Failover`] reason: requests that left this upstream for another.
     pub failovers: [IntCounter; Failover::ALL.len()],
+    /// By [`ResendResult`]: requests whose connection to this upstream failed
+    /// before answering.
+    pub resends: [IntCounter; ResendResult::ALL.len()],
     pub addresses_active: IntGauge,
     pub addresses_ejected: IntGauge,
     /// By [`CacheResult`].
@@ -466,15 +485,47 @@ pub enum Failover {
     Connect = 0,
     /// Every address of it was ejected: not tried at all.
     NoAddress = 1,
+    /// Its connection failed after the request went out, before any
+    /// response byte, on its last usable address.
+    Reset = 2,
 }
 
 impl Failover {
-    pub const ALL: [Failover; 2] = [Failover::Connect, Failover::NoAddress];
+    pub const ALL: [Failover; 3] = [Failover::Connect, Failover::NoAddress, Failover::Reset];
 
     pub fn label(self) -> &'static str {
         match self {
             Failover::Connect => "connect",
             Failover::NoAddress => "no_address",
+            Failover::Reset => "reset",
+        }
+    }
+}
+
+/// What became of a request whose upstream connection failed before any
+/// response byte reached the client ([`crate::paths::request::exchange_failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResendResult {
+    /// A reused connection was found closed: sent again on a fresh one.
+    Stale = 0,
+    /// Sent again to another address or upstream.
+    Failed = 1,
+    /// Not sent again (not idempotent, or its body already streamed): 502.
+    Unsafe = 2,
+}
+
+impl ResendResult {
+    pub const ALL: [ResendResult; 3] = [
+        ResendResult::Stale,
+        ResendResult::Failed,
+        ResendResult::Unsafe,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ResendResult::Stale => "stale",
+            ResendResult::Failed => "failed",
+            ResendResult::Unsafe => "unsafe",
         }
     }
 }

@@ -18,15 +18,16 @@ use pingora::protocols::http::date::get_cached_date;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorSource;
 
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
 use crate::paths::client::ClientStream;
-use crate::paths::request::{self, Retry};
+use crate::paths::request::{self, Resend, Retry};
 use crate::policy;
 use crate::policy::cdn::CdnFacts;
 use crate::policy::deleak::Public;
-use crate::policy::failure::{classify, Failure};
+use crate::policy::failure::{classify, ErrorKind, Failure};
 use crate::policy::fields::connection_options;
 use crate::policy::forward::{HeadWriter, RequestFacts, ResponseFacts};
 use crate::policy::refusal::Refusal;
@@ -479,24 +480,51 @@ impl ProxyHttp for PingoraPath {
     }
 
     /// A failure after the request started going out (a reused connection
-    /// the upstream had closed, a reset before the response): sent again
-    /// on a fresh connection only when [`request::may_resend`] says so,
-    /// the same rule the fast path applies.
+    /// the upstream had closed, a reset before the response): while nothing
+    /// of the response reached the client, [`request::exchange_failed`]
+    /// decides whether and where it is sent again, the rule the fast path
+    /// applies.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        e.set_retry(false);
+        let (Some(model), Some(failed), Some(addr)) =
+            (ctx.model.clone(), ctx.upstream, ctx.upstream_addr)
+        else {
+            return e;
+        };
+        if session.response_written().is_some() || e.esource() != &ErrorSource::Upstream {
+            return e;
+        }
         let method = session.req_header().method.as_str().as_bytes();
         let whole = !session.as_ref().retry_buffer_truncated();
-        if request::may_resend(method, whole) {
-            e.retry.decide_reuse(client_reused);
-        } else {
-            e.set_retry(false);
+        let route = &model.routes[ctx.route];
+        let resend = request::exchange_failed(
+            route,
+            failed,
+            addr,
+            ctx.point,
+            ctx.failed.is_none(),
+            &mut ctx.attempted,
+            client_reused,
+            request::may_resend(method, whole),
+            ErrorKind::of(&e),
+            &e,
+        );
+        match resend {
+            Resend::Fresh | Resend::Address => e.set_retry(true),
+            Resend::Upstream(_) => {
+                ctx.failed = Some(failed);
+                ctx.attempted.clear();
+                e.set_retry(true);
+            }
+            Resend::No { counted } => ctx.connect_error_counted = counted,
         }
         e
     }

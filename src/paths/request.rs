@@ -15,7 +15,7 @@ use crate::config::{RewriteMode, Sticky};
 use crate::limited;
 use crate::model::{Model, Process, Route, Upstream};
 use crate::observe::access_log::{or_dash, Entry};
-use crate::observe::metrics::Failover;
+use crate::observe::metrics::{Failover, ResendResult};
 use crate::policy::cdn::{CdnFacts, EdgeAnswer};
 use crate::policy::client_ip::{client_ip_from, Source};
 use crate::policy::deleak::{Field, Rewrites};
@@ -184,16 +184,50 @@ pub fn address_failed(
     e: &Error,
 ) -> Retry {
     let kind = ErrorKind::of(e);
+    let (retry, ejected_for, then) = eject_and_choose(
+        route,
+        failed,
+        addr,
+        point,
+        first_upstream,
+        tried,
+        kind,
+        Failover::Connect,
+    );
+    limited!(
+        warn,
+        "upstream connect failed: route={} upstream={} addr={addr} kind={} cause={e}; address ejected for {}s; {then}",
+        route.name,
+        route.upstreams[failed].name,
+        kind.label(),
+        ejected_for.as_secs()
+    );
+    retry
+}
+
+/// `addr` of upstream `failed` failed a request (`kind`): counted, the
+/// address ejected, and where the request goes next, with the words for
+/// the log line. Every usable address once (at most `dns::MAX_ADDRESSES`),
+/// as nginx's `proxy_next_upstream` tries every server of a group by
+/// default: a refused address costs nothing, a silent one its connect
+/// timeout once (then it is ejected for every request), and an upstream
+/// fails over (counted as `why`) only when none of its addresses works.
+#[allow(clippy::too_many_arguments)]
+fn eject_and_choose(
+    route: &Route,
+    failed: usize,
+    addr: SocketAddr,
+    point: u64,
+    first_upstream: bool,
+    tried: &mut Vec<SocketAddr>,
+    kind: ErrorKind,
+    why: Failover,
+) -> (Retry, std::time::Duration, String) {
     let up = &route.upstreams[failed];
     up.metrics.count_error(kind);
     let ejected_for = up.addresses.ejections.eject(addr, Instant::now());
     up.metrics.ejections.inc();
     tried.push(addr);
-    // Every usable address once (at most `dns::MAX_ADDRESSES`), as nginx's
-    // `proxy_next_upstream` tries every server of a group by default: a
-    // refused address costs nothing, a silent one its connect timeout once
-    // (then it is ejected for every request), and an upstream fails over
-    // only when none of its addresses connects.
     let retry = if up.addresses.pick_usable(tried).is_some() {
         Retry::Address
     } else if let Some(next) = first_upstream
@@ -207,7 +241,7 @@ pub fn address_failed(
     let then = match retry {
         Retry::Address => "retrying on another address".to_string(),
         Retry::Upstream(n) => {
-            up.metrics.failovers[Failover::Connect as usize].inc();
+            up.metrics.failovers[why as usize].inc();
             format!(
                 "no usable address left; failing over to upstream {}",
                 route.upstreams[n].name
@@ -215,15 +249,90 @@ pub fn address_failed(
         }
         Retry::No => "no retry left".to_string(),
     };
+    (retry, ejected_for, then)
+}
+
+/// What a request does after its upstream connection failed once the
+/// request had started going out, before any response byte reached the
+/// client ([`exchange_failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// Again on a fresh connection to the same choice: the failed one was a
+    /// reused connection the upstream had closed while idle (the keep-alive
+    /// race; the address is not at fault).
+    Fresh,
+    /// Again on another address of the same upstream.
+    Address,
+    /// Again on another upstream.
+    Upstream(usize),
+    /// Not again: the failure is answered (502), already counted or not.
+    No { counted: bool },
+}
+
+/// A request's connection to `addr` of upstream `failed` failed (`kind`)
+/// after the request started going out and before any response byte
+/// reached the client. nginx's `proxy_next_upstream error` and HAProxy's
+/// `retry-on conn-failure empty-response`: a request that may be sent
+/// twice (`resendable`, [`may_resend`]) is sent again; a reused connection
+/// on a fresh one (no ejection), a fresh one elsewhere ([`address_failed`]'s
+/// order, the address ejected). Not a timeout (`kind` other than `Reset`):
+/// an origin too slow for the read timeout is not asked twice (504). Not a
+/// request that may have reached the origin (a POST, a streamed body):
+/// answered 502 and counted `unsafe`, never sent twice.
+#[allow(clippy::too_many_arguments)]
+pub fn exchange_failed(
+    route: &Route,
+    failed: usize,
+    addr: SocketAddr,
+    point: u64,
+    first_upstream: bool,
+    tried: &mut Vec<SocketAddr>,
+    reused: bool,
+    resendable: bool,
+    kind: ErrorKind,
+    cause: &dyn Display,
+) -> Resend {
+    let up = &route.upstreams[failed];
+    if kind != ErrorKind::Reset {
+        return Resend::No { counted: false };
+    }
+    if !resendable {
+        up.metrics.resends[ResendResult::Unsafe as usize].inc();
+        return Resend::No { counted: false };
+    }
+    if reused {
+        up.metrics.resends[ResendResult::Stale as usize].inc();
+        debug!(
+            "idle upstream connection to {addr} was closed ({cause}); sending again on a fresh one"
+        );
+        return Resend::Fresh;
+    }
+    let (retry, ejected_for, then) = eject_and_choose(
+        route,
+        failed,
+        addr,
+        point,
+        first_upstream,
+        tried,
+        kind,
+        Failover::Reset,
+    );
+    if retry != Retry::No {
+        up.metrics.resends[ResendResult::Failed as usize].inc();
+    }
     limited!(
         warn,
-        "upstream connect failed: route={} upstream={} addr={addr} kind={} cause={e}; address ejected for {}s; {then}",
+        "upstream connection failed before answering: route={} upstream={} addr={addr} kind={} cause={cause}; address ejected for {}s; {then}",
         route.name,
         up.name,
         kind.label(),
         ejected_for.as_secs()
     );
-    retry
+    match retry {
+        Retry::Address => Resend::Address,
+        Retry::Upstream(n) => Resend::Upstream(n),
+        Retry::No => Resend::No { counted: true },
+    }
 }
 
 /// The upstream's final response head arrived (`status`, and what its CDN

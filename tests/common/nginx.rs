@@ -125,6 +125,23 @@ http {{
         }
     }
 
+    /// Send `sig` to it (SIGSTOP freezes it with connections open; SIGKILL
+    /// is an edge dying: the kernel resets every connection with unread
+    /// bytes). After SIGKILL it is gone; [`Nginx::start_again`] restarts it.
+    pub fn signal(&mut self, sig: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's PID.
+            unsafe {
+                libc::kill(child.id() as i32, sig);
+            }
+        }
+        if sig == libc::SIGKILL {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.wait();
+            }
+        }
+    }
+
     /// Requests it logged (one line each), to count what clients asked.
     pub fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()

@@ -21,7 +21,7 @@ use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
 use super::{Conn, FastPath, Held, Step, BODY_BATCH, READ_CHUNK};
 use crate::model::{Route, Upstream};
 use crate::observe::access_log::Entry;
-use crate::paths::request::{self, Retry};
+use crate::paths::request::{self, Resend, Retry};
 use crate::policy;
 use crate::policy::cdn::CdnFacts;
 use crate::policy::deleak::Public;
@@ -166,17 +166,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 client,
             );
             let exchanged = self
-                .exchange(
-                    conn,
-                    ups,
-                    reused,
-                    &ask,
-                    route,
-                    up,
-                    addr,
-                    closing,
-                    &mut upload,
-                )
+                .exchange(conn, ups, &ask, route, up, closing, &mut upload)
                 .await;
             match exchanged {
                 Ok((done, reusable)) => {
@@ -193,18 +183,30 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                     break Ok(done);
                 }
-                Err(Exchange::Stale) if resendable => {
-                    // Only a reused connection is stale; the retry is fresh.
-                    debug_assert!(!fresh_only);
-                    fresh_only = true;
+                Err(Exchange::Died(cause)) => {
+                    match request::exchange_failed(
+                        route,
+                        idx,
+                        addr,
+                        point,
+                        first_attempt,
+                        &mut attempted,
+                        reused,
+                        resendable,
+                        ErrorKind::Reset,
+                        &cause,
+                    ) {
+                        // The retry is fresh: only a reused one is stale.
+                        Resend::Fresh => fresh_only = true,
+                        Resend::Address => {}
+                        Resend::Upstream(next) => {
+                            first_attempt = false;
+                            attempted.clear();
+                            idx = next;
+                        }
+                        Resend::No { counted } => break Err((ErrorKind::Reset, cause, counted)),
+                    }
                     continue;
-                }
-                Err(Exchange::Stale) => {
-                    let cause = format!(
-                        "the reused upstream connection closed before answering; a {} that may have reached the origin is not sent twice",
-                        String::from_utf8_lossy(ask.method)
-                    );
-                    break Err((ErrorKind::Reset, cause, false));
                 }
                 Err(Exchange::Client(status)) => {
                     // The client stopped sending its body: answered as the
@@ -279,18 +281,15 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         &self,
         conn: &mut Conn,
         ups: Stream,
-        reused: bool,
         ask: &Ask<'_>,
         route: &Route,
         up: &Upstream,
-        addr: SocketAddr,
         closing: bool,
         upload: &mut Upload<'_>,
     ) -> Result<(Done, Option<Stream>), Exchange> {
         let t = &up.config.timeouts;
         let fail = |kind: ErrorKind, cause: String| Err(Exchange::Failed(kind, cause, false));
-        let (mut ups, (mut end, mut folded)) =
-            self.send(conn, ups, reused, up, addr, upload).await?;
+        let (mut ups, (mut end, mut folded)) = self.send(conn, ups, up, upload).await?;
         let mut interim = 0;
         let close = closing || ask.client_close;
         let public = &Public {
@@ -398,18 +397,14 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
 
     /// Write the request in `conn.out` and its body, and read the response
     /// head into `conn.resp`; the stream it came on, the head's length and
-    /// whether it holds an obs-fold. A reused connection that the upstream
-    /// closed while idle is [`Exchange::Stale`]: the caller connects afresh
-    /// (through the address choice, so a dead address is ejected and
-    /// another tried) and sends again when [`request::may_resend`] allows.
-    #[allow(clippy::too_many_arguments)]
+    /// whether it holds an obs-fold. A connection that failed before the
+    /// head arrived is [`Exchange::Died`]: the caller sends again where
+    /// [`request::exchange_failed`] says.
     async fn send(
         &self,
         conn: &mut Conn,
         mut ups: Stream,
-        reused: bool,
         up: &Upstream,
-        addr: SocketAddr,
         upload: &mut Upload<'_>,
     ) -> Result<(Stream, (usize, bool)), Exchange> {
         let t = &up.config.timeouts;
@@ -463,10 +458,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         };
         match head {
             Ok(found) => Ok((ups, found)),
-            Err(HeadError::Io(e)) if reused && conn.resp.is_empty() => {
-                debug!("idle upstream connection to {addr} was closed ({e}); reconnecting");
-                Err(Exchange::Stale)
-            }
+            Err(e @ HeadError::Io(_)) => Err(Exchange::Died(e.to_string())),
             Err(e) => Err(Exchange::Failed(e.kind(), e.to_string(), false)),
         }
     }
@@ -476,8 +468,10 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
 pub(super) enum Exchange {
     /// Failed: the kind, the cause, and whether it was already counted.
     Failed(ErrorKind, String, bool),
-    /// A reused connection turned out closed before any response byte.
-    Stale,
+    /// The connection failed (reset, closed) before the response head was
+    /// read: nothing reached the client, so the request may be sent again
+    /// ([`request::exchange_failed`] decides). The cause, for the log.
+    Died(String),
     /// The client stopped sending the request body: 408 (nothing within
     /// the body timeout) or 499 (it closed).
     Client(u16),

@@ -1,0 +1,333 @@
+//! What a production network does to a migration, on real sockets with real
+//! servers: an edge (Debian's nginx over TLS) dying under load with the old
+//! distribution as the backup.
+//!
+//! Every request a client sent is accounted for: answered 200, or failed
+//! and counted as a request that could not be sent again. A GET must never
+//! fail while a backup answers (nginx's `proxy_next_upstream error`), and
+//! the process must hold no more descriptors after the load than before.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::nginx::Nginx;
+use common::strict_origin::RawClient;
+use common::*;
+use cutover::rehearsal::demo::PUBLIC_NAME;
+use cutover::rehearsal::pki::TestCa;
+
+const NEW_EDGE: &str = "new-edge.example.test";
+const OLD_EDGE: &str = "old-edge.example.test";
+
+/// Descriptors the process holds now.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Two nginx edges over TLS answering `new` and `old`, and cutover with the
+/// new one at weight 100 and the old one as its backup.
+struct Edges {
+    dir: tempfile::TempDir,
+    new: Nginx,
+    _old: Nginx,
+    proxy: Proxy,
+}
+
+fn edges() -> Edges {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("faults CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let issued = ca.issue(&[NEW_EDGE, OLD_EDGE]).unwrap();
+    let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let edge = |name: &str, says: &str| {
+        Nginx::start(
+            &dir.path().join(name),
+            free_port(),
+            Some((&cert, &key)),
+            &format!("location / {{ return 200 \"{says}\\n\"; }}"),
+        )
+    };
+    let new = edge("new", "new");
+    let old = edge("old", "old");
+    let upstream = |name: &str, n: &Nginx, host: &str, extra: &str| {
+        format!(
+            "      - name: {name}\n        address: {addr}\n        sni: {host}\n        host_header: {host}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, read: 10s, idle: 1s }}\n{extra}",
+            addr = n.addr,
+            ca = ca_path.display()
+        )
+    };
+    let yaml = config_yaml(
+        &new.addr,
+        &ca_path,
+        dir.path(),
+        &format!(
+            "{}{}",
+            upstream("new", &new, NEW_EDGE, ""),
+            upstream(
+                "old",
+                &old,
+                OLD_EDGE,
+                "        weight: 0\n        backup: true\n"
+            )
+        ),
+    );
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    Edges {
+        dir,
+        new,
+        _old: old,
+        proxy,
+    }
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    /// Answered 200, by the edge that answered.
+    by_new: u64,
+    by_old: u64,
+    /// Everything else: what, for which request.
+    failed: Vec<String>,
+    /// Milliseconds per answered request.
+    latencies: Vec<f64>,
+}
+
+impl Tally {
+    fn absorb(&mut self, o: Tally) {
+        self.sent += o.sent;
+        self.by_new += o.by_new;
+        self.by_old += o.by_old;
+        self.failed.extend(o.failed);
+        self.latencies.extend(o.latencies);
+    }
+
+    fn quantile(&mut self, q: f64) -> f64 {
+        self.latencies.sort_by(f64::total_cmp);
+        let i = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
+        self.latencies.get(i).copied().unwrap_or(0.0)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// Keep-alive GETs on the fast path.
+    Get,
+    /// Keep-alive GETs on the Pingora path (the connection opens with a
+    /// chunked POST, which the fast path hands over).
+    PingoraGet,
+    /// Keep-alive POSTs with a small body (the fast path).
+    Post,
+}
+
+/// One client: requests until `stop`, a new connection after a failure.
+async fn client(
+    proxy: std::net::SocketAddr,
+    kind: Kind,
+    stop: Arc<AtomicBool>,
+    in_flight: Arc<AtomicU64>,
+) -> Tally {
+    let mut t = Tally::default();
+    let request = match kind {
+        Kind::Get | Kind::PingoraGet => {
+            format!("GET /fault HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n")
+        }
+        Kind::Post => {
+            format!("POST /fault HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\r\nhello")
+        }
+    };
+    let open = || async {
+        let mut c = RawClient::connect(proxy).await;
+        if kind == Kind::PingoraGet {
+            c.send(
+                format!("POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+            c.response(false).await.map(|_| c)
+        } else {
+            Ok(c)
+        }
+    };
+    let mut conn = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match open().await {
+                Ok(c) => c,
+                Err(e) => {
+                    t.failed.push(format!("opening: {e}"));
+                    continue;
+                }
+            },
+        };
+        t.sent += 1;
+        let started = Instant::now();
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        c.send(request.as_bytes()).await;
+        let answer = c.response(false).await;
+        in_flight.fetch_sub(1, Ordering::SeqCst);
+        match answer {
+            Ok(m) if m.status() == 200 => {
+                t.latencies.push(started.elapsed().as_secs_f64() * 1e3);
+                match &m.body[..] {
+                    b"new\n" => t.by_new += 1,
+                    b"old\n" => t.by_old += 1,
+                    other => t
+                        .failed
+                        .push(format!("200 {:?}", String::from_utf8_lossy(other))),
+                }
+                conn = Some(c);
+            }
+            Ok(m) => t.failed.push(format!("{}", m.status())),
+            Err(e) => t.failed.push(e),
+        }
+    }
+    t
+}
+
+/// The sum of `name`'s samples whose labels include every one of `labels`.
+fn summed(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The new edge is frozen with a request from every client in flight, then
+/// killed: each GET in flight is sent again to the backup, each POST in
+/// flight fails with 502 and is counted as not resent, and the load goes
+/// on against the old edge without a failed GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_under_load_loses_no_get() {
+    let Edges {
+        dir,
+        mut new,
+        _old,
+        proxy,
+    } = edges();
+    let fds_before = open_fds(proxy.pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let kinds = [Kind::Get; 12]
+        .into_iter()
+        .chain([Kind::PingoraGet; 4])
+        .chain([Kind::Post; 2]);
+    let tasks: Vec<_> = kinds
+        .map(|k| {
+            let t = tokio::spawn(client(proxy.listen, k, stop.clone(), in_flight.clone()));
+            (k, t)
+        })
+        .collect();
+    let clients = tasks.len() as u64;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Frozen: every client's next request reaches it and waits.
+    new.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while in_flight.load(Ordering::SeqCst) < clients {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {clients} requests in flight at the frozen edge",
+            in_flight.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let every request reach the edge's socket, then kill it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    new.signal(libc::SIGKILL);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let (mut gets, mut posts) = (Tally::default(), Tally::default());
+    for (k, t) in tasks {
+        let seen = t.await.unwrap();
+        if k == Kind::Post {
+            posts.absorb(seen);
+        } else {
+            gets.absorb(seen);
+        }
+    }
+    let m = proxy.metrics().await;
+    let resent = summed(&m, "cutover_upstream_resends_total", &[("upstream", "new")]);
+    let not_resent = summed(
+        &m,
+        "cutover_upstream_resends_total",
+        &[("upstream", "new"), ("result", "unsafe")],
+    );
+    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+    eprintln!(
+        "edge killed under load: {} GETs ({} new, {} old), {} failed; {} POSTs, {} failed; \
+         resent {}, not resent {}; GET p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        gets.sent,
+        gets.by_new,
+        gets.by_old,
+        gets.failed.len(),
+        posts.sent,
+        posts.failed.len(),
+        resent - not_resent,
+        not_resent,
+        p50,
+        p99,
+        max
+    );
+    assert!(gets.failed.is_empty(), "GETs failed: {:?}", gets.failed);
+    assert!(
+        gets.by_new > 0 && gets.by_old > 0,
+        "{} / {}",
+        gets.by_new,
+        gets.by_old
+    );
+    // Every GET that was in flight at the edge was sent again.
+    assert!(
+        resent - not_resent >= 16.0,
+        "{resent} resends for 16 GETs in flight:\n{m}"
+    );
+    // A POST in flight at the edge may have reached it: it failed, and
+    // each failure is counted as such; the ones after went to the backup.
+    assert_eq!(
+        posts.failed.len() as f64,
+        not_resent,
+        "POST failures {:?} against {not_resent} counted:\n{m}",
+        posts.failed
+    );
+    assert!(
+        posts.failed.iter().all(|f| f == "502"),
+        "{:?}",
+        posts.failed
+    );
+    assert!(not_resent <= 2.0, "{not_resent}");
+    assert!(posts.by_old > 0, "no POST reached the backup");
+    let log = proxy.log();
+    assert!(
+        log.contains("upstream connect failed: route=cdn upstream=new"),
+        "{log}"
+    );
+
+    // No descriptor left behind: the clients are gone, the upstream
+    // connections idle out after 1 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fds = open_fds(proxy.pid());
+    while fds > fds_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{fds} descriptors open after the load, {fds_before} before"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fds = open_fds(proxy.pid());
+    }
+    drop(dir);
+}
