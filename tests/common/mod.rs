@@ -104,11 +104,22 @@ pub fn tls_acceptor(ca: &TestCa, name: &str) -> openssl::ssl::SslAcceptor {
 }
 
 /// A free loopback port (bound then released; the child binds it next).
+/// Never one this test process was given before: the kernel may hand a
+/// just-released port out again, and two listeners of one config on the
+/// same port fail the config check.
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A running `cutover run`.
