@@ -11,7 +11,7 @@
 //! - `Date` in the client's response head (the clock);
 //! - `time` and `duration` in the access-log record;
 //! - the metrics that describe the connection rather than the request
-//!   (`cutover_connections_handed_over_total`,
+//!   (`cutover_connections_handed_over_total`, `cutover_client_connections`,
 //!   `cutover_proxy_protocol_connections_total`) and the duration histogram's
 //!   buckets and sum (its count is compared);
 //! - `cutover_upstream_addresses`, the addresses' state at the scrape (an
@@ -300,6 +300,7 @@ async fn samples(proxy: &Proxy) -> BTreeMap<String, f64> {
     {
         let (key, value) = line.rsplit_once(' ').unwrap();
         let by_design = key.starts_with("cutover_connections_handed_over_total")
+            || key.starts_with("cutover_client_connections{")
             || key.starts_with("cutover_proxy_protocol_connections_total")
             || key.starts_with("cutover_request_duration_seconds_bucket")
             || key.starts_with("cutover_request_duration_seconds_sum")

@@ -89,6 +89,10 @@ pub struct ListenerFile {
     /// Peers allowed (and, with `v1`/`v2`, required) to send a PROXY header.
     #[serde(default)]
     pub trusted: Vec<String>,
+    /// Client connections open at once on this listener; past it a new
+    /// connection is answered 503 and closed (default: from the process's
+    /// file-descriptor limit).
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -98,6 +98,9 @@ pub struct Listener {
     /// Peers allowed to send a PROXY header (required from them with
     /// `v1`/`v2`).
     pub proxy_trusted: Vec<IpNet>,
+    /// `max_connections`, when set; otherwise the process derives one from
+    /// its file-descriptor limit ([`crate::policy::timeouts::default_max_connections`]).
+    pub max_connections: Option<usize>,
 }
 
 /// Whether a listener reads a PROXY protocol header

@@ -298,6 +298,17 @@ fn check_listeners(c: &mut Checker, raw: &[ListenerFile]) -> Vec<Listener> {
                 "only read with `proxy_protocol: v1 | v2 | auto` (client addresses from X-Forwarded-For are trusted in `client_ip.trusted`)",
             );
         }
+        let max_connections = match l.max_connections {
+            Some(0) => {
+                c.problem(
+                    format!("{path}.max_connections"),
+                    "must be at least 1 (leave it out for the default, derived from the file-descriptor limit)",
+                );
+                None
+            }
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => None,
+        };
         out.push(Listener {
             address,
             tls,
@@ -305,6 +316,7 @@ fn check_listeners(c: &mut Checker, raw: &[ListenerFile]) -> Vec<Listener> {
             header_timeout,
             proxy_protocol: proxy_protocol.unwrap_or_default(),
             proxy_trusted,
+            max_connections,
         });
     }
     out

@@ -55,6 +55,7 @@ impl ServeHttp for AdminApp {
             }
             "/metrics" => {
                 self.process.model().sample_address_gauges();
+                self.process.metrics.sample_process();
                 let families = self.process.metrics.registry.gather();
                 let mut body = Vec::with_capacity(16 * 1024);
                 match TextEncoder::new().encode(&families, &mut body) {

@@ -134,7 +134,7 @@ impl Process {
         let first = build(&config, &metrics, &resolver, &health, &rollouts);
         metrics.init_reload_counters();
         Arc::new(Self {
-            listeners: crate::policy::timeouts::ListenerTable::new(&config.listeners),
+            listeners: crate::policy::timeouts::ListenerTable::new(&config.listeners, &metrics),
             current: ArcSwap::from_pointee(first),
             metrics,
             resolver,

@@ -61,6 +61,18 @@ pub struct Metrics {
     /// Client connections the fast path handed to Pingora's general path.
     /// By [`Handover`] reason.
     pub handed_over: [IntCounter; Handover::ALL.len()],
+    client_connections: IntGaugeVec,
+    client_connections_max: IntGaugeVec,
+    client_connections_refused: IntCounterVec,
+    process_open_fds: IntGauge,
+    process_max_fds: IntGauge,
+}
+
+/// One listener's connection handles ([`crate::policy::timeouts::ConnectionLimit`]).
+pub struct ListenerMetrics {
+    pub open: IntGauge,
+    pub max: IntGauge,
+    pub refused: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -77,6 +89,14 @@ fn plain_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
         .register(Box::new(c.clone()))
         .expect("metric registered once");
     c
+}
+
+fn plain_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -306,6 +326,34 @@ impl Metrics {
                 &["sha256", "phase"],
             ),
             source: SourceFamilies::new(r),
+            client_connections: gauge(
+                r,
+                "cutover_client_connections",
+                "Client connections open, by listener",
+                &["listener"],
+            ),
+            client_connections_max: gauge(
+                r,
+                "cutover_client_connections_max",
+                "The listener's max_connections: past it a new connection is answered 503 and closed",
+                &["listener"],
+            ),
+            client_connections_refused: counter(
+                r,
+                "cutover_client_connections_refused_total",
+                "Client connections answered 503 and closed because the listener had max_connections open",
+                &["listener"],
+            ),
+            process_open_fds: plain_gauge(
+                r,
+                "process_open_fds",
+                "Open file descriptors (the standard process-collector metric, read at each scrape)",
+            ),
+            process_max_fds: plain_gauge(
+                r,
+                "process_max_fds",
+                "The process's file-descriptor limit (soft RLIMIT_NOFILE)",
+            ),
             _build_info: build_info,
             access_log_dropped: plain_counter(
                 r,
@@ -318,6 +366,39 @@ impl Metrics {
                 "Access-log writes that failed (e.g. disk full)",
             ),
             registry,
+        }
+    }
+
+    /// Read the process's descriptor count and limit into their gauges (at
+    /// each scrape: a process near its limit refuses connections and
+    /// fails connects, so `process_open_fds / process_max_fds` is what to
+    /// alert on).
+    pub fn sample_process(&self) {
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            // The directory handle itself is one of them.
+            let open = fds.count().saturating_sub(1);
+            self.process_open_fds
+                .set(i64::try_from(open).unwrap_or(i64::MAX));
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            self.process_max_fds
+                .set(i64::try_from(lim.rlim_cur).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Handles for one listener (`listener`: its configured address).
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            open: self.client_connections.with_label_values(&[listener]),
+            max: self.client_connections_max.with_label_values(&[listener]),
+            refused: self
+                .client_connections_refused
+                .with_label_values(&[listener]),
         }
     }
 

@@ -38,7 +38,9 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::timeouts::ClientTimeouts;
+use crate::limited;
+use crate::policy::refusal::OVER_CAPACITY;
+use crate::policy::timeouts::{ClientTimeouts, ListenerPolicy};
 
 const IDLE: u8 = 0;
 const HEAD: u8 = 1;
@@ -431,4 +433,35 @@ pub fn set_client_address(stream: &mut Stream, source: std::net::SocketAddr) {
         )));
     let _ = digest.local_addr.set(local);
     stream.set_socket_digest(digest);
+}
+
+/// A connection past its listener's `max_connections`, before either
+/// carrier reads from it: counted, logged (a few lines a second at most),
+/// answered [`OVER_CAPACITY`], its write side shut, and what the client
+/// sends drained for up to a second, so closing with its request unread
+/// does not reset the answer away before the client reads it.
+pub async fn refuse_over_capacity(mut stream: Stream, listener: &ListenerPolicy) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    listener.limit.refused.inc();
+    limited!(
+        warn,
+        "listener {}: {} client connections open (max_connections): a new connection was answered 503 and closed",
+        listener.address,
+        listener.limit.max
+    );
+    let linger = Instant::now() + Duration::from_secs(1);
+    let answered = async {
+        stream.write_all(OVER_CAPACITY).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    if !matches!(tokio::time::timeout_at(linger, answered).await, Ok(Ok(()))) {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(linger, stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }

@@ -77,6 +77,14 @@ impl Refusal {
     }
 }
 
+/// What a connection past its listener's `max_connections` gets, at once
+/// and before anything is read: `503` with `Retry-After`, and the
+/// connection closed (nginx's `limit_conn` answers 503 too; HAProxy and
+/// nginx's `worker_connections` instead stop accepting, which behind a
+/// load balancer shows up as connect timeouts nobody counts). A load
+/// balancer passes the 503 on, or retries another target.
+pub const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 47\r\nRetry-After: 1\r\nConnection: close\r\n\r\ncutover: too many connections on this listener\n";
+
 /// The largest request head cutover forwards (request line and fields, as
 /// received). nginx's default allows at most 32 KiB (`large_client_header_buffers
 /// 4 8k`); CloudFront refuses more than 20 KiB of headers anyway.
@@ -121,6 +129,16 @@ pub fn request_target(method: &[u8], target: &[u8]) -> Result<TargetForm, &'stat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_over_capacity_answer_is_one_whole_response() {
+        let m = match crate::rehearsal::strict::read_response(OVER_CAPACITY, false, false) {
+            crate::rehearsal::strict::Read::Complete(m) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((m.status(), m.len), (503, OVER_CAPACITY.len()));
+        assert_eq!(m.header("connection"), Some(&b"close"[..]));
+    }
 
     #[test]
     fn target_forms() {

@@ -4,9 +4,13 @@
 //! nginx's defaults.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::observe::metrics::{ListenerMetrics, Metrics};
 
 use crate::config::{
     Listener, ProxyProtocolMode, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
@@ -59,6 +63,95 @@ pub struct ListenerPolicy {
     pub proxy_protocol: ProxyProtocolMode,
     /// Peers allowed to send a PROXY header.
     pub proxy_trusted: Vec<IpNet>,
+    /// Its client connections against its `max_connections`.
+    pub limit: ConnectionLimit,
+}
+
+/// The file descriptors a process keeps for itself (listeners, log
+/// files, the resolver, health checks, reload and upgrade sockets) before
+/// the default `max_connections` shares out the rest.
+const RESERVED_FDS: usize = 256;
+
+/// `max_connections` when a listener sets none: half the process's
+/// file-descriptor limit after [`RESERVED_FDS`] (a client connection can
+/// hold an upstream connection: two descriptors), as HAProxy derives its
+/// `maxconn` from `ulimit -n`. Connections past it are refused with a 503
+/// instead of every accept, connect and file open failing at the limit.
+/// With the unit's `LimitNOFILE=1048576`: 524,160. At least 64.
+pub fn default_max_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    (soft.saturating_sub(RESERVED_FDS) / 2).max(64)
+}
+
+/// A listener's open client connections, against its `max_connections`:
+/// [`ConnectionLimit::admit`] gives a connection its [`Slot`] or refuses it.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    pub max: usize,
+    open: AtomicUsize,
+    gauge: IntGauge,
+    /// Connections refused (answered 503 and closed).
+    pub refused: IntCounter,
+}
+
+impl ConnectionLimit {
+    fn new(max: usize, m: ListenerMetrics) -> ConnectionLimit {
+        m.max.set(i64::try_from(max).unwrap_or(i64::MAX));
+        ConnectionLimit {
+            max,
+            open: AtomicUsize::new(0),
+            gauge: m.open,
+            refused: m.refused,
+        }
+    }
+
+    /// A slot for one more connection, held while it is open; `None` when
+    /// `max` are open already.
+    pub fn admit(&self) -> Option<Slot<'_>> {
+        let mut open = self.open.load(Ordering::Relaxed);
+        loop {
+            if open >= self.max {
+                return None;
+            }
+            match self.open.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    self.gauge.inc();
+                    return Some(Slot(self));
+                }
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// One admitted connection; dropping it frees its place.
+#[derive(Debug)]
+pub struct Slot<'a>(&'a ConnectionLimit);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.gauge.dec();
+    }
 }
 
 impl ListenerPolicy {
@@ -75,31 +168,36 @@ impl ListenerPolicy {
 pub struct ListenerTable(Vec<ListenerPolicy>);
 
 impl ListenerTable {
-    pub fn new(listeners: &[Listener]) -> ListenerTable {
+    pub fn new(listeners: &[Listener], metrics: &Metrics) -> ListenerTable {
+        let default_max = default_max_connections();
         ListenerTable(
             listeners
                 .iter()
                 .enumerate()
-                .map(|(index, l)| ListenerPolicy {
-                    index,
-                    address: l.address,
-                    timeouts: ClientTimeouts::of(l),
-                    proxy_protocol: l.proxy_protocol,
-                    proxy_trusted: l.proxy_trusted.clone(),
+                .map(|(index, l)| {
+                    let max = l.max_connections.unwrap_or(default_max);
+                    let m = metrics.listener(&l.address.to_string());
+                    ListenerPolicy {
+                        index,
+                        address: l.address,
+                        timeouts: ClientTimeouts::of(l),
+                        proxy_protocol: l.proxy_protocol,
+                        proxy_trusted: l.proxy_trusted.clone(),
+                        limit: ConnectionLimit::new(max, m),
+                    }
                 })
                 .collect(),
         )
     }
 
     /// The listener every connection gets whatever its local address: the
-    /// only one, or the first when all have the same settings and none
-    /// reads a PROXY header. Spares a `getsockname` per connection.
+    /// only one. Spares a `getsockname` per connection. (With several,
+    /// each connection is counted against its own listener's limit.)
     pub fn same_for_all(&self) -> Option<&ListenerPolicy> {
-        let first = self.0.first()?;
-        let alike = |l: &ListenerPolicy| {
-            l.timeouts == first.timeouts && l.proxy_protocol == ProxyProtocolMode::Off
-        };
-        (self.0.len() == 1 || self.0.iter().all(alike)).then_some(first)
+        match &self.0[..] {
+            [only] => Some(only),
+            _ => None,
+        }
     }
 
     /// The listener `local` belongs to (a wildcard listener by port).
@@ -130,16 +228,21 @@ mod tests {
             header_timeout: Duration::from_secs(5),
             proxy_protocol: ProxyProtocolMode::Off,
             proxy_trusted: Vec::new(),
+            max_connections: None,
         }
     }
 
     #[test]
     fn a_connection_gets_its_listeners_timeouts() {
-        let t = ListenerTable::new(&[
-            listener("0.0.0.0:8080", 75),
-            listener("127.0.0.1:8081", 2),
-            listener("[::]:8082", 90),
-        ]);
+        let metrics = Metrics::new();
+        let t = ListenerTable::new(
+            &[
+                listener("0.0.0.0:8080", 75),
+                listener("127.0.0.1:8081", 2),
+                listener("[::]:8082", 90),
+            ],
+            &metrics,
+        );
         let idle = |a: &str| t.timeouts(Some(a.parse().unwrap())).idle.as_secs();
         assert_eq!(idle("10.0.0.5:8080"), 75);
         assert_eq!(idle("127.0.0.1:8081"), 2);
@@ -148,10 +251,58 @@ mod tests {
         // No listener of that port: the defaults.
         assert_eq!(idle("10.0.0.5:9999"), CLIENT.idle.as_secs());
         assert_eq!(t.timeouts(None), CLIENT);
-        // Different settings: the address decides.
+        // Several listeners: the address decides (each counts its own
+        // connections).
         assert!(t.same_for_all().is_none());
-        let alike =
-            ListenerTable::new(&[listener("0.0.0.0:8080", 75), listener("0.0.0.0:8443", 75)]);
-        assert_eq!(alike.same_for_all().map(|l| l.index), Some(0));
+        let one = ListenerTable::new(&[listener("0.0.0.0:8080", 75)], &Metrics::new());
+        assert_eq!(one.same_for_all().map(|l| l.index), Some(0));
+    }
+
+    #[test]
+    fn a_listener_admits_up_to_its_max_connections() {
+        let mut l = listener("0.0.0.0:8080", 75);
+        l.max_connections = Some(2);
+        let metrics = Metrics::new();
+        let t = ListenerTable::new(&[l], &metrics);
+        let limit = &t.same_for_all().unwrap().limit;
+        let a = limit.admit().expect("first");
+        let b = limit.admit().expect("second");
+        assert!(limit.admit().is_none(), "a third past max_connections: 2");
+        assert_eq!(limit.open(), 2);
+        drop(a);
+        let c = limit.admit().expect("a place freed");
+        drop((b, c));
+        assert_eq!(limit.open(), 0);
+        let mut body = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &metrics.registry.gather(),
+            &mut body,
+        )
+        .unwrap();
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.contains("cutover_client_connections{listener=\"0.0.0.0:8080\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cutover_client_connections_max{listener=\"0.0.0.0:8080\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_default_limit_leaves_descriptors_for_upstreams_and_the_process() {
+        let max = default_max_connections();
+        assert!(max >= 64);
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) writes the struct it is given.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        if lim.rlim_cur > 1024 {
+            assert_eq!(max as u64, (lim.rlim_cur - 256) / 2);
+        }
     }
 }

@@ -179,6 +179,36 @@ impl Proxy {
         Self::spawn(cmd, dir, config_path, listen, admin, hosts_file, &[])
     }
 
+    /// [`Proxy::start`] with the process's file-descriptor limit (soft and
+    /// hard) set to `nofile` before it runs, as `ulimit -n` or the unit's
+    /// `LimitNOFILE` would.
+    pub fn start_with_nofile(dir: &Path, yaml: &str, nofile: u64) -> Proxy {
+        use std::os::unix::process::CommandExt;
+        let listen = free_port();
+        let admin = free_port();
+        let yaml = yaml
+            .replacen("127.0.0.1:0", &listen.to_string(), 1)
+            .replacen("127.0.0.1:0", &admin.to_string(), 1);
+        let config_path = dir.join("cutover.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        let mut cmd = Command::new(BIN);
+        // SAFETY: setrlimit(2) only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Self::spawn(cmd, dir, config_path, listen, admin, None, &[])
+    }
+
     fn spawn(
         mut cmd: Command,
         dir: &Path,

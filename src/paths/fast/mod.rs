@@ -4,12 +4,14 @@
 //! request (a ~9 KiB future moved on every request, ~90 allocations, request
 //! header clones, and a pool round trip with an idle-watch task per
 //! request), twice nginx's CPU for the same job. This module serves the
-//! request a CDN migration is made of — HTTP/1.1 `GET`/`HEAD` without a body,
-//! with one Host that a route owns, on any listener — with one parse
-//! of the head, one write upstream and one write to the client, and keeps the
-//! upstream connection with the client connection between its requests.
+//! requests a CDN migration is made of — HTTP/1.1 `GET`, `HEAD`, and `POST`,
+//! `PUT`, `DELETE`, `OPTIONS`, `PATCH` with no body or a `Content-Length`
+//! one, with one Host that a route owns, on plain and TLS listeners alike —
+//! with one parse of the head, one write upstream and one write to the
+//! client, and keeps the upstream connection with the client connection
+//! between its requests.
 //!
-//! Everything else — other methods, request bodies, HTTP/1.0, `Upgrade`,
+//! Everything else — other methods, chunked request bodies, HTTP/1.0, `Upgrade`,
 //! `Expect`, absolute-form targets, a missing or unknown Host, anything
 //! malformed — is handed, with the bytes already read replayed first, to
 //! the Pingora proxy ([`crate::paths::pingora::PingoraPath`]) for the rest
@@ -52,7 +54,9 @@ use self::request::parse_request;
 
 use crate::config::ProxyProtocolMode;
 use crate::model::{Model, Process};
-use crate::paths::client::{read_proxy_start, set_client_address, ClientStream};
+use crate::paths::client::{
+    read_proxy_start, refuse_over_capacity, set_client_address, ClientStream,
+};
 use crate::paths::request::unread_head;
 use crate::policy::handover::Handover;
 use crate::policy::refusal::Refusal;
@@ -124,6 +128,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             listeners.find(local)
         });
         let timeouts = listener.map_or(CLIENT, |l| l.timeouts);
+        // Its place among the listener's connections, held until it
+        // closes (on either carrier); past `max_connections`, a 503.
+        let _slot = match listener.map(|l| (l, l.limit.admit())) {
+            Some((l, None)) => {
+                refuse_over_capacity(stream, l).await;
+                return None;
+            }
+            Some((_, slot)) => slot,
+            None => None,
+        };
         // A PROXY header is read (and the client address taken from it)
         // before either carrier sees the connection.
         let mut first = Vec::new();

@@ -1,0 +1,244 @@
+//! Overload, on real sockets: a listener's `max_connections`, the default
+//! limit a low `ulimit -n` gives, and a process that runs out of file
+//! descriptors anyway. Each must answer or wait, count, log at a bounded
+//! rate, and serve again once the load is gone.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::strict_origin::{RawClient, Script, StrictOrigin};
+use common::*;
+use cutover::rehearsal::demo::PUBLIC_NAME;
+use cutover::rehearsal::strict::Message;
+
+fn yaml(origin: SocketAddr, dir: &Path, listener_extra: &str) -> String {
+    format!(
+        "phase: test\n\
+         listeners:\n  - address: 127.0.0.1:0\n    header_timeout: 30s\n{listener_extra}\
+         admin:\n  address: 127.0.0.1:0\n\
+         server:\n  threads: 2\n  grace_period: 1s\n  graceful_shutdown_timeout: 1s\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/cutover.pid\n\
+         routes:\n  - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    upstreams:\n      - {{ name: origin, address: \"{origin}\", tls: false }}\n",
+        dir = dir.display()
+    )
+}
+
+/// The origin's default answer to every request.
+fn echo() -> Script {
+    Arc::new(|_: &Message| None)
+}
+
+fn get() -> String {
+    format!("GET /a HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n")
+}
+
+async fn served(c: &mut RawClient) -> u16 {
+    c.send(get().as_bytes()).await;
+    match c.response(false).await {
+        Ok(m) => m.status(),
+        Err(e) => {
+            eprintln!("no answer: {e}");
+            0
+        }
+    }
+}
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    sample_sum(metrics, name)
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf(3) with a valid name.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[tokio::test]
+async fn past_max_connections_a_connection_gets_503_and_the_open_ones_keep_being_served() {
+    let origin = StrictOrigin::start_plain(echo()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        dir.path(),
+        &yaml(origin.addr, dir.path(), "    max_connections: 8\n"),
+        None,
+    );
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut c = RawClient::connect(proxy.listen).await;
+        assert_eq!(served(&mut c).await, 200);
+        open.push(c);
+    }
+    // The ninth: answered 503 at once, and closed.
+    let mut ninth = RawClient::connect(proxy.listen).await;
+    ninth.send(get().as_bytes()).await;
+    let r = ninth.response(false).await.expect("a 503, not a reset");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.header("retry-after"), Some(&b"1"[..]));
+    ninth
+        .closes_within(Duration::from_secs(3))
+        .await
+        .expect("closed after the 503");
+    // The eight are still served, on their connections.
+    for c in &mut open {
+        assert_eq!(served(c).await, 200);
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        gauge(&m, "cutover_client_connections_refused_total"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(gauge(&m, "cutover_client_connections_max"), 8.0, "{m}");
+    assert_eq!(gauge(&m, "cutover_client_connections"), 8.0, "{m}");
+    assert!(
+        proxy
+            .log()
+            .contains("client connections open (max_connections)"),
+        "{}",
+        proxy.log()
+    );
+    // One leaves: the next connection gets its place.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = RawClient::connect(proxy.listen).await;
+        if served(&mut c).await == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no place freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = proxy.metrics().await;
+    assert!(
+        gauge(&m, "cutover_client_connections") <= 8.0,
+        "the refused and closed connections still count: {m}"
+    );
+}
+
+/// Started with `ulimit -n 256` and no `max_connections`: the default
+/// (from the limit) refuses connections with a 503 before the process runs
+/// out of descriptors, so every connection gets an answer and the upstream
+/// connects never fail for want of one.
+#[tokio::test]
+async fn a_low_descriptor_limit_gives_a_default_max_connections_that_keeps_descriptors_free() {
+    let origin = StrictOrigin::start_plain(echo()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_with_nofile(dir.path(), &yaml(origin.addr, dir.path(), ""), 256);
+    let m = proxy.metrics().await;
+    // (256 - 256) / 2 is below the floor: 64.
+    assert_eq!(gauge(&m, "cutover_client_connections_max"), 64.0, "{m}");
+    assert_eq!(gauge(&m, "process_max_fds"), 256.0, "{m}");
+    let mut open = Vec::new();
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..100 {
+        let mut c = RawClient::connect(proxy.listen).await;
+        match served(&mut c).await {
+            200 => {
+                ok += 1;
+                open.push(c);
+            }
+            503 => refused += 1,
+            other => panic!("answered {other} after {ok} served and {refused} refused"),
+        }
+    }
+    assert_eq!((ok, refused), (64, 36));
+    let m = proxy.metrics().await;
+    assert!(gauge(&m, "process_open_fds") < 256.0, "{m}");
+    assert!(
+        !proxy.log().contains("Too many open files"),
+        "{}",
+        proxy.log()
+    );
+    drop(open);
+    let mut c = RawClient::connect(proxy.listen).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served(&mut c).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not serving after the clients left"
+        );
+        c = RawClient::connect(proxy.listen).await;
+    }
+}
+
+/// `max_connections` set above what the descriptors allow, and the limit
+/// lowered under the running process: accept fails (EMFILE). Pingora's
+/// accept loop logs it and sleeps a second each time (no busy loop), the
+/// pending connections wait in the kernel's backlog, and once clients
+/// leave, they are accepted and served.
+#[tokio::test]
+async fn out_of_descriptors_the_process_waits_without_spinning_and_recovers() {
+    let origin = StrictOrigin::start_plain(echo()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(
+        dir.path(),
+        &yaml(origin.addr, dir.path(), "    max_connections: 10000\n"),
+        None,
+    );
+    let mut c = RawClient::connect(proxy.listen).await;
+    assert_eq!(served(&mut c).await, 200);
+    drop(c);
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+        .unwrap()
+        .count() as u64;
+    let lim = libc::rlimit {
+        rlim_cur: fds + 12,
+        rlim_max: fds + 12,
+    };
+    // SAFETY: prlimit(2) on our own child, with a valid struct.
+    let set =
+        unsafe { libc::prlimit(proxy.pid(), libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+
+    // Idle connections until accept fails, and some more in the backlog.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(proxy.listen).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !proxy.log().contains("Too many open files") {
+        assert!(
+            Instant::now() < deadline,
+            "accept never failed:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu0, t0) = (cpu_seconds(proxy.pid()), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = cpu_seconds(proxy.pid()) - cpu0;
+    let window = t0.elapsed().as_secs_f64();
+    let failures = proxy.log().matches("Accept() failed").count();
+    eprintln!(
+        "out of descriptors: {cpu:.2} s CPU in {window:.1} s, {failures} accept failures logged"
+    );
+    assert!(cpu < 0.5, "{cpu} s of CPU in {window:.1} s: a busy loop");
+    // One line a second per accept loop (one per thread), plus the first.
+    assert!(
+        failures <= 2 * (window as usize + 2) + 2,
+        "{failures} lines in {window:.1} s"
+    );
+
+    // The clients leave: the backlog drains and requests are served again.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = RawClient::connect(proxy.listen).await;
+        if served(&mut c).await == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving after descriptors came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
