@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run.sh [LIBRARY...] -- build this benchmark once per TLS library, then run them in turn, pinned to
-# one CPU, ROUNDS times over (A B C .. A B C ..: the machine's drift hits each alike); the figures
-# README.md beside this file shows are the medians over those runs.
+# one CPU, ROUNDS times over (A B C .. A B C ..: the machine's drift hits each alike); the table in
+# the top-level README.md (Benchmarks: the TLS library) shows the medians over those runs.
 #   benches/tls-libraries/run.sh                  # all: debian-openssl openssl-vendored aws-lc boringssl rustls-ring rustls-aws-lc
 #   ROUNDS=1 benches/tls-libraries/run.sh debian-openssl aws-lc
 # Needs cmake, and libclang for the ones built with bindgen: apt-get install cmake libclang1-14 libclang-common-14-dev clang-14
