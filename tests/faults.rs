@@ -1,6 +1,7 @@
 //! What a production network does to a migration, on real sockets with real
 //! servers: an edge (Debian's nginx over TLS) dying under load with the old
-//! distribution as the backup.
+//! distribution as the backup, and an origin closing its idle keep-alive
+//! connections at any moment (the upstream side of the keep-alive race).
 //!
 //! Every request a client sent is accounted for: answered 200, or failed
 //! and counted as a request that could not be sent again. A GET must never
@@ -330,4 +331,132 @@ async fn an_edge_killed_under_load_loses_no_get() {
         fds = open_fds(proxy.pid());
     }
     drop(dir);
+}
+
+/// The origin (nginx) closes every keep-alive connection idle for 2 ms, so
+/// under a load with pauses of 0-4 ms between requests cutover keeps
+/// reusing connections the origin is closing at that moment. Every GET is
+/// answered (sent again on a fresh connection); a POST caught by the race
+/// may have reached the origin, so it fails with 502 and is counted as not
+/// resent, exactly as many as the clients saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Nginx::start(
+        &dir.path().join("origin"),
+        free_port(),
+        None,
+        "keepalive_timeout 2ms;\n    location / { return 200 \"new\\n\"; }",
+    );
+    let yaml = config_yaml(
+        &origin.addr,
+        dir.path(),
+        dir.path(),
+        &format!(
+            "      - name: new\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ idle: 60s }}\n",
+            origin.addr
+        ),
+    );
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, kind) in [Kind::Get; 6]
+        .into_iter()
+        .chain([Kind::PingoraGet; 2])
+        .chain([Kind::Post; 2])
+        .enumerate()
+    {
+        let (stop, addr) = (stop.clone(), proxy.listen);
+        tasks.push((
+            kind,
+            tokio::spawn(async move { paced(addr, kind, stop, i as u64).await }),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut gets, mut posts) = (Tally::default(), Tally::default());
+    for (k, t) in tasks {
+        let seen = t.await.unwrap();
+        if k == Kind::Post {
+            posts.absorb(seen);
+        } else {
+            gets.absorb(seen);
+        }
+    }
+    let m = proxy.metrics().await;
+    let result = |r: &str| summed(&m, "cutover_upstream_resends_total", &[("result", r)]);
+    let (stale, not_resent) = (result("stale"), result("unsafe"));
+    eprintln!(
+        "origin closing idle connections: {} GETs, {} failed; {} POSTs, {} failed; \
+         {stale} sent again on a fresh connection, {not_resent} POSTs not resent",
+        gets.sent,
+        gets.failed.len(),
+        posts.sent,
+        posts.failed.len()
+    );
+    assert!(gets.failed.is_empty(), "GETs failed: {:?}", gets.failed);
+    assert!(
+        stale > 0.0,
+        "the race never happened: the test proves nothing\n{m}"
+    );
+    assert_eq!(
+        posts.failed.len() as f64,
+        not_resent,
+        "{:?}\n{m}",
+        posts.failed
+    );
+    assert!(
+        posts.failed.iter().all(|f| f == "502"),
+        "{:?}",
+        posts.failed
+    );
+    assert!(posts.by_new > 0);
+}
+
+/// [`client`] with a pause of 0-4 ms (varying per request) before each
+/// request, so the connections idle around the origin's timeout.
+async fn paced(proxy: std::net::SocketAddr, kind: Kind, stop: Arc<AtomicBool>, seed: u64) -> Tally {
+    let mut t = Tally::default();
+    let mut n = seed;
+    let mut conn: Option<RawClient> = None;
+    while !stop.load(Ordering::Relaxed) {
+        n = n
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        tokio::time::sleep(Duration::from_micros((n >> 33) % 4000)).await;
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => {
+                let mut c = RawClient::connect(proxy).await;
+                if kind == Kind::PingoraGet {
+                    c.send(
+                        format!("POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .await;
+                    if let Err(e) = c.response(false).await {
+                        t.failed.push(format!("warm-up: {e}"));
+                        continue;
+                    }
+                }
+                c
+            }
+        };
+        let request = if kind == Kind::Post {
+            format!("POST /x HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\r\nhello")
+        } else {
+            format!("GET /x HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n")
+        };
+        t.sent += 1;
+        c.send(request.as_bytes()).await;
+        match c.response(false).await {
+            Ok(m) if m.status() == 200 && m.body == b"new\n" => {
+                t.by_new += 1;
+                conn = Some(c);
+            }
+            Ok(m) => t.failed.push(format!("{}", m.status())),
+            Err(e) => t.failed.push(e),
+        }
+    }
+    t
 }
