@@ -128,12 +128,15 @@ enum Kind {
     Post,
 }
 
-/// One client: requests until `stop`, a new connection after a failure.
+/// One client: requests until `stop`, a new connection after a failure;
+/// with `pace`, a pause of 0-4 ms (varying per request, from that seed)
+/// before each request.
 async fn client(
     proxy: std::net::SocketAddr,
     kind: Kind,
     stop: Arc<AtomicBool>,
     in_flight: Arc<AtomicU64>,
+    pace: Option<u64>,
 ) -> Tally {
     let mut t = Tally::default();
     let request = match kind {
@@ -158,7 +161,14 @@ async fn client(
         }
     };
     let mut conn = None;
+    let mut n = pace.unwrap_or(0);
     while !stop.load(Ordering::Relaxed) {
+        if pace.is_some() {
+            n = n
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            tokio::time::sleep(Duration::from_micros((n >> 33) % 4000)).await;
+        }
         let mut c = match conn.take() {
             Some(c) => c,
             None => match open().await {
@@ -229,7 +239,13 @@ async fn an_edge_killed_under_load_loses_no_get() {
         .chain([Kind::Post; 2]);
     let tasks: Vec<_> = kinds
         .map(|k| {
-            let t = tokio::spawn(client(proxy.listen, k, stop.clone(), in_flight.clone()));
+            let t = tokio::spawn(client(
+                proxy.listen,
+                k,
+                stop.clone(),
+                in_flight.clone(),
+                None,
+            ));
             (k, t)
         })
         .collect();
@@ -366,11 +382,9 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
         .chain([Kind::Post; 2])
         .enumerate()
     {
-        let (stop, addr) = (stop.clone(), proxy.listen);
-        tasks.push((
-            kind,
-            tokio::spawn(async move { paced(addr, kind, stop, i as u64).await }),
-        ));
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let task = client(proxy.listen, kind, stop.clone(), in_flight, Some(i as u64));
+        tasks.push((kind, tokio::spawn(task)));
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
@@ -411,52 +425,4 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
         posts.failed
     );
     assert!(posts.by_new > 0);
-}
-
-/// [`client`] with a pause of 0-4 ms (varying per request) before each
-/// request, so the connections idle around the origin's timeout.
-async fn paced(proxy: std::net::SocketAddr, kind: Kind, stop: Arc<AtomicBool>, seed: u64) -> Tally {
-    let mut t = Tally::default();
-    let mut n = seed;
-    let mut conn: Option<RawClient> = None;
-    while !stop.load(Ordering::Relaxed) {
-        n = n
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        tokio::time::sleep(Duration::from_micros((n >> 33) % 4000)).await;
-        let mut c = match conn.take() {
-            Some(c) => c,
-            None => {
-                let mut c = RawClient::connect(proxy).await;
-                if kind == Kind::PingoraGet {
-                    c.send(
-                        format!("POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
-                            .as_bytes(),
-                    )
-                    .await;
-                    if let Err(e) = c.response(false).await {
-                        t.failed.push(format!("warm-up: {e}"));
-                        continue;
-                    }
-                }
-                c
-            }
-        };
-        let request = if kind == Kind::Post {
-            format!("POST /x HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\r\nhello")
-        } else {
-            format!("GET /x HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n")
-        };
-        t.sent += 1;
-        c.send(request.as_bytes()).await;
-        match c.response(false).await {
-            Ok(m) if m.status() == 200 && m.body == b"new\n" => {
-                t.by_new += 1;
-                conn = Some(c);
-            }
-            Ok(m) => t.failed.push(format!("{}", m.status())),
-            Err(e) => t.failed.push(e),
-        }
-    }
-    t
 }
