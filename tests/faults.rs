@@ -426,3 +426,110 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
     );
     assert!(posts.by_new > 0);
 }
+
+/// The new edge behind a relay that adds 1-4 ms per read and, on 2% of
+/// the reads from the edge, resets the connection instead of passing the
+/// response on (and stalls 0.5% of them 300 ms); the old edge, as backup,
+/// behind a relay with the same latency and no faults. cutover and nginx
+/// (`proxy_next_upstream error`, upstream keep-alive, the old edge as
+/// `backup`) each carry the same load through them: cutover fails no GET;
+/// both sides' figures are printed, nginx's as the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_latency_stalls_and_cut_connections_no_get_fails() {
+    use common::relay::{Faults, Relay};
+    let dir = tempfile::tempdir().unwrap();
+    let edge = |name: &str, says: &str| {
+        Nginx::start(
+            &dir.path().join(name),
+            free_port(),
+            None,
+            &format!("location / {{ return 200 \"{says}\\n\"; }}"),
+        )
+    };
+    let (new, old) = (edge("new", "new"), edge("old", "old"));
+    let latency = Faults {
+        latency: Duration::from_millis(1),
+        jitter: Duration::from_millis(3),
+        ..Faults::default()
+    };
+    let faulty = Relay::start(
+        new.addr,
+        Faults {
+            cut_per_mille: 20,
+            stall_per_mille: 5,
+            stall: Duration::from_millis(300),
+            ..latency.clone()
+        },
+    )
+    .await;
+    let healthy = Relay::start(old.addr, latency).await;
+    let upstream = |name: &str, addr: std::net::SocketAddr, extra: &str| {
+        format!("      - name: {name}\n        address: {addr}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ connect: 1s, read: 5s }}\n{extra}")
+    };
+    let yaml = config_yaml(
+        &faulty.addr,
+        dir.path(),
+        dir.path(),
+        &format!(
+            "{}{}",
+            upstream("new", faulty.addr, ""),
+            upstream(
+                "old",
+                healthy.addr,
+                "        weight: 0\n        backup: true\n"
+            )
+        ),
+    );
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    let reference = Nginx::start_with_http(
+        &dir.path().join("reference"),
+        free_port(),
+        None,
+        &format!(
+            "upstream edges {{ server {}; server {} backup; keepalive 64; }}",
+            faulty.addr, healthy.addr
+        ),
+        &format!(
+            "location / {{ proxy_pass http://edges; proxy_http_version 1.1; \
+             proxy_set_header Connection \"\"; proxy_set_header Host {NEW_EDGE}; \
+             proxy_read_timeout 5s; proxy_connect_timeout 1s; }}"
+        ),
+    );
+
+    let mut figures = Vec::new();
+    for (who, addr) in [("cutover", proxy.listen), ("nginx", reference.addr)] {
+        let cuts_before = faulty.stats.cuts.load(Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..8u64)
+            .map(|i| {
+                let in_flight = Arc::new(AtomicU64::new(0));
+                tokio::spawn(client(addr, Kind::Get, stop.clone(), in_flight, Some(i)))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut gets = Tally::default();
+        for t in tasks {
+            gets.absorb(t.await.unwrap());
+        }
+        let cuts = faulty.stats.cuts.load(Ordering::Relaxed) - cuts_before;
+        let (p50, p99) = (gets.quantile(0.5), gets.quantile(0.99));
+        eprintln!(
+            "{who} through latency, stalls and cuts: {} GETs, {} failed, {} cut, p50 {p50:.1} ms, p99 {p99:.1} ms",
+            gets.sent,
+            gets.failed.len(),
+            cuts
+        );
+        figures.push((who, gets, cuts));
+    }
+    let (_, cutover, cuts) = &figures[0];
+    assert!(*cuts > 0, "no connection was cut: the test proves nothing");
+    assert!(
+        cutover.failed.is_empty(),
+        "GETs failed: {:?}",
+        cutover.failed
+    );
+    let m = proxy.metrics().await;
+    let resent = summed(&m, "cutover_upstream_resends_total", &[("upstream", "new")]);
+    assert!(resent >= 1.0, "{m}");
+}

@@ -17,6 +17,7 @@ use cutover::shift::probe::{self, Reply, Target};
 
 pub mod netns;
 pub mod nginx;
+pub mod relay;
 pub mod strict_origin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");

@@ -16,6 +16,8 @@ pub struct Nginx {
     tls: String,
     /// The `server` body it runs (or ran) with.
     body: String,
+    /// Lines for the `http` block, before the `server` (an `upstream`).
+    http_extra: String,
 }
 
 fn binary() -> &'static str {
@@ -35,6 +37,18 @@ impl Nginx {
         tls: Option<(&Path, &Path)>,
         server_body: &str,
     ) -> Nginx {
+        Self::start_with_http(dir, addr, tls, "", server_body)
+    }
+
+    /// The same with `http_extra` in the `http` block (e.g. an `upstream`
+    /// group for `proxy_pass`: nginx as the reference proxy).
+    pub fn start_with_http(
+        dir: &Path,
+        addr: SocketAddr,
+        tls: Option<(&Path, &Path)>,
+        http_extra: &str,
+        server_body: &str,
+    ) -> Nginx {
         std::fs::create_dir_all(dir).unwrap();
         let tls = match tls {
             None => String::new(),
@@ -50,6 +64,7 @@ impl Nginx {
             dir: dir.to_path_buf(),
             tls,
             body: String::new(),
+            http_extra: http_extra.to_string(),
         };
         n.restart(server_body);
         n
@@ -70,6 +85,7 @@ http {{
   access_log {d}/access.log;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  {http_extra}
   server {{
     listen {addr}{tls};
     {server_body}
@@ -79,6 +95,7 @@ http {{
             addr = self.addr,
             tls = self.tls,
             server_body = self.body,
+            http_extra = self.http_extra,
         );
         let path = self.dir.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
