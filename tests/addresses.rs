@@ -69,16 +69,7 @@ async fn migration(ipv6: bool) -> Migration {
         port = addrs[0].port(),
         old_port = old.addr().port(),
     );
-    let config_path = dir.path().join("cutover.yaml");
-    std::fs::write(&config_path, yaml).unwrap();
-    let proxy = Proxy::start_in_netns(
-        &ns.name,
-        dir.path(),
-        config_path,
-        listen,
-        admin,
-        Some(&hosts),
-    );
+    let proxy = Proxy::start_in_netns(&ns.name, dir.path(), &yaml, listen, admin, Some(&hosts));
     Migration {
         _dir: dir,
         ns,

@@ -533,3 +533,110 @@ async fn through_latency_stalls_and_cut_connections_no_get_fails() {
     let resent = summed(&m, "cutover_upstream_resends_total", &[("upstream", "new")]);
     assert!(resent >= 1.0, "{m}");
 }
+
+/// cutover in a network namespace of the test's own, the edge outside,
+/// the link toward cutover limited to 8 Mbit/s (`tc tbf`): a 2 MiB body
+/// comes through whole at the link's pace, and small GETs on other
+/// connections keep being answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
+    use common::netns::Netns;
+    use cutover::rehearsal::demo::{distributions, NEW_DIST, NEW_NAME};
+    use cutover::rehearsal::edge::{pattern_byte, Edge};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("slow link CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let ns = Netns::create(false);
+    let edge = Edge::start(
+        std::net::SocketAddr::new(ns.host_v4(1), 0),
+        &ca,
+        distributions(),
+    )
+    .await
+    .unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, format!("{} {NEW_DIST}\n", edge.addr().ip())).unwrap();
+    let listen = std::net::SocketAddr::new(ns.inside(), 8080);
+    let admin = std::net::SocketAddr::new(ns.inside(), 9090);
+    let yaml = format!(
+        "phase: slow-link\n\
+         listeners:\n  - address: {listen}\n\
+         admin:\n  address: {admin}\n\
+         server:\n  threads: 2\n  grace_period: 1s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/cutover.pid\n\
+         routes:\n  - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    upstreams:\n\
+         \x20     - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n",
+        d = dir.path().display(),
+        port = edge.addr().port(),
+        ca = ca_path.display(),
+    );
+    let proxy = Proxy::start_in_netns(&ns.name, dir.path(), &yaml, listen, admin, Some(&hosts));
+    ns.limit_rate("8mbit");
+
+    const LEN: usize = 2 << 20;
+    let big = tokio::spawn(async move {
+        let mut c = RawClient::connect(listen).await;
+        let t = Instant::now();
+        c.send(format!("GET /bytes/{LEN} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
+            .await;
+        let m = c.response(false).await.expect("the large body");
+        (m, t.elapsed())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let small: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut worst) = (0, Vec::new(), Duration::ZERO);
+                let mut c = RawClient::connect(listen).await;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    c.send(format!("GET /ruok HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
+                        .await;
+                    match c.response(false).await {
+                        Ok(m) if m.status() == 200 => {
+                            ok += 1;
+                            worst = worst.max(t.elapsed());
+                        }
+                        Ok(m) => failed.push(m.status().to_string()),
+                        Err(e) => {
+                            failed.push(e);
+                            c = RawClient::connect(listen).await;
+                        }
+                    }
+                }
+                (ok, failed, worst)
+            })
+        })
+        .collect();
+    let (m, took) = big.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed, mut worst) = (0, Vec::new(), Duration::ZERO);
+    for s in small {
+        let (o, f, w) = s.await.unwrap();
+        ok += o;
+        failed.extend(f);
+        worst = worst.max(w);
+    }
+    eprintln!(
+        "8 Mbit/s link: {LEN} bytes in {took:.2?} ({:.1} Mbit/s); meanwhile {ok} small GETs, {} failed, slowest {worst:.0?}",
+        LEN as f64 * 8.0 / took.as_secs_f64() / 1e6,
+        failed.len()
+    );
+    assert_eq!(m.status(), 200);
+    assert_eq!(m.body.len(), LEN);
+    assert!(
+        m.body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern_byte(i as u64)),
+        "the body arrived altered"
+    );
+    // 2 MiB cannot cross 8 Mbit/s in less than ~2.1 s: the limit held.
+    assert!(
+        took >= Duration::from_millis(1800),
+        "{took:?}: the link was not limited"
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 0);
+    drop(proxy);
+}

@@ -165,16 +165,19 @@ impl Proxy {
         )
     }
 
-    /// The same, with cutover running in the network namespace `netns`
-    /// (`ip netns exec` execs it: the child's PID is cutover's).
+    /// cutover running in the network namespace `netns` (`ip netns exec`
+    /// execs it: the child's PID is cutover's) with `yaml` as its config,
+    /// whose listener and admin addresses are `listen` and `admin`.
     pub fn start_in_netns(
         netns: &str,
         dir: &Path,
-        config_path: PathBuf,
+        yaml: &str,
         listen: SocketAddr,
         admin: SocketAddr,
         hosts_file: Option<&Path>,
     ) -> Proxy {
+        let config_path = dir.join("cutover.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns, BIN]);
         Self::spawn(cmd, dir, config_path, listen, admin, hosts_file, &[])

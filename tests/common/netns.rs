@@ -97,6 +97,34 @@ impl Netns {
         ns
     }
 
+    /// Limit what the test's side sends into the namespace (its servers'
+    /// answers to a process inside) to `rate` (`tc` syntax, e.g. `8mbit`)
+    /// with a token bucket; the qdisc goes with the link.
+    pub fn limit_rate(&self, rate: &str) {
+        let out = Command::new("tc")
+            .args([
+                "qdisc",
+                "add",
+                "dev",
+                &self.host_if,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "32kbit",
+                "latency",
+                "400ms",
+            ])
+            .output()
+            .expect("`tc` (iproute2) runs");
+        assert!(
+            out.status.success(),
+            "tc qdisc add tbf: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Run a command inside the namespace; it must succeed.
     pub fn exec(&self, args: &[&str]) {
         let mut full = vec!["netns", "exec", &self.name];
