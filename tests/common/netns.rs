@@ -125,6 +125,42 @@ impl Netns {
         );
     }
 
+    /// An address whose packets vanish, seen from inside: 10.78.N.k,
+    /// routed out of a veth inside the namespace whose peer is down (it
+    /// drops what it is given), with a permanent neighbour entry so no ARP
+    /// is asked: a connect from inside hangs until its own timeout, as
+    /// toward a blackholed edge address. Nothing leaves the namespace.
+    pub fn vanishing_v4(&self, k: u8) -> IpAddr {
+        let (dev, peer) = (format!("cva{}", self.n), format!("cvb{}", self.n));
+        let exists = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ip", "link", "show", &dev])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !exists {
+            self.exec(&[
+                "ip", "link", "add", &dev, "type", "veth", "peer", "name", &peer,
+            ]);
+            self.exec(&["ip", "link", "set", &dev, "up"]);
+            let net = format!("10.78.{}.0/24", self.n);
+            self.exec(&["ip", "route", "add", &net, "dev", &dev]);
+        }
+        let addr = format!("10.78.{}.{k}", self.n);
+        let mac = format!("02:00:00:00:00:{k:02x}");
+        self.exec(&[
+            "ip",
+            "neigh",
+            "add",
+            &addr,
+            "lladdr",
+            &mac,
+            "dev",
+            &dev,
+            "nud",
+            "permanent",
+        ]);
+        addr.parse().unwrap()
+    }
+
     /// Run a command inside the namespace; it must succeed.
     pub fn exec(&self, args: &[&str]) {
         let mut full = vec!["netns", "exec", &self.name];
