@@ -335,19 +335,25 @@ async fn an_edge_killed_under_load_loses_no_get() {
         "{log}"
     );
 
-    // No descriptor left behind: the clients are gone, the upstream
-    // connections idle out after 1 s.
+    no_descriptor_left(&proxy, fds_before).await;
+    drop(dir);
+}
+
+/// No descriptor left behind once the clients are gone and the upstream
+/// connections idled out (the tests' upstreams have `idle: 1s`): back to
+/// what the process held before the load, give or take 2, within 10 s.
+async fn no_descriptor_left(proxy: &Proxy, before: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut fds = open_fds(proxy.pid());
-    while fds > fds_before + 2 {
+    while fds > before + 2 {
         assert!(
             Instant::now() < deadline,
-            "{fds} descriptors open after the load, {fds_before} before"
+            "{fds} descriptors open after the load, {before} before"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         fds = open_fds(proxy.pid());
     }
-    drop(dir);
+    eprintln!("descriptors: {before} before the load, {fds} after");
 }
 
 /// The origin (nginx) closes every keep-alive connection idle for 2 ms, so
@@ -370,11 +376,12 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
         dir.path(),
         dir.path(),
         &format!(
-            "      - name: new\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ idle: 60s }}\n",
+            "      - name: new\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ idle: 1s }}\n",
             origin.addr
         ),
     );
     let proxy = Proxy::start(dir.path(), &yaml, None);
+    let fds_before = open_fds(proxy.pid());
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for (i, kind) in [Kind::Get; 6]
@@ -426,6 +433,7 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
         posts.failed
     );
     assert!(posts.by_new > 0);
+    no_descriptor_left(&proxy, fds_before).await;
 }
 
 /// The new edge behind a relay that adds 1-4 ms per read and, on 2% of
@@ -465,7 +473,7 @@ async fn through_latency_stalls_and_cut_connections_no_get_fails() {
     .await;
     let healthy = Relay::start(old.addr, latency).await;
     let upstream = |name: &str, addr: std::net::SocketAddr, extra: &str| {
-        format!("      - name: {name}\n        address: {addr}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ connect: 1s, read: 5s }}\n{extra}")
+        format!("      - name: {name}\n        address: {addr}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ connect: 1s, read: 5s, idle: 1s }}\n{extra}")
     };
     let yaml = config_yaml(
         &faulty.addr,
@@ -482,6 +490,7 @@ async fn through_latency_stalls_and_cut_connections_no_get_fails() {
         ),
     );
     let proxy = Proxy::start(dir.path(), &yaml, None);
+    let fds_before = open_fds(proxy.pid());
     let reference = Nginx::start_with_http(
         &dir.path().join("reference"),
         free_port(),
@@ -533,6 +542,7 @@ async fn through_latency_stalls_and_cut_connections_no_get_fails() {
     let m = proxy.metrics().await;
     let resent = summed(&m, "cutover_upstream_resends_total", &[("upstream", "new")]);
     assert!(resent >= 1.0, "{m}");
+    no_descriptor_left(&proxy, fds_before).await;
 }
 
 /// cutover in a network namespace of the test's own (the listener and
@@ -576,7 +586,7 @@ async fn in_namespace(
          admin:\n  address: {admin}\n\
          server:\n  threads: 2\n  grace_period: 1s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/cutover.pid\n\
          routes:\n  - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    upstreams:\n\
-         \x20     - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s }}\n",
+         \x20     - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, idle: 1s }}\n",
         d = dir.path().display(),
         port = edge.addr().port(),
         ca = ca_path.display(),
@@ -600,6 +610,7 @@ async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
     use cutover::rehearsal::edge::pattern_byte;
     let bed = in_namespace(|_| Vec::new()).await;
     let (ns, listen) = (&bed.ns, bed.listen);
+    let fds_before = open_fds(bed.proxy.pid());
     ns.limit_rate("8mbit");
 
     const LEN: usize = 2 << 20;
@@ -668,6 +679,7 @@ async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
     );
     assert!(failed.is_empty(), "{failed:?}");
     assert!(ok > 0);
+    no_descriptor_left(&bed.proxy, fds_before).await;
 }
 
 /// The new distribution's name resolves to the edge and to two addresses
@@ -679,6 +691,7 @@ async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get() {
     let bed = in_namespace(|ns| vec![ns.vanishing_v4(1), ns.vanishing_v4(2)]).await;
+    let fds_before = open_fds(bed.proxy.pid());
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..8u64)
         .map(|i| {
@@ -737,4 +750,5 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
     // pick one at once, after which both are out for the ejection period
     // (5 s, longer than the test).
     assert!(timeouts <= 9.0, "{timeouts} connect timeouts:\n{m}");
+    no_descriptor_left(&bed.proxy, fds_before).await;
 }
