@@ -37,9 +37,17 @@ struct Edges {
     new: Nginx,
     _old: Nginx,
     proxy: Proxy,
+    /// The relay in front of the new edge, when there is one.
+    relay: Option<common::relay::Relay>,
 }
 
-fn edges() -> Edges {
+async fn edges() -> Edges {
+    edges_with("", None).await
+}
+
+/// [`edges`] with `new_body` added to the new edge's `server` block, and
+/// cutover reaching the new edge through a relay with `faults`.
+async fn edges_with(new_body: &str, faults: Option<common::relay::Faults>) -> Edges {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("faults CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
@@ -47,33 +55,37 @@ fn edges() -> Edges {
     let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
     std::fs::write(&cert, &issued.cert_pem).unwrap();
     std::fs::write(&key, &issued.key_pem).unwrap();
-    let edge = |name: &str, says: &str| {
+    let edge = |name: &str, says: &str, extra: &str| {
         Nginx::start(
             &dir.path().join(name),
             free_port(),
             Some((&cert, &key)),
-            &format!("location / {{ return 200 \"{says}\\n\"; }}"),
+            &format!("{extra}location / {{ return 200 \"{says}\\n\"; }}"),
         )
     };
-    let new = edge("new", "new");
-    let old = edge("old", "old");
-    let upstream = |name: &str, n: &Nginx, host: &str, extra: &str| {
+    let new = edge("new", "new", new_body);
+    let old = edge("old", "old", "");
+    let relay = match faults {
+        Some(f) => Some(common::relay::Relay::start(new.addr, f).await),
+        None => None,
+    };
+    let upstream = |name: &str, addr: std::net::SocketAddr, host: &str, extra: &str| {
         format!(
             "      - name: {name}\n        address: {addr}\n        sni: {host}\n        host_header: {host}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, read: 10s, idle: 1s }}\n{extra}",
-            addr = n.addr,
             ca = ca_path.display()
         )
     };
+    let new_addr = relay.as_ref().map_or(new.addr, |r| r.addr);
     let yaml = config_yaml(
         &new.addr,
         &ca_path,
         dir.path(),
         &format!(
             "{}{}",
-            upstream("new", &new, NEW_EDGE, ""),
+            upstream("new", new_addr, NEW_EDGE, ""),
             upstream(
                 "old",
-                &old,
+                old.addr,
                 OLD_EDGE,
                 "        weight: 0\n        backup: true\n"
             )
@@ -85,6 +97,7 @@ fn edges() -> Edges {
         new,
         _old: old,
         proxy,
+        relay,
     }
 }
 
@@ -205,6 +218,25 @@ async fn client(
     t
 }
 
+/// `clients` paced keep-alive GET clients against `proxy` for `for_`:
+/// what they saw, together.
+async fn paced_gets(proxy: std::net::SocketAddr, clients: u64, for_: Duration) -> Tally {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let in_flight = Arc::new(AtomicU64::new(0));
+            tokio::spawn(client(proxy, Kind::Get, stop.clone(), in_flight, Some(i)))
+        })
+        .collect();
+    tokio::time::sleep(for_).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut gets = Tally::default();
+    for t in tasks {
+        gets.absorb(t.await.unwrap());
+    }
+    gets
+}
+
 /// The sum of `name`'s samples whose labels include every one of `labels`.
 fn summed(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metrics
@@ -230,7 +262,8 @@ async fn an_edge_killed_under_load_loses_no_get() {
         mut new,
         _old,
         proxy,
-    } = edges();
+        relay: _,
+    } = edges().await;
     let fds_before = open_fds(proxy.pid());
     let stop = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicU64::new(0));
@@ -509,19 +542,7 @@ async fn through_latency_stalls_and_cut_connections_no_get_fails() {
     let mut figures = Vec::new();
     for (who, addr) in [("cutover", proxy.listen), ("nginx", reference.addr)] {
         let cuts_before = faulty.stats.cuts.load(Ordering::Relaxed);
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks: Vec<_> = (0..8u64)
-            .map(|i| {
-                let in_flight = Arc::new(AtomicU64::new(0));
-                tokio::spawn(client(addr, Kind::Get, stop.clone(), in_flight, Some(i)))
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut gets = Tally::default();
-        for t in tasks {
-            gets.absorb(t.await.unwrap());
-        }
+        let mut gets = paced_gets(addr, 8, Duration::from_secs(4)).await;
         let cuts = faulty.stats.cuts.load(Ordering::Relaxed) - cuts_before;
         let (p50, p99) = (gets.quantile(0.5), gets.quantile(0.99));
         eprintln!(
@@ -693,19 +714,7 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
     let bed = in_namespace(|ns| vec![ns.vanishing_v4(1), ns.vanishing_v4(2)]).await;
     let fds_before = open_fds(bed.proxy.pid());
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..8u64)
-        .map(|i| {
-            let in_flight = Arc::new(AtomicU64::new(0));
-            tokio::spawn(client(
-                bed.listen,
-                Kind::Get,
-                stop.clone(),
-                in_flight,
-                Some(i),
-            ))
-        })
-        .collect();
-    // And a client opening a connection per request.
+    // A client opening a connection per request, beside 8 keep-alive ones.
     let (listen, stop2) = (bed.listen, stop.clone());
     let fresh = tokio::spawn(async move {
         let (mut ok, mut failed) = (0, Vec::new());
@@ -724,12 +733,8 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
         }
         (ok, failed)
     });
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut gets = paced_gets(bed.listen, 8, Duration::from_secs(4)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut gets = Tally::default();
-    for t in tasks {
-        gets.absorb(t.await.unwrap());
-    }
     let (fresh_ok, fresh_failed) = fresh.await.unwrap();
     let m = bed.proxy.metrics().await;
     let timeouts = summed(&m, "cutover_upstream_errors_total", &[("kind", "timeout")]);
@@ -751,4 +756,49 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
     // (5 s, longer than the test).
     assert!(timeouts <= 9.0, "{timeouts} connect timeouts:\n{m}");
     no_descriptor_left(&bed.proxy, fds_before).await;
+}
+
+/// The new edge (nginx over TLS, closing each connection after 5 requests,
+/// so cutover keeps opening new ones) behind a relay that resets 30% of
+/// the connections as soon as their TLS handshake is done, before they
+/// answer anything; the old edge as backup. No GET fails: each is sent
+/// again, on the backup while the new edge's address is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_right_after_the_tls_handshake_fail_no_get() {
+    let faults = common::relay::Faults {
+        reset_after_handshake_per_mille: 300,
+        ..Default::default()
+    };
+    let e = edges_with("keepalive_requests 5;\n    ", Some(faults)).await;
+    let fds_before = open_fds(e.proxy.pid());
+    let mut gets = paced_gets(e.proxy.listen, 8, Duration::from_secs(4)).await;
+    let resets = e
+        .relay
+        .as_ref()
+        .unwrap()
+        .stats
+        .handshake_resets
+        .load(Ordering::Relaxed);
+    let m = e.proxy.metrics().await;
+    let resent = summed(
+        &m,
+        "cutover_upstream_resends_total",
+        &[("result", "failed")],
+    );
+    let (p50, p99) = (gets.quantile(0.5), gets.quantile(0.99));
+    eprintln!(
+        "reset after the TLS handshake: {} GETs ({} new, {} old), {} failed; {resets} resets, {resent} resent elsewhere; p50 {p50:.1} ms, p99 {p99:.1} ms",
+        gets.sent,
+        gets.by_new,
+        gets.by_old,
+        gets.failed.len()
+    );
+    assert!(
+        resets > 0,
+        "no connection was reset: the test proves nothing"
+    );
+    assert!(gets.failed.is_empty(), "{:?}", gets.failed);
+    assert!(resent >= 1.0, "{m}");
+    assert!(gets.by_new > 0 && gets.by_old > 0);
+    no_descriptor_left(&e.proxy, fds_before).await;
 }

@@ -10,7 +10,12 @@
 //!   upstream, a connection that dies after the request went out and
 //!   before any byte of its response;
 //! - stalls: with probability `stall_per_mille`, a read from the upstream
-//!   waits `stall` more before it is forwarded.
+//!   waits `stall` more before it is forwarded;
+//! - resets after the handshake: with probability `reset_after_handshake_per_mille`
+//!   per connection, its third read from the client (after the ClientHello
+//!   and the client's Finished: its first request, when the request came
+//!   in a read of its own) is not forwarded and both sides are reset: a
+//!   TLS connection that dies as soon as it is up, before it answers.
 //!
 //! Counts what it did, so a test can hold the proxy to it.
 
@@ -29,6 +34,7 @@ pub struct Faults {
     pub cut_per_mille: u64,
     pub stall_per_mille: u64,
     pub stall: Duration,
+    pub reset_after_handshake_per_mille: u64,
 }
 
 #[derive(Default, Debug)]
@@ -36,6 +42,7 @@ pub struct Stats {
     pub connections: AtomicU64,
     pub cuts: AtomicU64,
     pub stalls: AtomicU64,
+    pub handshake_resets: AtomicU64,
 }
 
 pub struct Relay {
@@ -129,15 +136,27 @@ async fn pump_pair(client: TcpStream, server: TcpStream, f: Faults, stats: Arc<S
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let up_faults = f.clone();
-    // Client → upstream: latency only.
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let (up_cut, up_stats) = (cut.clone(), stats.clone());
+    // Client → upstream: latency, and the reset after the handshake.
     let up = tokio::spawn(async move {
         let mut draw = Draw(seed ^ 0x5bd1e995);
+        let reset_at_third = draw.per_mille(up_faults.reset_after_handshake_per_mille);
         let mut buf = vec![0u8; 16 * 1024];
+        let mut reads = 0;
         loop {
             let n = match cr.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            reads += 1;
+            if reset_at_third && reads == 3 {
+                up_stats.handshake_resets.fetch_add(1, Ordering::Relaxed);
+                linger_zero(fds.0);
+                linger_zero(fds.1);
+                up_cut.notify_one();
+                return;
+            }
             tokio::time::sleep(up_faults.latency + draw.upto(up_faults.jitter)).await;
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -149,9 +168,13 @@ async fn pump_pair(client: TcpStream, server: TcpStream, f: Faults, stats: Arc<S
     let mut draw = Draw(seed);
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match sr.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = sr.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            // Reset from the other direction: drop this side's halves too.
+            _ = cut.notified() => return,
         };
         if draw.per_mille(f.cut_per_mille) {
             // Both sides reset once the last halves go: this one's now,
