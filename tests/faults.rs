@@ -802,3 +802,71 @@ async fn connections_reset_right_after_the_tls_handshake_fail_no_get() {
     assert!(gets.by_new > 0 && gets.by_old > 0);
     no_descriptor_left(&e.proxy, fds_before).await;
 }
+
+/// An edge whose first byte comes after 3 s (every read from it stalled,
+/// the way a struggling origin answers), against `timeouts.read`: with
+/// `read: 1s` the GET gets 504 after ~1 s, counted as a timeout and not
+/// sent again (README: Decisions, resending), and the next request is
+/// served as usual; with `read: 10s` it waits and gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_answering_after_3_s_meets_the_read_timeout() {
+    use common::relay::{Faults, Relay};
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Nginx::start(
+        &dir.path().join("origin"),
+        free_port(),
+        None,
+        "location / { return 200 \"slow\\n\"; }",
+    );
+    let slow = Relay::start(
+        origin.addr,
+        Faults {
+            stall_per_mille: 1000,
+            stall: Duration::from_secs(3),
+            ..Faults::default()
+        },
+    )
+    .await;
+    for (read, want) in [("1s", 504), ("10s", 200)] {
+        let yaml = config_yaml(
+            &slow.addr,
+            dir.path(),
+            dir.path(),
+            &format!(
+                "      - name: slow\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ read: {read} }}\n",
+                slow.addr
+            ),
+        );
+        let proxy = Proxy::start(dir.path(), &yaml, None);
+        let mut c = RawClient::connect(proxy.listen).await;
+        let t = Instant::now();
+        c.send(format!("GET /slow HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
+            .await;
+        let m = c.response(false).await.expect("an answer");
+        let took = t.elapsed();
+        let metrics = proxy.metrics().await;
+        let timeouts = summed(
+            &metrics,
+            "cutover_upstream_errors_total",
+            &[("kind", "timeout")],
+        );
+        let resent = summed(&metrics, "cutover_upstream_resends_total", &[]);
+        eprintln!("read timeout {read}, first byte after 3 s: {} in {took:.2?}; {timeouts} timeouts counted", m.status());
+        assert_eq!(m.status(), want, "read: {read}");
+        assert_eq!(resent, 0.0, "a timeout is not sent again:\n{metrics}");
+        if want == 504 {
+            assert!(took < Duration::from_millis(2500), "{took:?}");
+            assert_eq!(timeouts, 1.0, "{metrics}");
+            assert!(
+                proxy
+                    .log()
+                    .contains("504 route=cdn upstream=slow kind=timeout"),
+                "{}",
+                proxy.log()
+            );
+        } else {
+            assert!(took >= Duration::from_secs(3), "{took:?}");
+            assert_eq!(&m.body[..], b"slow\n");
+        }
+    }
+}
