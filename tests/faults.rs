@@ -39,6 +39,7 @@ struct Edges {
     proxy: Proxy,
     /// The relay in front of the new edge, when there is one.
     relay: Option<common::relay::Relay>,
+    ca_path: std::path::PathBuf,
 }
 
 async fn edges() -> Edges {
@@ -98,6 +99,7 @@ async fn edges_with(new_body: &str, faults: Option<common::relay::Faults>) -> Ed
         _old: old,
         proxy,
         relay,
+        ca_path,
     }
 }
 
@@ -237,34 +239,11 @@ async fn paced_gets(proxy: std::net::SocketAddr, clients: u64, for_: Duration) -
     gets
 }
 
-/// The sum of `name`'s samples whose labels include every one of `labels`.
-fn summed(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// The new edge is frozen with a request from every client in flight, then
-/// killed: each GET in flight is sent again to the backup, each POST in
-/// flight fails with 502 and is counted as not resent, and the load goes
-/// on against the old edge without a failed GET.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_killed_under_load_loses_no_get() {
-    let Edges {
-        dir,
-        mut new,
-        _old,
-        proxy,
-        relay: _,
-    } = edges().await;
-    let fds_before = open_fds(proxy.pid());
+/// 12 keep-alive GET clients, 4 on the Pingora path and 2 POSTing through
+/// `listen`; `new` frozen (SIGSTOP) with a request from each in flight,
+/// then killed (SIGKILL), the load going on 1.5 s more: what the GETs and
+/// the POSTs saw.
+async fn freeze_and_kill(listen: std::net::SocketAddr, new: &mut Nginx) -> (Tally, Tally) {
     let stop = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicU64::new(0));
     let kinds = [Kind::Get; 12]
@@ -273,13 +252,7 @@ async fn an_edge_killed_under_load_loses_no_get() {
         .chain([Kind::Post; 2]);
     let tasks: Vec<_> = kinds
         .map(|k| {
-            let t = tokio::spawn(client(
-                proxy.listen,
-                k,
-                stop.clone(),
-                in_flight.clone(),
-                None,
-            ));
+            let t = tokio::spawn(client(listen, k, stop.clone(), in_flight.clone(), None));
             (k, t)
         })
         .collect();
@@ -312,6 +285,39 @@ async fn an_edge_killed_under_load_loses_no_get() {
             gets.absorb(seen);
         }
     }
+    (gets, posts)
+}
+
+/// The sum of `name`'s samples whose labels include every one of `labels`.
+fn summed(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The new edge is frozen with a request from every client in flight, then
+/// killed: each GET in flight is sent again to the backup, each POST in
+/// flight fails with 502 and is counted as not resent, and the load goes
+/// on against the old edge without a failed GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_under_load_loses_no_get() {
+    let Edges {
+        dir,
+        mut new,
+        _old,
+        proxy,
+        relay: _,
+        ca_path: _,
+    } = edges().await;
+    let fds_before = open_fds(proxy.pid());
+    let (mut gets, posts) = freeze_and_kill(proxy.listen, &mut new).await;
     let m = proxy.metrics().await;
     let resent = summed(&m, "cutover_upstream_resends_total", &[("upstream", "new")]);
     let not_resent = summed(
@@ -370,6 +376,42 @@ async fn an_edge_killed_under_load_loses_no_get() {
 
     no_descriptor_left(&proxy, fds_before).await;
     drop(dir);
+
+    // nginx doing the same job, through edges of its own, as the reference
+    // (its default `proxy_next_upstream error timeout`, the old edge as a
+    // `backup` server).
+    let mut e = edges().await;
+    let reference = Nginx::start_with_http(
+        &e.dir.path().join("reference"),
+        free_port(),
+        None,
+        &format!(
+            "upstream edges {{ server {}; server {} backup; keepalive 64; }}",
+            e.new.addr, e._old.addr
+        ),
+        &format!(
+            "location / {{ proxy_pass https://edges; proxy_http_version 1.1; \
+             proxy_set_header Connection \"\"; proxy_set_header Host {NEW_EDGE}; \
+             proxy_ssl_server_name on; proxy_ssl_name {NEW_EDGE}; proxy_ssl_verify on; \
+             proxy_ssl_trusted_certificate {ca}; proxy_ssl_session_reuse on; \
+             proxy_connect_timeout 1s; proxy_read_timeout 10s; }}",
+            ca = e.ca_path.display()
+        ),
+    );
+    let (mut gets, posts) = freeze_and_kill(reference.addr, &mut e.new).await;
+    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+    eprintln!(
+        "nginx, the same: {} GETs ({} new, {} old), {} failed {:?}; {} POSTs, {} failed; \
+         GET p50 {p50:.1} ms p99 {p99:.1} ms max {max:.1} ms",
+        gets.sent,
+        gets.by_new,
+        gets.by_old,
+        gets.failed.len(),
+        gets.failed.iter().take(3).collect::<Vec<_>>(),
+        posts.sent,
+        posts.failed.len(),
+    );
+    assert!(gets.by_old > 0, "the reference never reached the backup");
 }
 
 /// No descriptor left behind once the clients are gone and the upstream
