@@ -29,6 +29,9 @@ if [ -z "${BIN:-}" ]; then
 fi
 for c in nginx wrk openssl curl; do command -v "$c" >/dev/null || { echo "soak: needs $c" >&2; exit 2; }; done
 NGINX=$(command -v nginx)
+for p in "$PORT" "$ADMIN" "$ORIGIN"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "soak: port $p is in use (PORT= moves all three)" >&2; exit 2; fi
+done
 DIR=$(mktemp -d /tmp/cutover-soak.XXXXXX)
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -89,9 +92,13 @@ config 0 >"$DIR/cutover.yaml"
 "$BIN" check --config "$DIR/cutover.yaml" >/dev/null
 
 PIDS=()
+KEEP_DIR=1
+# Every process this script started stops with it (the upgraded cutover processes included: each
+# is added to PIDS as it starts); the files go only when the soak passed.
 cleanup() {
-  for p in "${PIDS[@]}" $(cat "$DIR/cutover.pid" 2>/dev/null); do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ "$KEEP_DIR" = 1 ]; then echo "(files in $DIR)"; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 "$NGINX" -c "$DIR/nginx.conf" -p "$DIR" 2>>"$DIR/nginx-error.log" & PIDS+=($!)
@@ -126,6 +133,7 @@ while :; do
   if [ "$now" -ge "$next_upgrade" ]; then
     old=$(pid); rm -f "$DIR/upgrade.sock"
     RUST_LOG=warn "$BIN" run --upgrade --config "$DIR/cutover.yaml" >>"$DIR/cutover.log" 2>&1 & new=$!
+    PIDS+=("$new")
     for _ in $(seq 1 150); do [ -S "$DIR/upgrade.sock" ] && break; sleep 0.1; done
     kill -QUIT "$old"
     for _ in $(seq 1 150); do [ "$(pid)" = "$new" ] && break; sleep 0.1; done
@@ -178,5 +186,5 @@ ok=1
 [ "$reloads" -ge 1 ] && [ "${served_gen:-x}" = "$generation" ] || { echo "soak: the reloads did not take" >&2; ok=0; }
 [ "$UPGRADE_EVERY" -ge "$SOAK_SECONDS" ] || [ "$upgrades" -ge $((SOAK_SECONDS / UPGRADE_EVERY - 1)) ] || { echo "soak: upgrades missing" >&2; ok=0; }
 [ -z "$fds_first" ] || [ "$fds_last" -le $((fds_first + 16)) ] || { echo "soak: descriptors grew $fds_first -> $fds_last" >&2; ok=0; }
-[ "$ok" = 1 ] || { echo "(files in $DIR)"; exit 1; }
-rm -rf "$DIR"
+[ "$ok" = 1 ] || exit 1
+KEEP_DIR=0
