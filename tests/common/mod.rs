@@ -123,6 +123,19 @@ pub fn free_port() -> SocketAddr {
     }
 }
 
+/// Write `yaml` into `dir` as `cutover.yaml`, its first two `127.0.0.1:0`
+/// (the listener, then admin) replaced by free ports: the path and both.
+fn write_config(dir: &Path, yaml: &str) -> (PathBuf, SocketAddr, SocketAddr) {
+    let listen = free_port();
+    let admin = free_port();
+    let yaml = yaml
+        .replacen("127.0.0.1:0", &listen.to_string(), 1)
+        .replacen("127.0.0.1:0", &admin.to_string(), 1);
+    let config_path = dir.join("cutover.yaml");
+    std::fs::write(&config_path, yaml).unwrap();
+    (config_path, listen, admin)
+}
+
 /// A running `cutover run`.
 pub struct Proxy {
     pub child: Child,
@@ -136,13 +149,7 @@ impl Proxy {
     /// Write `yaml` (its `127.0.0.1:0` listener and admin replaced by free
     /// ports) and start the binary; returns once the listener accepts.
     pub fn start(dir: &Path, yaml: &str, hosts_file: Option<&Path>) -> Proxy {
-        let listen = free_port();
-        let admin = free_port();
-        let yaml = yaml
-            .replacen("127.0.0.1:0", &listen.to_string(), 1)
-            .replacen("127.0.0.1:0", &admin.to_string(), 1);
-        let config_path = dir.join("cutover.yaml");
-        std::fs::write(&config_path, yaml).unwrap();
+        let (config_path, listen, admin) = write_config(dir, yaml);
         Self::start_with(dir, config_path, listen, admin, hosts_file, &[])
     }
 
@@ -188,13 +195,7 @@ impl Proxy {
     /// `LimitNOFILE` would.
     pub fn start_with_nofile(dir: &Path, yaml: &str, nofile: u64) -> Proxy {
         use std::os::unix::process::CommandExt;
-        let listen = free_port();
-        let admin = free_port();
-        let yaml = yaml
-            .replacen("127.0.0.1:0", &listen.to_string(), 1)
-            .replacen("127.0.0.1:0", &admin.to_string(), 1);
-        let config_path = dir.join("cutover.yaml");
-        std::fs::write(&config_path, yaml).unwrap();
+        let (config_path, listen, admin) = write_config(dir, yaml);
         let mut cmd = Command::new(BIN);
         // SAFETY: setrlimit(2) only, between fork and exec.
         unsafe {
