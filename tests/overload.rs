@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::strict_origin::{RawClient, Script, StrictOrigin};
 use common::*;
 use cutover::rehearsal::demo::PUBLIC_NAME;
+use cutover::rehearsal::pki::TestCa;
 use cutover::rehearsal::strict::Message;
 
 fn yaml(origin: SocketAddr, dir: &Path, listener_extra: &str) -> String {
@@ -216,15 +217,18 @@ async fn out_of_descriptors_the_process_waits_without_spinning_and_recovers() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu = cpu_seconds(proxy.pid()) - cpu0;
     let window = t0.elapsed().as_secs_f64();
-    let failures = proxy.log().matches("Accept() failed").count();
-    eprintln!(
-        "out of descriptors: {cpu:.2} s CPU in {window:.1} s, {failures} accept failures logged"
-    );
-    assert!(cpu < 0.5, "{cpu} s of CPU in {window:.1} s: a busy loop");
-    // One line a second per accept loop (one per thread), plus the first.
+    let lines = proxy.log().matches("accept() failed").count();
     assert!(
-        failures <= 2 * (window as usize + 2) + 2,
-        "{failures} lines in {window:.1} s"
+        !proxy.log().contains("Accept() failed"),
+        "Pingora's own line, once per failure, is still written:\n{}",
+        proxy.log()
+    );
+    eprintln!("out of descriptors: {cpu:.2} s CPU in {window:.1} s, {lines} lines logged");
+    assert!(cpu < 0.5, "{cpu} s of CPU in {window:.1} s: a busy loop");
+    // One failure a second per accept loop (one per thread), plus the first.
+    assert!(
+        lines <= 2 * (window as usize + 2) + 2,
+        "{lines} lines in {window:.1} s"
     );
 
     // The clients leave: the backlog drains and requests are served again.
@@ -241,6 +245,19 @@ async fn out_of_descriptors_the_process_waits_without_spinning_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each failed accept() counted (the log holds only a few lines a
+    // second; the counter is what an operator alerts on).
+    let m = proxy.metrics().await;
+    let counted = sample(&m, "cutover_accept_errors_total", &[("reason", "fd_limit")]).unwrap();
+    eprintln!("cutover_accept_errors_total{{reason=\"fd_limit\"}} {counted}");
+    assert!(
+        counted >= window.floor() && counted <= 2.0 * (window + 12.0),
+        "{counted} failures counted in a {window:.1} s window and up to 10 s of recovery"
+    );
+    assert_eq!(
+        sample(&m, "cutover_accept_errors_total", &[("reason", "other")]),
+        Some(0.0)
+    );
 }
 
 /// 1,000 clients trickle a request head one byte a second (slowloris):
@@ -342,4 +359,105 @@ async fn a_thousand_slow_clients_get_408_while_ordinary_ones_are_served() {
         Some(1000.0),
         "{m}"
     );
+}
+
+/// Clients that never complete the TLS handshake on a TLS listener (plain
+/// HTTP sent to it, a close or a reset right after connecting, a client
+/// that refuses the certificate): each counted, a few log lines a second
+/// at most, never Pingora's line per connection, and a good client is
+/// served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_client_tls_handshakes_are_counted_and_logged_at_a_bounded_rate() {
+    let origin = StrictOrigin::start_plain(echo()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("handshake test CA").unwrap();
+    let ca_path = ca.write_cert(dir.path()).unwrap();
+    let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
+    let (cert, key) = (dir.path().join("l.pem"), dir.path().join("l.key"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let tls = free_port();
+    let yaml = yaml(origin.addr, dir.path(), "").replacen(
+        "listeners:\n",
+        &format!(
+            "listeners:\n  - address: {tls}\n    tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
+        1,
+    );
+    let proxy = Proxy::start(dir.path(), &yaml, None);
+    let started = Instant::now();
+    const EACH: usize = 100;
+    let mut bad = Vec::new();
+    for i in 0..4 * EACH {
+        bad.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
+            match i % 4 {
+                // Plain HTTP on the TLS port: not a ClientHello.
+                0 => {
+                    tcp.write_all(get().as_bytes()).await.unwrap();
+                    let mut sink = Vec::new();
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink))
+                            .await;
+                }
+                // Connected, then closed before a byte.
+                1 => drop(tcp),
+                // Connected, then reset.
+                2 => {
+                    common::relay::linger_zero(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+                    drop(tcp);
+                }
+                // A client that does not trust the certificate aborts.
+                _ => {
+                    let connector =
+                        openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())
+                            .unwrap()
+                            .build();
+                    let ssl = connector
+                        .configure()
+                        .unwrap()
+                        .into_ssl(PUBLIC_NAME)
+                        .unwrap();
+                    let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+                    assert!(std::pin::Pin::new(&mut s).connect().await.is_err());
+                }
+            }
+        }));
+    }
+    // A good client is served meanwhile.
+    let mut good = RawClient::connect_tls(tls, &ca_path, PUBLIC_NAME).await;
+    assert_eq!(served(&mut good).await, 200);
+    for b in bad {
+        b.await.unwrap();
+    }
+    let labels = [("reason", "failed")];
+    let m = proxy
+        .metrics_when(
+            "cutover_client_tls_handshake_failures_total",
+            &labels,
+            (4 * EACH) as f64,
+        )
+        .await;
+    let window = started.elapsed().as_secs_f64();
+    let counted = sample(&m, "cutover_client_tls_handshake_failures_total", &labels);
+    let log = proxy.log();
+    let lines = log.matches("client TLS handshake").count();
+    eprintln!(
+        "{} failed handshakes: {counted:?} counted, {lines} lines logged in {window:.1} s",
+        4 * EACH
+    );
+    assert_eq!(counted, Some((4 * EACH) as f64), "{log}");
+    assert!(
+        !log.contains("Downstream handshake error"),
+        "Pingora's line per connection:\n{log}"
+    );
+    assert!(
+        lines >= 1 && lines <= 10 * (window.ceil() as usize + 1),
+        "{lines} lines in {window:.1} s"
+    );
+    let mut good = RawClient::connect_tls(tls, &ca_path, PUBLIC_NAME).await;
+    assert_eq!(served(&mut good).await, 200);
 }

@@ -37,6 +37,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for DrainingApp<A> {
         self.inner.process_new(session, shutdown).await
     }
 
+    fn accept_error(&self, error: &pingora::Error) -> bool {
+        self.inner.accept_error(error)
+    }
+
+    fn handshake_error(
+        &self,
+        peer: Option<&pingora::protocols::l4::socket::SocketAddr>,
+        error: &pingora::Error,
+    ) -> bool {
+        self.inner.handshake_error(peer, error)
+    }
+
     async fn cleanup(&self) {
         self.process.draining.store(true, Ordering::Relaxed);
         info!(

@@ -64,6 +64,11 @@ pub struct Metrics {
     client_connections: IntGaugeVec,
     client_connections_max: IntGaugeVec,
     client_connections_refused: IntCounterVec,
+    /// Failed `accept()` calls: `[fd_limit, other]` (see
+    /// [`crate::paths::client::accept_failed`]).
+    pub accept_errors: [IntCounter; 2],
+    /// Client TLS handshakes that did not complete: `[failed, timeout]`.
+    pub tls_handshake_failures: [IntCounter; 2],
     process_open_fds: IntGauge,
     process_max_fds: IntGauge,
 }
@@ -344,6 +349,28 @@ impl Metrics {
                 "Client connections answered 503 and closed because the listener had max_connections open",
                 &["listener"],
             ),
+            accept_errors: {
+                let by_reason = counter(
+                    r,
+                    "cutover_accept_errors_total",
+                    "Failed accept() calls on the proxy listeners, by reason: fd_limit (EMFILE or \
+                     ENFILE: out of file descriptors; new connections wait in the backlog and \
+                     accepting resumes a second later), other",
+                    &["reason"],
+                );
+                ["fd_limit", "other"].map(|l| by_reason.with_label_values(&[l]))
+            },
+            tls_handshake_failures: {
+                let by_reason = counter(
+                    r,
+                    "cutover_client_tls_handshake_failures_total",
+                    "Client connections on TLS listeners whose handshake did not complete, by \
+                     reason: failed (bad or no ClientHello, no shared cipher, the client closed \
+                     or reset), timeout",
+                    &["reason"],
+                );
+                ["failed", "timeout"].map(|l| by_reason.with_label_values(&[l]))
+            },
             process_open_fds: plain_gauge(
                 r,
                 "process_open_fds",

@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::limited;
+use crate::observe::metrics::Metrics;
 use crate::policy::refusal::OVER_CAPACITY;
 use crate::policy::timeouts::{ClientTimeouts, ListenerPolicy};
 
@@ -464,4 +465,59 @@ pub async fn refuse_over_capacity(mut stream: Stream, listener: &ListenerPolicy)
             break;
         }
     }
+}
+
+/// `accept()` failed on a proxy listener (Pingora's accept loop asks,
+/// through the `ServerApp::accept_error` hook of the carried patch, see
+/// `vendor/README.md`). Out of descriptors (EMFILE, ENFILE) the loop waits
+/// a second before the next `accept()` (no busy loop) while new
+/// connections wait in the listen backlog; anything else is retried at
+/// once. Counted by reason and logged a few lines a second at most.
+/// Returns true: Pingora's own line (one per failure) is not written.
+pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
+    let errno = error
+        .root_cause()
+        .downcast_ref::<io::Error>()
+        .and_then(io::Error::raw_os_error);
+    if matches!(errno, Some(libc::EMFILE | libc::ENFILE)) {
+        metrics.accept_errors[0].inc();
+        limited!(
+            error,
+            "accept() failed: {error}: the process is out of file descriptors; new connections \
+             wait in the listen backlog until some close (raise LimitNOFILE in the unit, or lower \
+             the listeners' max_connections below it)"
+        );
+    } else {
+        metrics.accept_errors[1].inc();
+        limited!(error, "accept() failed: {error}");
+    }
+    true
+}
+
+/// A client's TLS handshake on a proxy listener failed or timed out
+/// (Pingora's `ServerApp::handshake_error` hook, and the fast path's own
+/// handshake after a PROXY header): a client can cause it at will, so it
+/// is counted and logged a few lines a second, never once per connection.
+pub fn handshake_failed(
+    metrics: &Metrics,
+    peer: Option<&pingora::protocols::l4::socket::SocketAddr>,
+    error: &pingora::Error,
+) -> bool {
+    struct From<'a>(Option<&'a pingora::protocols::l4::socket::SocketAddr>);
+    impl std::fmt::Display for From<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                Some(peer) => write!(f, " from {peer}"),
+                None => Ok(()),
+            }
+        }
+    }
+    let timed_out = error.etype() == &pingora::ErrorType::TLSHandshakeTimedout;
+    metrics.tls_handshake_failures[usize::from(timed_out)].inc();
+    limited!(
+        warn,
+        "client TLS handshake{} did not complete: {error}",
+        From(peer)
+    );
+    true
 }

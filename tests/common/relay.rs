@@ -84,7 +84,7 @@ impl Draw {
 }
 
 /// Make closing `fd` send a reset (SO_LINGER with a zero timeout).
-fn linger_zero(fd: std::os::fd::RawFd) {
+pub fn linger_zero(fd: std::os::fd::RawFd) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -55,7 +55,8 @@ use self::request::parse_request;
 use crate::config::ProxyProtocolMode;
 use crate::model::{Model, Process};
 use crate::paths::client::{
-    read_proxy_start, refuse_over_capacity, set_client_address, ClientStream,
+    accept_failed, handshake_failed, read_proxy_start, refuse_over_capacity, set_client_address,
+    ClientStream,
 };
 use crate::paths::request::unread_head;
 use crate::policy::handover::Handover;
@@ -162,10 +163,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
                 stream = match timeout(timeouts.idle, handshake).await {
                     Ok(Ok(tls)) => Box::new(tls),
                     Ok(Err(e)) => {
-                        log::debug!("TLS handshake after the PROXY header failed: {e}");
+                        handshake_failed(&self.process.metrics, None, &e);
                         return None;
                     }
-                    Err(_) => return None,
+                    Err(_) => {
+                        let e = pingora::Error::explain(
+                            pingora::ErrorType::TLSHandshakeTimedout,
+                            "no TLS handshake after the PROXY header within the idle timeout",
+                        );
+                        handshake_failed(&self.process.metrics, None, &e);
+                        return None;
+                    }
                 };
             }
         }
@@ -192,6 +200,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         self.process.metrics.handed_over[reason as usize].inc();
         self.to_pingora(conn.stream, timeouts, conn.vpce, conn.buf, shutdown)
             .await
+    }
+
+    fn accept_error(&self, error: &pingora::Error) -> bool {
+        accept_failed(&self.process.metrics, error)
+    }
+
+    fn handshake_error(
+        &self,
+        peer: Option<&pingora::protocols::l4::socket::SocketAddr>,
+        error: &pingora::Error,
+    ) -> bool {
+        handshake_failed(&self.process.metrics, peer, error)
     }
 
     async fn cleanup(&self) {

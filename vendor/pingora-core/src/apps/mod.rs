@@ -28,7 +28,9 @@ use crate::protocols::http::v2::server;
 use crate::protocols::http::{ReusableHttpStream, ServerSession};
 use crate::protocols::Digest;
 use crate::protocols::Stream;
+use crate::protocols::l4::socket::SocketAddr;
 use crate::protocols::ALPN;
+use pingora_error::Error;
 
 // https://datatracker.ietf.org/doc/html/rfc9113#section-3.4
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -57,6 +59,26 @@ pub trait ServerApp {
 
     /// This callback will be called once after the service stops listening to its endpoints.
     async fn cleanup(&self) {}
+
+    /// Called when accepting a connection failed (for instance EMFILE: the process is out of
+    /// file descriptors), before the service backs off. No connection exists yet, so this is
+    /// the only place the failure can be counted. Return true to suppress the service's own
+    /// log line (at `error` level, once per failed `accept()`).
+    ///
+    /// The default does nothing and keeps the log line.
+    fn accept_error(&self, _error: &Error) -> bool {
+        false
+    }
+
+    /// Called when the handshake of a new connection (TLS) failed or timed out
+    /// (`TLSHandshakeTimedout`); [`Self::process_new()`] is not called for it. A client can
+    /// cause this at will, so this is where it can be counted and rate-limited. Return true to
+    /// suppress the service's own log line (at `error` level, once per connection).
+    ///
+    /// The default does nothing and keeps the log line.
+    fn handshake_error(&self, _peer: Option<&SocketAddr>, _error: &Error) -> bool {
+        false
+    }
 }
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]

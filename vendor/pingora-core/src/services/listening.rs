@@ -33,7 +33,7 @@ use crate::services::Service as ServiceTrait;
 
 use async_trait::async_trait;
 use log::{debug, error, info};
-use pingora_error::Result;
+use pingora_error::{Error, ErrorType, Result};
 use pingora_runtime::current_handle;
 use pingora_timeout::timeout;
 use std::fs::Permissions;
@@ -236,8 +236,9 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                                 match handshake {
                                     Ok(io) => Self::handle_event(io, app, shutdown).await,
                                     Err(e) => {
-                                        // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
-                                        if let Some(addr) = peer_addr {
+                                        if app.handshake_error(peer_addr.as_ref(), &e) {
+                                            // counted and logged by the app
+                                        } else if let Some(addr) = peer_addr {
                                             error!("Downstream handshake error from {}: {e}", addr);
                                         } else {
                                             error!("Downstream handshake error: {e}");
@@ -246,13 +247,21 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                                 }
                             }
                             Err(_) => {
-                                error!("Downstream handshake timeout");
+                                let e = Error::explain(
+                                    ErrorType::TLSHandshakeTimedout,
+                                    "downstream handshake timeout",
+                                );
+                                if !app.handshake_error(peer_addr.as_ref(), &e) {
+                                    error!("Downstream handshake timeout");
+                                }
                             }
                         }
                     });
                 }
                 Err(e) => {
-                    error!("Accept() failed {e}");
+                    if !app_logic.accept_error(&e) {
+                        error!("Accept() failed {e}");
+                    }
                     if let Some(io_error) = e
                         .root_cause()
                         .downcast_ref::<std::io::Error>()
