@@ -1,7 +1,12 @@
 //! What a production network does to a migration, on real sockets with real
 //! servers: an edge (Debian's nginx over TLS) dying under load with the old
-//! distribution as the backup, and an origin closing its idle keep-alive
-//! connections at any moment (the upstream side of the keep-alive race).
+//! distribution as the backup, an origin closing its idle keep-alive
+//! connections at any moment (the upstream side of the keep-alive race),
+//! and through a fault relay ([`common::relay`]) or a network namespace of
+//! the test's own: latency, stalls, cut connections, resets after the TLS
+//! handshake, half-open connections, addresses whose packets vanish, a
+//! slow link, a slow edge. For the faults on the wire, nginx doing
+//! cutover's job through the same relay or namespace is the reference.
 //!
 //! Every request a client sent is accounted for: answered 200, or failed
 //! and counted as a request that could not be sent again. A GET must never
@@ -211,7 +216,14 @@ async fn client(
                     b"old\n" => t.by_old += 1,
                     _ => t.by_other += 1,
                 }
-                conn = Some(c);
+                // A keep-alive client honours `Connection: close` (nginx
+                // sends it on a connection's 1000th answer).
+                if !m
+                    .header_str("connection")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                {
+                    conn = Some(c);
+                }
             }
             Ok(m) => t.failed.push(format!("{}", m.status())),
             Err(e) => t.failed.push(e),
@@ -381,23 +393,7 @@ async fn an_edge_killed_under_load_loses_no_get() {
     // (its default `proxy_next_upstream error timeout`, the old edge as a
     // `backup` server).
     let mut e = edges().await;
-    let reference = Nginx::start_with_http(
-        &e.dir.path().join("reference"),
-        free_port(),
-        None,
-        &format!(
-            "upstream edges {{ server {}; server {} backup; keepalive 64; }}",
-            e.new.addr, e._old.addr
-        ),
-        &format!(
-            "location / {{ proxy_pass https://edges; proxy_http_version 1.1; \
-             proxy_set_header Connection \"\"; proxy_set_header Host {NEW_EDGE}; \
-             proxy_ssl_server_name on; proxy_ssl_name {NEW_EDGE}; proxy_ssl_verify on; \
-             proxy_ssl_trusted_certificate {ca}; proxy_ssl_session_reuse on; \
-             proxy_connect_timeout 1s; proxy_read_timeout 10s; }}",
-            ca = e.ca_path.display()
-        ),
-    );
+    let reference = reference_nginx(&e, e.new.addr);
     let (mut gets, posts) = freeze_and_kill(reference.addr, &mut e.new).await;
     let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
     eprintln!(
@@ -412,6 +408,31 @@ async fn an_edge_killed_under_load_loses_no_get() {
         posts.failed.len(),
     );
     assert!(gets.by_old > 0, "the reference never reached the backup");
+}
+
+/// nginx doing cutover's job for `e` as the reference: `new` (the new
+/// edge, or the relay in front of it) first, the old edge as a `backup`
+/// server, over TLS with the same checks and timeouts (`connect: 1s`, which
+/// in nginx covers the TLS handshake too, `read: 10s`) and its default
+/// `proxy_next_upstream error timeout`.
+fn reference_nginx(e: &Edges, new: std::net::SocketAddr) -> Nginx {
+    Nginx::start_with_http(
+        &e.dir.path().join("reference"),
+        free_port(),
+        None,
+        &format!(
+            "upstream edges {{ server {new}; server {} backup; keepalive 64; }}",
+            e._old.addr
+        ),
+        &format!(
+            "location / {{ proxy_pass https://edges; proxy_http_version 1.1; \
+             proxy_set_header Connection \"\"; proxy_set_header Host {NEW_EDGE}; \
+             proxy_ssl_server_name on; proxy_ssl_name {NEW_EDGE}; proxy_ssl_verify on; \
+             proxy_ssl_trusted_certificate {ca}; proxy_ssl_session_reuse on; \
+             proxy_connect_timeout 1s; proxy_read_timeout 10s; }}",
+            ca = e.ca_path.display()
+        ),
+    )
 }
 
 /// No descriptor left behind once the clients are gone and the upstream
@@ -614,10 +635,44 @@ async fn through_latency_stalls_and_cut_connections_no_get_fails() {
 /// (Fields drop in order: cutover before its namespace.)
 struct InNamespace {
     proxy: Proxy,
-    _edge: cutover::rehearsal::edge::Edge,
+    edge: cutover::rehearsal::edge::Edge,
     ns: common::netns::Netns,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     listen: std::net::SocketAddr,
+    ca_path: std::path::PathBuf,
+    /// The addresses the name resolves to beside the edge's.
+    extra: Vec<std::net::IpAddr>,
+}
+
+impl InNamespace {
+    /// nginx in the same namespace doing cutover's job, as the reference:
+    /// the edge and the `extra` addresses as the servers of one upstream
+    /// (what the name resolves to), the same TLS checks, `connect: 1s`
+    /// (covering the handshake) and 1 s idle upstream connections, its
+    /// default `proxy_next_upstream error timeout` and `max_fails=1
+    /// fail_timeout=10s`.
+    fn reference(&self) -> Nginx {
+        use cutover::rehearsal::demo::{NEW_DIST, NEW_NAME};
+        let port = self.edge.addr().port();
+        let mut servers = format!("server {}; ", self.edge.addr());
+        for a in &self.extra {
+            servers.push_str(&format!("server {a}:{port}; "));
+        }
+        Nginx::start_in_netns(
+            &self.ns.name,
+            &self.dir.path().join("reference"),
+            std::net::SocketAddr::new(self.ns.inside(), 8081),
+            &format!("upstream edges {{ {servers}keepalive 64; keepalive_timeout 1s; }}"),
+            &format!(
+                "location / {{ proxy_pass https://edges; proxy_http_version 1.1; \
+                 proxy_set_header Connection \"\"; proxy_set_header Host {NEW_NAME}; \
+                 proxy_ssl_server_name on; proxy_ssl_name {NEW_DIST}; proxy_ssl_verify on; \
+                 proxy_ssl_trusted_certificate {ca}; proxy_ssl_session_reuse on; \
+                 proxy_connect_timeout 1s; }}",
+                ca = self.ca_path.display()
+            ),
+        )
+    }
 }
 
 async fn in_namespace(
@@ -637,7 +692,8 @@ async fn in_namespace(
     .unwrap();
     let hosts = dir.path().join("hosts");
     let mut text = format!("{} {NEW_DIST}\n", edge.addr().ip());
-    for a in extra(&ns) {
+    let extra = extra(&ns);
+    for a in &extra {
         text.push_str(&format!("{a} {NEW_DIST}\n"));
     }
     std::fs::write(&hosts, text).unwrap();
@@ -657,26 +713,54 @@ async fn in_namespace(
     let proxy = Proxy::start_in_netns(&ns.name, dir.path(), &yaml, listen, admin, Some(&hosts));
     InNamespace {
         proxy,
-        _edge: edge,
+        edge,
         ns,
-        _dir: dir,
+        dir,
         listen,
+        ca_path,
+        extra,
     }
 }
 
 /// cutover in a network namespace of the test's own, the edge outside,
 /// the link toward cutover limited to 8 Mbit/s (`tc tbf`): a 2 MiB body
 /// comes through whole at the link's pace, and small GETs on other
-/// connections keep being answered meanwhile.
+/// connections keep being answered meanwhile. nginx in the same namespace,
+/// over the same link, as the reference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
-    use cutover::rehearsal::edge::pattern_byte;
     let bed = in_namespace(|_| Vec::new()).await;
-    let (ns, listen) = (&bed.ns, bed.listen);
     let fds_before = open_fds(bed.proxy.pid());
-    ns.limit_rate("8mbit");
+    bed.ns.limit_rate("8mbit");
+    let reference = bed.reference();
+    for (who, listen) in [("cutover", bed.listen), ("nginx", reference.addr)] {
+        let (took, ok, failed, worst) = over_slow_link(listen).await;
+        eprintln!(
+            "{who}, 8 Mbit/s link: {LEN} bytes in {took:.2?} ({:.1} Mbit/s); meanwhile {ok} small GETs, {} failed, slowest {worst:.0?}",
+            LEN as f64 * 8.0 / took.as_secs_f64() / 1e6,
+            failed.len()
+        );
+        if who == "cutover" {
+            // 2 MiB cannot cross 8 Mbit/s in less than ~2.1 s: the limit held.
+            assert!(
+                took >= Duration::from_millis(1800),
+                "{took:?}: the link was not limited"
+            );
+            assert!(failed.is_empty(), "{failed:?}");
+            assert!(ok > 0);
+        }
+    }
+    drop(reference);
+    no_descriptor_left(&bed.proxy, fds_before).await;
+}
 
-    const LEN: usize = 2 << 20;
+const LEN: usize = 2 << 20;
+
+/// A [`LEN`]-byte GET through `listen` (checked whole and unaltered) while
+/// 4 clients send small GETs: how long it took, how many small GETs were
+/// answered, which failed, the slowest.
+async fn over_slow_link(listen: std::net::SocketAddr) -> (Duration, u64, Vec<String>, Duration) {
+    use cutover::rehearsal::edge::pattern_byte;
     let big = tokio::spawn(async move {
         let mut c = RawClient::connect(listen).await;
         let t = Instant::now();
@@ -721,11 +805,6 @@ async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
         failed.extend(f);
         worst = worst.max(w);
     }
-    eprintln!(
-        "8 Mbit/s link: {LEN} bytes in {took:.2?} ({:.1} Mbit/s); meanwhile {ok} small GETs, {} failed, slowest {worst:.0?}",
-        LEN as f64 * 8.0 / took.as_secs_f64() / 1e6,
-        failed.len()
-    );
     assert_eq!(m.status(), 200);
     assert_eq!(m.body.len(), LEN);
     assert!(
@@ -735,14 +814,7 @@ async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
             .all(|(i, &b)| b == pattern_byte(i as u64)),
         "the body arrived altered"
     );
-    // 2 MiB cannot cross 8 Mbit/s in less than ~2.1 s: the limit held.
-    assert!(
-        took >= Duration::from_millis(1800),
-        "{took:?}: the link was not limited"
-    );
-    assert!(failed.is_empty(), "{failed:?}");
-    assert!(ok > 0);
-    no_descriptor_left(&bed.proxy, fds_before).await;
+    (took, ok, failed, worst)
 }
 
 /// The new distribution's name resolves to the edge and to two addresses
@@ -755,29 +827,7 @@ async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
 async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get() {
     let bed = in_namespace(|ns| vec![ns.vanishing_v4(1), ns.vanishing_v4(2)]).await;
     let fds_before = open_fds(bed.proxy.pid());
-    let stop = Arc::new(AtomicBool::new(false));
-    // A client opening a connection per request, beside 8 keep-alive ones.
-    let (listen, stop2) = (bed.listen, stop.clone());
-    let fresh = tokio::spawn(async move {
-        let (mut ok, mut failed) = (0, Vec::new());
-        while !stop2.load(Ordering::Relaxed) {
-            let mut c = RawClient::connect(listen).await;
-            c.send(
-                format!("GET /ruok HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await;
-            match c.response(false).await {
-                Ok(m) if m.status() == 200 => ok += 1,
-                Ok(m) => failed.push(m.status().to_string()),
-                Err(e) => failed.push(e),
-            }
-        }
-        (ok, failed)
-    });
-    let mut gets = paced_gets(bed.listen, 8, Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (fresh_ok, fresh_failed) = fresh.await.unwrap();
+    let (mut gets, fresh_ok, fresh_failed) = beside_vanishing_addresses(bed.listen).await;
     let m = bed.proxy.metrics().await;
     let timeouts = summed(&m, "cutover_upstream_errors_total", &[("kind", "timeout")]);
     let ejections = summed(&m, "cutover_upstream_address_ejections_total", &[]);
@@ -798,6 +848,48 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
     // (5 s, longer than the test).
     assert!(timeouts <= 9.0, "{timeouts} connect timeouts:\n{m}");
     no_descriptor_left(&bed.proxy, fds_before).await;
+
+    // nginx in the same namespace, the three addresses its upstream's servers.
+    let reference = bed.reference();
+    let (mut gets, fresh_ok, fresh_failed) = beside_vanishing_addresses(reference.addr).await;
+    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+    eprintln!(
+        "nginx, the same: {} keep-alive GETs and {fresh_ok} connect-per-request GETs, {} failed {:?}; \
+         p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+        gets.sent,
+        gets.failed.len() + fresh_failed.len(),
+        gets.failed.iter().chain(&fresh_failed).take(3).collect::<Vec<_>>()
+    );
+    assert!(gets.by_other > 0, "the reference reached no edge");
+}
+
+/// 8 paced keep-alive GET clients and one opening a connection per
+/// request, for 4 s through `listen`: the keep-alive ones' tally, and the
+/// other's answered and failed requests.
+async fn beside_vanishing_addresses(listen: std::net::SocketAddr) -> (Tally, u64, Vec<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let fresh = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop2.load(Ordering::Relaxed) {
+            let mut c = RawClient::connect(listen).await;
+            c.send(
+                format!("GET /ruok HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+            match c.response(false).await {
+                Ok(m) if m.status() == 200 => ok += 1,
+                Ok(m) => failed.push(m.status().to_string()),
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    });
+    let gets = paced_gets(listen, 8, Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (fresh_ok, fresh_failed) = fresh.await.unwrap();
+    (gets, fresh_ok, fresh_failed)
 }
 
 /// The new edge (nginx over TLS, closing each connection after 5 requests,
@@ -842,6 +934,74 @@ async fn connections_reset_right_after_the_tls_handshake_fail_no_get() {
     assert!(gets.failed.is_empty(), "{:?}", gets.failed);
     assert!(resent >= 1.0, "{m}");
     assert!(gets.by_new > 0 && gets.by_old > 0);
+    no_descriptor_left(&e.proxy, fds_before).await;
+
+    // nginx through the same relay, as the reference.
+    let relay = e.relay.as_ref().unwrap();
+    let reference = reference_nginx(&e, relay.addr);
+    let before = relay.stats.handshake_resets.load(Ordering::Relaxed);
+    let mut gets = paced_gets(reference.addr, 8, Duration::from_secs(4)).await;
+    let resets = relay.stats.handshake_resets.load(Ordering::Relaxed) - before;
+    let (p50, p99) = (gets.quantile(0.5), gets.quantile(0.99));
+    eprintln!(
+        "nginx, the same: {} GETs ({} new, {} old), {} failed {:?}; {resets} resets; p50 {p50:.1} ms, p99 {p99:.1} ms",
+        gets.sent,
+        gets.by_new,
+        gets.by_old,
+        gets.failed.len(),
+        gets.failed.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(resets > 0, "the reference met no reset");
+}
+
+/// The new edge behind a relay that leaves 20% of the connections
+/// half-open (accepted, never answered, never closed: the TLS handshake
+/// hangs), the new edge closing each connection after 5 requests so that
+/// cutover keeps opening new ones; the old edge as backup. A hung
+/// handshake costs the connect timeout (1 s, which covers the handshake),
+/// the address is ejected and the GET goes to the backup: none fails.
+/// nginx through the same relay as the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_cost_a_connect_timeout_and_fail_no_get() {
+    let faults = common::relay::Faults {
+        half_open_per_mille: 200,
+        ..Default::default()
+    };
+    let e = edges_with("keepalive_requests 5;\n    ", Some(faults)).await;
+    let relay = e.relay.as_ref().unwrap();
+    let fds_before = open_fds(e.proxy.pid());
+    let mut figures = Vec::new();
+    let reference = reference_nginx(&e, relay.addr);
+    for (who, addr) in [("cutover", e.proxy.listen), ("nginx", reference.addr)] {
+        let before = relay.stats.half_open.load(Ordering::Relaxed);
+        let mut gets = paced_gets(addr, 8, Duration::from_secs(4)).await;
+        let hung = relay.stats.half_open.load(Ordering::Relaxed) - before;
+        let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+        eprintln!(
+            "{who}, 20% of connections half-open: {} GETs ({} new, {} old), {} failed {:?}; {hung} half-open; \
+             p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+            gets.sent,
+            gets.by_new,
+            gets.by_old,
+            gets.failed.len(),
+            gets.failed.iter().take(3).collect::<Vec<_>>()
+        );
+        figures.push((gets, hung));
+    }
+    let (gets, hung) = &figures[0];
+    assert!(
+        *hung > 0,
+        "no connection was left half-open: the test proves nothing"
+    );
+    assert!(gets.failed.is_empty(), "{:?}", gets.failed);
+    assert!(gets.by_new > 0 && gets.by_old > 0);
+    let m = e.proxy.metrics().await;
+    let timeouts = summed(&m, "cutover_upstream_errors_total", &[("kind", "timeout")])
+        + summed(&m, "cutover_upstream_errors_total", &[("kind", "tls")]);
+    let ejections = summed(&m, "cutover_upstream_address_ejections_total", &[]);
+    eprintln!("cutover counted {timeouts} connect/handshake failures, {ejections} ejections");
+    assert!(timeouts >= 1.0 && ejections >= 1.0, "{m}");
+    drop(reference);
     no_descriptor_left(&e.proxy, fds_before).await;
 }
 

@@ -18,6 +18,8 @@ pub struct Nginx {
     body: String,
     /// Lines for the `http` block, before the `server` (an `upstream`).
     http_extra: String,
+    /// The network namespace it runs in (`ip netns exec`), if not ours.
+    netns: Option<String>,
 }
 
 fn binary() -> &'static str {
@@ -65,6 +67,30 @@ impl Nginx {
             tls,
             body: String::new(),
             http_extra: http_extra.to_string(),
+            netns: None,
+        };
+        n.restart(server_body);
+        n
+    }
+
+    /// [`Nginx::start_with_http`] inside the network namespace `netns`
+    /// (`addr` one of its addresses, reachable from the test's namespace).
+    pub fn start_in_netns(
+        netns: &str,
+        dir: &Path,
+        addr: SocketAddr,
+        http_extra: &str,
+        server_body: &str,
+    ) -> Nginx {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut n = Nginx {
+            child: None,
+            addr,
+            dir: dir.to_path_buf(),
+            tls: String::new(),
+            body: String::new(),
+            http_extra: http_extra.to_string(),
+            netns: Some(netns.to_string()),
         };
         n.restart(server_body);
         n
@@ -99,7 +125,16 @@ http {{
         );
         let path = self.dir.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
-        let child = Command::new(binary())
+        // `ip netns exec` execs nginx: the child's PID is nginx's.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, binary()]);
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .arg("-c")
             .arg(&path)
             .arg("-p")

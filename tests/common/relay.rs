@@ -15,7 +15,12 @@
 //!   per connection, its third read from the client (after the ClientHello
 //!   and the client's Finished: its first request, when the request came
 //!   in a read of its own) is not forwarded and both sides are reset: a
-//!   TLS connection that dies as soon as it is up, before it answers.
+//!   TLS connection that dies as soon as it is up, before it answers;
+//! - half-open: with probability `half_open_per_mille` per connection, the
+//!   relay accepts it and never connects upstream: what the client sends
+//!   is read and dropped, nothing is answered and the socket stays open
+//!   until the client closes it (a peer that went away behind a middlebox
+//!   still holding the connection: no reset, no FIN, no byte).
 //!
 //! Counts what it did, so a test can hold the proxy to it.
 
@@ -35,6 +40,7 @@ pub struct Faults {
     pub stall_per_mille: u64,
     pub stall: Duration,
     pub reset_after_handshake_per_mille: u64,
+    pub half_open_per_mille: u64,
 }
 
 #[derive(Default, Debug)]
@@ -43,6 +49,7 @@ pub struct Stats {
     pub cuts: AtomicU64,
     pub stalls: AtomicU64,
     pub handshake_resets: AtomicU64,
+    pub half_open: AtomicU64,
 }
 
 pub struct Relay {
@@ -116,6 +123,15 @@ impl Relay {
                 seed += 1;
                 let n = s.connections.fetch_add(1, Ordering::Relaxed);
                 let (faults, stats) = (faults.clone(), s.clone());
+                if Draw(seed * 104_729 + n).per_mille(faults.half_open_per_mille) {
+                    stats.half_open.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        let mut client = client;
+                        let mut sink = [0u8; 4096];
+                        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
