@@ -5,6 +5,8 @@
 #
 #   sudo benches/compare/idle.sh              # N=10000
 #   N=2000 benches/compare/idle.sh
+#   TLS=1 benches/compare/idle.sh             # on the TLS listener (an ALB's HTTPS targets)
+#   BIN=/tmp/cutover-old benches/compare/idle.sh   # another binary
 #
 # Needs python3 (the client: asyncio, one socket per connection) and what matrix.sh set up
 # (run it once first: it writes the config and builds the binary).
@@ -13,9 +15,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/common.sh"
 N=${N:-10000}
 PROFILE=${PROFILE:-dist}
-BIN=${CARGO_TARGET_DIR:-/var/cache/cutover-target}/$PROFILE/cutover
+BIN=${BIN:-${CARGO_TARGET_DIR:-/var/cache/cutover-target}/$PROFILE/cutover}
 CONFIG=$CONF_DIR/matrix-cutover.yaml
-PORT=18084
+TLS=${TLS:-0}
+if [ "$TLS" = 1 ]; then PORT=18184; SCHEME=https; else PORT=18084; SCHEME=http; fi
 [ -x "$BIN" ] && [ -f "$CONFIG" ] || die "run matrix.sh once first (it builds $BIN and writes $CONFIG)"
 # Descriptors: N for the clients (python, its own process), N + the upstream pool for cutover.
 want=$((N * 2 + 4096)); hard=$(ulimit -Hn)
@@ -33,17 +36,23 @@ taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" run --config "$CONFIG" >>"$LOG_
 CUTOVER=$!
 wait_port "$PORT" || die "cutover did not start"
 # One request first, so the upstream connection and the caches exist.
-curl -s -o /dev/null -H "Host: $FRONT_HOST" "http://127.0.0.1:$PORT/ruok"
+curl -sk -o /dev/null -H "Host: $FRONT_HOST" "$SCHEME://127.0.0.1:$PORT/ruok"
 sleep 2
 
 measure() { # MODE: request | silent
   local base
   base=$(rss_kb "$CUTOVER")
-  python3 - "$PORT" "$N" "$1" "$FRONT_HOST" <<'PY' &
-import asyncio, sys
-port, n, mode, host = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+  python3 - "$PORT" "$N" "$1" "$FRONT_HOST" "$TLS" <<'PY' &
+import asyncio, ssl, sys
+port, n, mode, host, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+ctx = None
+if tls:
+    # The bench CA's certificate is not what is measured here: no verification.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
 async def one(held):
-    r, w = await asyncio.open_connection("127.0.0.1", port)
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=host if tls else None)
     if mode == "request":
         w.write(f"GET /ruok HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await w.drain()
@@ -76,6 +85,6 @@ PY
     printf "%-8s %6d conns: RSS before %.1f MiB, with them %.1f MiB (%d fds, %d upstream connections), after they closed %.1f MiB: %.1f KiB per connection\n",
       m, n, b/1024, w/1024, f, p, a/1024, (w-b)/n }'
 }
-log "cutover $BIN, $N connections each way"
+log "cutover $BIN, $N connections each way, $SCHEME"
 measure request
 measure silent

@@ -5,6 +5,8 @@
 #   PATHS="/ruok /obj4k" SECONDS_RUN=10 CONNS=4 benches/compare/profile.sh ...
 #   TLS=1 benches/compare/profile.sh ...     # through the TLS listener
 #   POST=1 benches/compare/profile.sh ...    # POST 4 KiB
+#   benches/compare/profile.sh nginx=nginx cutover=...   # nginx doing the same job (its bench config,
+#                                            # one worker, no master process), as the reference
 #
 # Instruction counts (valgrind's callgrind) do not depend on how fast the machine is today, so two
 # builds can be compared on different days; syscalls per request come from `strace -c -f`. For each
@@ -42,13 +44,27 @@ load() { # SECONDS PATH -> prints completed requests
     | awk '/requests in/ { print $1 }'
 }
 
+# nginx as the reference: its bench config with the worker as the only process (valgrind and strace
+# follow one process), on its own ports.
+if [ "$TLS" = 1 ]; then NGINX_AT=$NGINX_TLS_PORT; else NGINX_AT=$NGINX_PORT; fi
+sed 's/^master_process on;/master_process off;/' "$CONF_DIR/nginx-proxy.conf" >"$CONF_DIR/nginx-profile.conf"
+command_for() { # NAME BINARY -> sets CMD and PORT
+  if [ "$2" = nginx ]; then
+    CMD=(nginx -c "$CONF_DIR/nginx-profile.conf"); PORT=$NGINX_AT
+  else
+    CMD=("$2" run --config "$CONFIG"); PORT=$CUTOVER_AT
+  fi
+}
+CUTOVER_AT=$PORT
+
 printf '%-10s %-7s %12s %14s %12s %10s\n' name path requests "instr/request" syscalls "sys/request"
 for arg in "$@"; do
   name=${arg%%=*}; bin=${arg#*=}
+  command_for "$name" "$bin"
   for path in $PATHS; do
     cg=$OUT/$name-${path//\//}.callgrind
     taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$cg" \
-      "$bin" run --config "$CONFIG" >"$OUT/$name.valgrind.log" 2>&1 &
+      "${CMD[@]}" >"$OUT/$name.valgrind.log" 2>&1 &
     pid=$!
     wait_port "$PORT" 300 || die "$name did not start under valgrind"
     load 2 "$path" >/dev/null
@@ -61,7 +77,7 @@ for arg in "$@"; do
     ir=$(callgrind_annotate "$cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
 
     st=$OUT/$name-${path//\//}.strace
-    taskset -c "$PROXY_CPU" "$bin" run --config "$CONFIG" >>"$OUT/$name.log" 2>&1 &
+    taskset -c "$PROXY_CPU" "${CMD[@]}" >>"$OUT/$name.log" 2>&1 &
     pid=$!
     wait_port "$PORT" || die "$name did not start"
     load 2 "$path" >/dev/null

@@ -277,7 +277,14 @@ fn build_server(
                         tls.key.display()
                     )
                 })?;
-                proxy.add_tls_with_settings(&addr, None, settings);
+                // No L4 read buffer either (64 KiB per connection): OpenSSL
+                // reads ahead into its own record buffer instead
+                // (`model::peer::tune_tls`).
+                proxy.add_listener(
+                    ListenerConfig::tcp(addr.clone())
+                        .tls(settings)
+                        .l4_buffer(L4BufferSettings::default().read(0)),
+                );
             }
         }
     }

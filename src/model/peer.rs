@@ -47,9 +47,12 @@ impl PeerTemplate {
     }
 }
 
-/// Two settings for a new upstream TLS connection that Pingora's connector
-/// offers no hook for (its `SSL_CTX` is private), measured with strace and
-/// callgrind on the fast path:
+/// Two settings for a new TLS connection that Pingora's connector and
+/// acceptor offer no hook for (their `SSL_CTX` is private), measured with
+/// strace and callgrind on the fast path, applied to upstream connections
+/// and to client connections on TLS listeners (which have no L4 read
+/// buffer of Pingora's, so read-ahead is what keeps a record to one
+/// syscall; an idle client frees its buffers with [`release_tls_buffers`]):
 /// - read-ahead: OpenSSL otherwise reads each record with two syscalls (the
 ///   5-byte header, then the rest); with it, one `recvfrom` per response
 ///   instead of two, and half as many on large bodies;
@@ -90,6 +93,27 @@ extern "C" {
     /// OpenSSL >= 1.1.0: whether any bytes (decrypted or not) wait in the
     /// SSL object's buffers. The `openssl` crate has no wrapper for it.
     fn SSL_has_pending(ssl: *const openssl_sys::SSL) -> std::ffi::c_int;
+    /// OpenSSL >= 1.1.1: free the record buffers if they hold nothing (0,
+    /// and nothing freed, if they do); the next record allocates them
+    /// again. No wrapper in the `openssl` crate either.
+    fn SSL_free_buffers(ssl: *mut openssl_sys::SSL) -> std::ffi::c_int;
+}
+
+/// Free a TLS stream's record buffers (~34 KiB with Debian's OpenSSL) if
+/// they hold nothing: what `SSL_MODE_RELEASE_BUFFERS` does after every
+/// record, done once, when a client connection has gone idle
+/// ([`tune_tls`] keeps them while it is busy). A plain stream is left as
+/// it is.
+pub fn release_tls_buffers(stream: &pingora::protocols::Stream) {
+    use foreign_types::ForeignTypeRef;
+    if let Some(ssl) = stream.get_ssl() {
+        // SAFETY: the live SSL object the stream owns, used only on this
+        // task, with no read or write in progress (the caller is between
+        // requests); OpenSSL refuses if a buffer holds anything.
+        unsafe {
+            SSL_free_buffers(ssl.as_ptr());
+        }
+    }
 }
 
 /// `stream` back if nothing arrived on it since it was last read, `None` if

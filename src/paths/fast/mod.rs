@@ -179,8 +179,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
         }
         let peer = peer_ip(&stream);
         first.reserve(4096);
+        let tls = stream.get_ssl_digest().is_some();
+        if tls {
+            crate::model::peer::tune_tls(&stream);
+        }
         let mut conn = Conn {
-            tls: stream.get_ssl_digest().is_some(),
+            lean: !tls,
+            tls,
             timeouts,
             vpce,
             peer,
@@ -279,6 +284,9 @@ struct Conn {
     body: Vec<u8>,
     /// The upstream connection the last request used, while it stays usable.
     held: Option<Held>,
+    /// Whether it holds no buffer beyond its read buffer: it has been idle
+    /// for [`HOLD_UPSTREAM`] since its last request (or its handshake).
+    lean: bool,
 }
 
 /// An upstream connection kept between a client's requests: the next request
@@ -388,7 +396,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                 // it without a pool round trip), then goes back to the
                 // process pool rather than sit idle here.
                 let left = idle_until.saturating_duration_since(Instant::now());
-                let wait = if conn.held.is_some() {
+                let wait = if conn.held.is_some() || !conn.lean {
                     HOLD_UPSTREAM.min(left)
                 } else {
                     left
@@ -404,8 +412,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                 tokio::select! {
                     biased;
                     r = timeout(wait, conn.stream.read_buf(&mut conn.buf)) => match r {
-                        Ok(Ok(n)) if n > 0 => continue,
-                        Err(_) if conn.held.is_some() => {
+                        Ok(Ok(n)) if n > 0 => {
+                            conn.lean = false;
+                            continue;
+                        }
+                        Err(_) if conn.held.is_some() || !conn.lean => {
                             if let Some(held) = conn.held.take() {
                                 held.release(&self.connector);
                             }
@@ -413,6 +424,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                             conn.out = Vec::new();
                             conn.resp = Vec::new();
                             conn.body = Vec::new();
+                            crate::model::peer::release_tls_buffers(&conn.stream);
+                            conn.lean = true;
                             continue;
                         }
                         _ => return None,
