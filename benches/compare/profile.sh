@@ -20,6 +20,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PATHS=${PATHS:-"/ruok /obj4k"}
 SECONDS_RUN=${SECONDS_RUN:-10}
 CONNS=${CONNS:-4}
+# CACHE_SIM=yes: also simulated cache misses per request (callgrind's cache model: slower)
+CACHE_SIM=${CACHE_SIM:-no}
 # TLS=1: through the TLS listener (matrix.sh's config has one on 18184); POST=1: POST 4 KiB to /upload
 TLS=${TLS:-0}; POST=${POST:-0}
 CONFIG=${CONFIG:-$CONF_DIR/matrix-cutover.yaml}
@@ -63,7 +65,7 @@ for arg in "$@"; do
   command_for "$name" "$bin"
   for path in $PATHS; do
     cg=$OUT/$name-${path//\//}.callgrind
-    taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$cg" \
+    taskset -c "$PROXY_CPU" valgrind --tool=callgrind --cache-sim="$CACHE_SIM" --callgrind-out-file="$cg" \
       "${CMD[@]}" >"$OUT/$name.valgrind.log" 2>&1 &
     pid=$!
     wait_port "$PORT" 300 || die "$name did not start under valgrind"
@@ -75,6 +77,12 @@ for arg in "$@"; do
     callgrind_control -d "$pid" >/dev/null
     kill -INT "$pid"; wait "$pid" 2>/dev/null || true
     ir=$(callgrind_annotate "$cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+    if [ "$CACHE_SIM" = yes ]; then
+      # Simulated misses per request: the last-level cache's data read and write misses.
+      callgrind_annotate "$cg.1" 2>/dev/null | awk -v r="$reqs" -v n="$name" -v p="$path" '
+        /^Events shown:/ { for (i = 3; i <= NF; i++) ev[i - 2] = $i }
+        /PROGRAM TOTALS/ { for (i = 1; i in ev; i++) { v = $(2 * i - 1); gsub(",", "", v); if (ev[i] ~ /^(D1mr|D1mw|DLmr|DLmw)$/) printf "%s %s %s per request: %.0f\n", n, p, ev[i], v / r } }' >&2
+    fi
 
     st=$OUT/$name-${path//\//}.strace
     taskset -c "$PROXY_CPU" "${CMD[@]}" >>"$OUT/$name.log" 2>&1 &

@@ -490,11 +490,17 @@ enum UploadFailed {
     UpstreamTimeout,
 }
 
+/// Spare room a body read asks for beyond the bytes it expects.
+const READ_SLACK: usize = 1024;
+
 /// Read the rest of a request body, `late` bytes, into `conn.body` (bytes
 /// past it go to `conn.buf`); `Err` with the status the client gets: 408
 /// (nothing within the body timeout) or 499 (it closed).
 async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
-    conn.body.reserve(late);
+    // Room past the body: a read that fills its buffer exactly leaves the
+    // socket marked readable, and the next request's first read would be
+    // a syscall that finds nothing (EAGAIN); a short read does not.
+    conn.body.reserve(late + READ_SLACK);
     while conn.body.len() < late {
         match timeout(conn.timeouts.body, conn.stream.read_buf(&mut conn.body)).await {
             Ok(Ok(n)) if n > 0 => {}

@@ -74,6 +74,11 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_REQUEST_HEADERS: usize = 64;
 const MAX_RESPONSE_HEADERS: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
+/// The read buffer of a client connection between requests: while it is
+/// idle, and while it is busy (room for a head and a 4 KiB body in one
+/// read: one syscall fewer per small upload).
+const IDLE_READ: usize = 4096;
+const BUSY_READ: usize = 8192;
 /// Body bytes gathered per client write when more is already waiting.
 const BODY_BATCH: usize = 64 * 1024;
 /// How long an idle client keeps its upstream connection before it goes back
@@ -178,7 +183,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             }
         }
         let peer = peer_ip(&stream);
-        first.reserve(4096);
+        first.reserve(IDLE_READ);
         let tls = stream.get_ssl_digest().is_some();
         if tls {
             crate::model::peer::tune_tls(&stream);
@@ -408,7 +413,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                 if self.closing.load(Ordering::Acquire) {
                     return None;
                 }
-                conn.buf.reserve(4096);
+                // A busy connection reads into room for a head and a small
+                // body at once (a 4 KiB POST in one read); an idle one keeps
+                // 4 KiB.
+                conn.buf
+                    .reserve(if conn.lean { IDLE_READ } else { BUSY_READ });
                 tokio::select! {
                     biased;
                     r = timeout(wait, conn.stream.read_buf(&mut conn.buf)) => match r {
@@ -425,6 +434,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                             conn.resp = Vec::new();
                             conn.body = Vec::new();
                             crate::model::peer::release_tls_buffers(&conn.stream);
+                            conn.buf.shrink_to(IDLE_READ);
                             conn.lean = true;
                             continue;
                         }
