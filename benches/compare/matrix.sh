@@ -225,23 +225,29 @@ done
       return m == 0 ? "" : (m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2) }
     NR > 1 { k = $2 SUBSEP $4 SUBSEP $3; seen[k] = 1; if (!(($2, $4) in order)) { order[$2, $4] = 1; pl[$2] = pl[$2] " " $4 }
       if (!(($2, $3) in tn)) { tn[$2, $3] = 1; tl[$2] = tl[$2] " " $3 }
-      for (c = 5; c <= 13; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; rounds[$1] = 1 }
+      for (c = 5; c <= 13; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; p99r[$1, $2, $4, $3] = $7; rounds[$1] = 1 }
     END {
-      printf "| scenario | path | target | req/s | p50 ms | p99 ms | req per proxy CPU-s | x nginx | x haproxy | upstream conns opened | RSS MiB | errors |\n"
-      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+      printf "| scenario | path | target | req/s | p50 ms | p99 ms | p99 x best peer | req per proxy CPU-s | x nginx | x haproxy | upstream conns opened | RSS MiB | errors |\n"
+      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
       ns = split(scen, S, " ")
       for (i = 1; i <= ns; i++) { s = S[i]; np = split(pl[s], P, " "); nt = split(tl[s], T, " ")
         for (p = 1; p <= np; p++) for (t = 1; t <= nt; t++) { k = s SUBSEP P[p] SUBSEP T[t]; if (!(k in seen)) continue
           xn = ""; xh = ""
           for (r in rounds) { if (((r, s, P[p], "nginx") in rpc) && rpc[r, s, P[p], "nginx"] > 0) xn = xn " " rpc[r, s, P[p], T[t]] / rpc[r, s, P[p], "nginx"]
                               if (((r, s, P[p], "haproxy") in rpc) && rpc[r, s, P[p], "haproxy"] > 0) xh = xh " " rpc[r, s, P[p], T[t]] / rpc[r, s, P[p], "haproxy"] }
-          xn = med(xn); xh = med(xh)
-          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.0f | %s | %s | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
-            med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
+          xp = ""
+          for (r in rounds) { b = ""
+            if (((r, s, P[p], "nginx") in p99r) && p99r[r, s, P[p], "nginx"] > 0) b = p99r[r, s, P[p], "nginx"] + 0
+            if (((r, s, P[p], "haproxy") in p99r) && p99r[r, s, P[p], "haproxy"] > 0 && (b == "" || p99r[r, s, P[p], "haproxy"] + 0 < b)) b = p99r[r, s, P[p], "haproxy"] + 0
+            if (b != "" && ((r, s, P[p], T[t]) in p99r)) xp = xp " " p99r[r, s, P[p], T[t]] / b }
+          xn = med(xn); xh = med(xh); xp = med(xp)
+          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %s | %.0f | %s | %s | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
+            med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, xp == "" ? "" : sprintf("%.2f", xp), med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
             xh == "" ? "" : sprintf("%.2f", xh), v[k, 12] ~ /-/ ? "-" : med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
     }' "$CSV"
   echo
   echo "x nginx / x haproxy: median over rounds of the same-round ratio of requests per proxy CPU-second."
+  echo "p99 x best peer: median over rounds of the same-round ratio of the target's p99 to the lower of nginx's and HAProxy's."
   echo "RSS: the target's processes after that row's run (nginx/HAProxy: master + worker)."
   echo "raw: $RES"
 } | tee "$RES/summary.md"
