@@ -141,20 +141,24 @@ async fn connections_reused_just_inside_the_keepalive_timeout_never_see_a_reset(
     let mut failures = Vec::new();
     // On a TLS listener each reuse also comes after the connection freed
     // its TLS record buffers (1 s idle) and has to allocate them again.
-    // The TLS connections run on their own after the others: their
-    // handshakes (in a debug build, on 2 cores) would otherwise delay the
-    // plain clients' own requests past the 0.1 s of margin.
+    // The TLS connections run on their own after the others, with one
+    // connector between them: their setup (in a debug build, on 2 cores)
+    // would otherwise delay the other clients' requests past the 0.1 s of
+    // margin.
+    let connector = RawClient::tls_connector(&bed.ca_path);
     for phase in [&CARRIERS[..2], &CARRIERS[2..]] {
         let mut tasks = Vec::new();
         for &carrier in phase {
             for i in 0..CONNECTIONS {
-                let (listen, tls, ca) = (bed.proxy.listen, bed.tls, bed.ca_path.clone());
+                let (listen, tls, connector) = (bed.proxy.listen, bed.tls, connector.clone());
                 tasks.push(tokio::spawn(async move {
                     // Spread the connections over the 1.9 s.
                     tokio::time::sleep(Duration::from_millis(i as u64 * 1900 / CONNECTIONS as u64))
                         .await;
                     let mut c = match carrier {
-                        Carrier::Tls => RawClient::connect_tls(tls, &ca, PUBLIC_NAME).await,
+                        Carrier::Tls => {
+                            RawClient::connect_tls_using(tls, &connector, PUBLIC_NAME).await
+                        }
                         _ => RawClient::connect(listen).await,
                     };
                     if carrier == Carrier::Pingora {

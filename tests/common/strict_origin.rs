@@ -274,16 +274,26 @@ impl RawClient {
 
     /// Over TLS, checking the listener's certificate for `name` against `ca`.
     pub async fn connect_tls(addr: SocketAddr, ca: &std::path::Path, name: &str) -> RawClient {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::connect_tls_using(addr, &Self::tls_connector(ca), name).await
+    }
+
+    /// A connector trusting `ca`, to share between connections: building
+    /// one reads the system's CA store, milliseconds of CPU that a test
+    /// opening many connections on a tight schedule cannot spend on each.
+    pub fn tls_connector(ca: &std::path::Path) -> openssl::ssl::SslConnector {
         let mut connector =
             openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
         connector.set_ca_file(ca).unwrap();
-        let ssl = connector
-            .build()
-            .configure()
-            .unwrap()
-            .into_ssl(name)
-            .unwrap();
+        connector.build()
+    }
+
+    pub async fn connect_tls_using(
+        addr: SocketAddr,
+        connector: &openssl::ssl::SslConnector,
+        name: &str,
+    ) -> RawClient {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let ssl = connector.configure().unwrap().into_ssl(name).unwrap();
         let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
         std::pin::Pin::new(&mut tls).connect().await.unwrap();
         Self::over(Box::new(tls))
