@@ -47,9 +47,7 @@ async fn start(listener_extra: &str) -> Bed {
     let ca = TestCa::new("timeouts CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
     let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
-    let (cert, key) = (dir.path().join("l.pem"), dir.path().join("l.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(dir.path(), "l").unwrap();
     let script: Script = Arc::new(|_| None);
     let origin = StrictOrigin::start_plain(script).await;
     let tls = free_port();

@@ -146,9 +146,7 @@ fn hosts(bed: &Bed) -> PathBuf {
 /// client that sends the token only (S3's answer otherwise).
 fn https_server(bed: &Bed, www: &Path, addr: SocketAddr) -> Nginx {
     let issued = bed.ca.issue(&[CONFIG_HOST]).unwrap();
-    let (cert, key) = (bed.path("config-server.pem"), bed.path("config-server.key"));
-    std::fs::write(&cert, issued.cert_pem).unwrap();
-    std::fs::write(&key, issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(bed.dir(), "config-server").unwrap();
     Nginx::start(
         &bed.path("nginx"),
         addr,

@@ -58,9 +58,7 @@ async fn edges_with(new_body: &str, faults: Option<common::relay::Faults>) -> Ed
     let ca = TestCa::new("faults CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
     let issued = ca.issue(&[NEW_EDGE, OLD_EDGE]).unwrap();
-    let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(dir.path(), "edge").unwrap();
     let edge = |name: &str, says: &str, extra: &str| {
         Nginx::start(
             &dir.path().join(name),

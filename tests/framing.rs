@@ -563,12 +563,7 @@ async fn start() -> Bed {
         ca_path.display()
     );
     let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
-    let (cert, key) = (
-        dir.path().join("listener.pem"),
-        dir.path().join("listener.key"),
-    );
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(dir.path(), "listener").unwrap();
     let tls = free_port();
     let yaml = config_yaml(&origin.addr, &ca_path, dir.path(), &upstreams).replacen(
         "listeners:\n  - address: 127.0.0.1:0\n",

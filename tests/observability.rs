@@ -541,9 +541,7 @@ async fn verify_names_the_trap_and_passes_the_fix() {
     let bed = Bed::start().await;
     // The proxy also serves the public name over TLS, as it does behind the ALB.
     let issued = bed.ca.issue(&[PUBLIC_NAME]).unwrap();
-    let (cert, key) = (bed.path("pub.pem"), bed.path("pub.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(bed.dir(), "pub").unwrap();
     let tls_listen = free_port();
     let yaml = phase3_yaml(&bed, "ok-new-cdn").replace(
         "listeners:\n  - address: 127.0.0.1:0\n",

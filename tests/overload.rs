@@ -373,9 +373,7 @@ async fn failed_client_tls_handshakes_are_counted_and_logged_at_a_bounded_rate()
     let ca = TestCa::new("handshake test CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
     let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
-    let (cert, key) = (dir.path().join("l.pem"), dir.path().join("l.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(dir.path(), "l").unwrap();
     let tls = free_port();
     let yaml = yaml(origin.addr, dir.path(), "").replacen(
         "listeners:\n",

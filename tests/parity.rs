@@ -151,12 +151,7 @@ async fn start_forwarding(forward: &str) -> Bed {
     let closed = free_port();
     let access_log = dir.path().join("access.log");
     let issued = ca.issue(&[PUBLIC_NAME, DETECT_NAME]).unwrap();
-    let (cert, key) = (
-        dir.path().join("listener.pem"),
-        dir.path().join("listener.key"),
-    );
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(dir.path(), "listener").unwrap();
     let tls = free_port();
     let upstream = |name: &str, addr: SocketAddr, read: &str| {
         format!(

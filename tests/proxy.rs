@@ -596,9 +596,7 @@ async fn new_connections_follow_a_dns_change_without_restart() {
 async fn tls_listener_header_edits_and_verify_false_warning() {
     let bed = Bed::start().await;
     let issued = bed.ca.issue(&[PUBLIC_NAME]).unwrap();
-    let (cert, key) = (bed.path("listener.pem"), bed.path("listener.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(bed.dir(), "listener").unwrap();
     let tls_port = free_port();
     let yaml = bed
         .config("")

@@ -43,9 +43,7 @@ async fn start() -> Bed {
     let ca = cutover::rehearsal::pki::TestCa::new("pp CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
     let issued = ca.issue(&[PUBLIC_NAME]).unwrap();
-    let (cert, key) = (dir.path().join("l.pem"), dir.path().join("l.key"));
-    std::fs::write(&cert, &issued.cert_pem).unwrap();
-    std::fs::write(&key, &issued.key_pem).unwrap();
+    let (cert, key) = issued.write_pair(dir.path(), "l").unwrap();
     let access_log = dir.path().join("access.log");
     let upstream = |name: &str| {
         format!(

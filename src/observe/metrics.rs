@@ -64,13 +64,25 @@ pub struct Metrics {
     client_connections: IntGaugeVec,
     client_connections_max: IntGaugeVec,
     client_connections_refused: IntCounterVec,
-    /// Failed `accept()` calls: `[fd_limit, other]` (see
-    /// [`crate::paths::client::accept_failed`]).
-    pub accept_errors: [IntCounter; 2],
-    /// Client TLS handshakes that did not complete: `[failed, timeout]`.
-    pub tls_handshake_failures: [IntCounter; 2],
+    /// Failed `accept()` calls (see [`crate::paths::client::accept_failed`]).
+    pub accept_errors: AcceptErrors,
+    /// Client TLS handshakes that did not complete.
+    pub tls_handshake_failures: HandshakeFailures,
     process_open_fds: IntGauge,
     process_max_fds: IntGauge,
+}
+
+/// `cutover_accept_errors_total`, by reason.
+pub struct AcceptErrors {
+    /// EMFILE or ENFILE: out of file descriptors.
+    pub fd_limit: IntCounter,
+    pub other: IntCounter,
+}
+
+/// `cutover_client_tls_handshake_failures_total`, by reason.
+pub struct HandshakeFailures {
+    pub failed: IntCounter,
+    pub timeout: IntCounter,
 }
 
 /// One listener's connection handles ([`crate::policy::timeouts::ConnectionLimit`]).
@@ -358,7 +370,10 @@ impl Metrics {
                      accepting resumes a second later), other",
                     &["reason"],
                 );
-                ["fd_limit", "other"].map(|l| by_reason.with_label_values(&[l]))
+                AcceptErrors {
+                    fd_limit: by_reason.with_label_values(&["fd_limit"]),
+                    other: by_reason.with_label_values(&["other"]),
+                }
             },
             tls_handshake_failures: {
                 let by_reason = counter(
@@ -369,7 +384,10 @@ impl Metrics {
                      or reset), timeout",
                     &["reason"],
                 );
-                ["failed", "timeout"].map(|l| by_reason.with_label_values(&[l]))
+                HandshakeFailures {
+                    failed: by_reason.with_label_values(&["failed"]),
+                    timeout: by_reason.with_label_values(&["timeout"]),
+                }
             },
             process_open_fds: plain_gauge(
                 r,

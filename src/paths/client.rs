@@ -480,7 +480,7 @@ pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
         .downcast_ref::<io::Error>()
         .and_then(io::Error::raw_os_error);
     if matches!(errno, Some(libc::EMFILE | libc::ENFILE)) {
-        metrics.accept_errors[0].inc();
+        metrics.accept_errors.fd_limit.inc();
         limited!(
             error,
             "accept() failed: {error}: the process is out of file descriptors; new connections \
@@ -488,7 +488,7 @@ pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
              the listeners' max_connections below it)"
         );
     } else {
-        metrics.accept_errors[1].inc();
+        metrics.accept_errors.other.inc();
         limited!(error, "accept() failed: {error}");
     }
     true
@@ -503,8 +503,8 @@ pub fn handshake_failed(
     peer: Option<&pingora::protocols::l4::socket::SocketAddr>,
     error: &pingora::Error,
 ) -> bool {
-    struct From<'a>(Option<&'a pingora::protocols::l4::socket::SocketAddr>);
-    impl std::fmt::Display for From<'_> {
+    struct FromPeer<'a>(Option<&'a pingora::protocols::l4::socket::SocketAddr>);
+    impl std::fmt::Display for FromPeer<'_> {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self.0 {
                 Some(peer) => write!(f, " from {peer}"),
@@ -512,12 +512,16 @@ pub fn handshake_failed(
             }
         }
     }
-    let timed_out = error.etype() == &pingora::ErrorType::TLSHandshakeTimedout;
-    metrics.tls_handshake_failures[usize::from(timed_out)].inc();
+    let by_reason = &metrics.tls_handshake_failures;
+    if error.etype() == &pingora::ErrorType::TLSHandshakeTimedout {
+        by_reason.timeout.inc();
+    } else {
+        by_reason.failed.inc();
+    }
     limited!(
         warn,
         "client TLS handshake{} did not complete: {error}",
-        From(peer)
+        FromPeer(peer)
     );
     true
 }

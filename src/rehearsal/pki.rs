@@ -17,6 +17,22 @@ pub struct Issued {
     pub key_pem: String,
 }
 
+impl Issued {
+    /// Write the certificate to `dir/STEM.pem` and the key to
+    /// `dir/STEM.key`; returns both paths (a listener's `tls: { cert, key }`).
+    pub fn write_pair(&self, dir: &Path, stem: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&cert, &self.cert_pem)
+            .with_context(|| format!("writing {}", cert.display()))?;
+        std::fs::write(&key, &self.key_pem)
+            .with_context(|| format!("writing {}", key.display()))?;
+        Ok((cert, key))
+    }
+}
+
 impl TestCa {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;

@@ -56,6 +56,10 @@ impl Bed {
         self.dir.path().join(name)
     }
 
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// The standard migration route: `cdn.example.test` → new distribution,
     /// Host and SNI rewritten, verified against the test CA. `extra` is
     /// appended to the upstream (e.g. `timeouts: { read: 1s }`).
