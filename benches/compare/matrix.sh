@@ -7,6 +7,7 @@
 #   SCENARIOS="tls tls-close" benches/compare/matrix.sh    # a subset
 #   BASE_BIN=/tmp/cutover-old benches/compare/matrix.sh    # also that binary, as cutover-base
 #   PROFILE=release benches/compare/matrix.sh              # measure the thin-LTO `release` build instead of `dist`
+#   RATE=8000 SCENARIOS="plain tls" benches/compare/matrix.sh  # latency at a fixed offered rate (below)
 #
 # Scenarios (each row: one target, one path, wrk -t1 -c$CONNS, target pinned to CPU $PROXY_CPU,
 # wrk + origin on CPU $ORIGIN_CPU, the same job as run.sh: Host rewritten, TLS to the origin with
@@ -27,8 +28,13 @@
 # one wrk each: each gets a share of that CPU under the same conditions, and requests per CPU-second
 # compare them even while the machine's speed changes (p99 then includes waiting for the CPU the
 # others hold). MODE=sequential measures one target at a time, the whole CPU each (run.sh's way).
+# RATE=N offers each target N requests per second instead of as many as it can take (each of the
+# $CONNS connections waits a random, exponentially distributed time between its answer and its next
+# request, mean $CONNS/N s; the rate reached is printed): an ALB's load, not a saturating one. It
+# implies MODE=sequential, so a p99 is the target's own latency, not a wait for a CPU another target
+# holds; below saturation the machine's speed swings change little but the CPU per request.
 # Env: ROUNDS=5 DURATION=6 WARMUP=2 CONNS=64 MODE=concurrent SCENARIOS="plain tls close tls-close post4k 4addr"
-#      BASE_BIN= PROFILE=dist PEERS="nginx haproxy"
+#      BASE_BIN= PROFILE=dist PEERS="nginx haproxy" RATE=
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -39,6 +45,8 @@ SCENARIOS=${SCENARIOS:-"plain tls close tls-close post4k 4addr"}
 PEERS=${PEERS:-"nginx haproxy"}
 PROFILE=${PROFILE:-dist}
 MODE=${MODE:-concurrent}
+RATE=${RATE:-}
+[ -n "$RATE" ] && MODE=sequential
 BASE_BIN=${BASE_BIN:-}
 CUTOVER_PORT=18084; CUTOVER_TLS_PORT=18184; CUTOVER_ADMIN=18094
 BASE_PORT=18085; BASE_TLS_PORT=18185
@@ -133,14 +141,29 @@ targets() {
 }
 paths() { case $1 in plain|tls|4addr) echo "/ruok /obj4k" ;; post4k) echo /upload ;; *) echo /ruok ;; esac; }
 # wrk's extra arguments and script per scenario
-POST_LUA=$BENCH_DIR/tmp/wrk-post4k.lua
+REPORT_LUA=$BENCH_DIR/tmp/wrk-report.lua POST_LUA=$BENCH_DIR/tmp/wrk-post4k.lua
+mkdir -p "$BENCH_DIR/tmp"
+{ cat "$HERE/wrk-report.lua"
+  # An open-ish load: exponential gaps (wrk's timers are whole milliseconds; the fraction is
+  # carried over so the mean holds).
+  [ -n "$RATE" ] && cat <<LUA
+local mean_ms, carry = $CONNS * 1000 / $RATE, 0
+math.randomseed(os.time())
+function delay()
+  local d = -mean_ms * math.log(1 - math.random()) + carry
+  local whole = math.floor(d)
+  carry = d - whole
+  return whole
+end
+LUA
+} >"$REPORT_LUA"
 { echo 'wrk.method = "POST"'; echo 'wrk.body = string.rep("p", 4096)'
-  echo 'wrk.headers["Content-Type"] = "application/octet-stream"'; cat "$HERE/wrk-report.lua"; } >"$POST_LUA"
+  echo 'wrk.headers["Content-Type"] = "application/octet-stream"'; cat "$REPORT_LUA"; } >"$POST_LUA"
 wrk_args() {
   case $1 in
-    close|tls-close) echo "-H Connection:close -s $HERE/wrk-report.lua" ;;
+    close|tls-close) echo "-H Connection:close -s $REPORT_LUA" ;;
     post4k) echo "-s $POST_LUA" ;;
-    *) echo "-s $HERE/wrk-report.lua" ;;
+    *) echo "-s $REPORT_LUA" ;;
   esac
 }
 
@@ -159,29 +182,30 @@ log "every target answers; measuring: scenarios [$SCENARIOS], $ROUNDS rounds of 
 RES=$BENCH_DIR/results/matrix-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RES/raw"
 CSV=$RES/runs.csv
-echo "round,scenario,target,path,rps,p50_us,p99_us,requests,errors,cpu_s,req_per_cpu_s,up_conns,rss_kb" >"$CSV"
+echo "round,scenario,target,path,rps,p50_us,p99_us,requests,errors,cpu_s,req_per_cpu_s,up_conns,rss_kb,p999_us,csw_per_req" >"$CSV"
 HZ=$(getconf CLK_TCK)
 origin_accepts() { curl -s --max-time 2 "http://127.0.0.1:$STATUS_PORT/status" | awk 'NR == 3 { print $1 }'; }
 
 # One row per target: wrk's figures, the target's CPU time during the run, the origin's new
 # connections (sequential mode only: concurrent targets share the origin) and the RSS after it.
-declare -A T0 A0 PIDS
+declare -A T0 A0 C0 PIDS
 begin() { # NAME URL
   local port=${2##*:}; port=${port%%/*}
-  PIDS[$1]=$(pids_on_port "$port"); T0[$1]=$(cpu_ticks ${PIDS[$1]}); A0[$1]=$(origin_accepts)
+  PIDS[$1]=$(pids_on_port "$port"); T0[$1]=$(cpu_ticks ${PIDS[$1]}); C0[$1]=$(ctx_switches ${PIDS[$1]})
+  A0[$1]=$(origin_accepts)
 }
 finish() { # ROUND SCENARIO NAME URL RAW
-  local r=$1 s=$2 n=$3 url=$4 raw=$5 line t1 up
-  t1=$(cpu_ticks ${PIDS[$n]})
+  local r=$1 s=$2 n=$3 url=$4 raw=$5 line t1 c1 up
+  t1=$(cpu_ticks ${PIDS[$n]}); c1=$(ctx_switches ${PIDS[$n]})
   if [ "$MODE" = sequential ]; then up=$(( $(origin_accepts) - A0[$n] - 1 )); else up=-; fi
   line=$(grep '^WRKSTAT' "$raw") || { log "wrk failed: $n $s $url: $(tail -2 "$raw")"; return; }
   gv() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$line"; }
   awk -v r="$r" -v s="$s" -v n="$n" -v path="/${url##*/}" -v reqs="$(gv requests)" -v dur="$(gv duration_us)" \
-      -v p50="$(gv p50_us)" -v p99="$(gv p99_us)" \
+      -v p50="$(gv p50_us)" -v p99="$(gv p99_us)" -v p999="$(gv p999_us)" \
       -v err=$(( $(gv err_status) + $(gv err_connect) + $(gv err_read) + $(gv err_write) + $(gv err_timeout) )) \
-      -v ticks=$((t1 - T0[$n])) -v hz="$HZ" -v up="$up" -v rss="$(rss_kb ${PIDS[$n]})" 'BEGIN {
-    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%s,%d\n", r, s, n, path, reqs / (dur / 1e6),
-      p50, p99, reqs, err, cpu, (cpu > 0) ? reqs / cpu : 0, up, rss }' >>"$CSV"
+      -v ticks=$((t1 - T0[$n])) -v csw=$((c1 - C0[$n])) -v hz="$HZ" -v up="$up" -v rss="$(rss_kb ${PIDS[$n]})" 'BEGIN {
+    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%s,%d,%d,%.3f\n", r, s, n, path, reqs / (dur / 1e6),
+      p50, p99, reqs, err, cpu, (cpu > 0) ? reqs / cpu : 0, up, rss, p999, (reqs > 0) ? csw / reqs : 0 }' >>"$CSV"
   tail -1 "$CSV" | awk -F, '{ printf "r%s %-9s %-13s %-7s %7s req/s p99 %6.2f ms %7s req/cpu-s err %s\n", $1, $2, $3, $4, $5, $7 / 1000, $11, $9 }' >&2
 }
 load() { # SECONDS SCENARIO URL OUT [--latency]
@@ -218,17 +242,17 @@ done
 {
   echo
   echo "== $(date -Is) $(uname -n), $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo) x $(nproc); cutover $PROFILE build"
-  echo "== medians over $ROUNDS rounds; wrk -t1 -c$CONNS -d${DURATION}s per target; $MODE: targets on CPU $PROXY_CPU, wrk + origin on CPU $ORIGIN_CPU"
+  echo "== medians over $ROUNDS rounds; wrk -t1 -c$CONNS -d${DURATION}s per target${RATE:+ at $RATE req/s offered}; $MODE: targets on CPU $PROXY_CPU, wrk + origin on CPU $ORIGIN_CPU"
   awk -F, -v scen="$SCENARIOS" '
     function med(list,   a, m, i, j, t) { m = split(list, a, " ")
       for (i = 2; i <= m; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
       return m == 0 ? "" : (m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2) }
     NR > 1 { k = $2 SUBSEP $4 SUBSEP $3; seen[k] = 1; if (!(($2, $4) in order)) { order[$2, $4] = 1; pl[$2] = pl[$2] " " $4 }
       if (!(($2, $3) in tn)) { tn[$2, $3] = 1; tl[$2] = tl[$2] " " $3 }
-      for (c = 5; c <= 13; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; p99r[$1, $2, $4, $3] = $7; rounds[$1] = 1 }
+      for (c = 5; c <= 15; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; p99r[$1, $2, $4, $3] = $7; rounds[$1] = 1 }
     END {
-      printf "| scenario | path | target | req/s | p50 ms | p99 ms | p99 x best peer | req per proxy CPU-s | x nginx | x haproxy | upstream conns opened | RSS MiB | errors |\n"
-      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+      printf "| scenario | path | target | req/s | p50 ms | p99 ms | p99.9 ms | p99 x best peer | req per proxy CPU-s | x nginx | x haproxy | context switches per req | upstream conns opened | RSS MiB | errors |\n"
+      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
       ns = split(scen, S, " ")
       for (i = 1; i <= ns; i++) { s = S[i]; np = split(pl[s], P, " "); nt = split(tl[s], T, " ")
         for (p = 1; p <= np; p++) for (t = 1; t <= nt; t++) { k = s SUBSEP P[p] SUBSEP T[t]; if (!(k in seen)) continue
@@ -241,13 +265,14 @@ done
             if (((r, s, P[p], "haproxy") in p99r) && p99r[r, s, P[p], "haproxy"] > 0 && (b == "" || p99r[r, s, P[p], "haproxy"] + 0 < b)) b = p99r[r, s, P[p], "haproxy"] + 0
             if (b != "" && ((r, s, P[p], T[t]) in p99r)) xp = xp " " p99r[r, s, P[p], T[t]] / b }
           xn = med(xn); xh = med(xh); xp = med(xp)
-          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %s | %.0f | %s | %s | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
-            med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, xp == "" ? "" : sprintf("%.2f", xp), med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
-            xh == "" ? "" : sprintf("%.2f", xh), v[k, 12] ~ /-/ ? "-" : med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
+          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.2f | %s | %.0f | %s | %s | %.2f | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
+            med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, med(v[k, 14]) / 1000, xp == "" ? "" : sprintf("%.2f", xp), med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
+            xh == "" ? "" : sprintf("%.2f", xh), med(v[k, 15]), v[k, 12] ~ /-/ ? "-" : med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
     }' "$CSV"
   echo
   echo "x nginx / x haproxy: median over rounds of the same-round ratio of requests per proxy CPU-second."
   echo "p99 x best peer: median over rounds of the same-round ratio of the target's p99 to the lower of nginx's and HAProxy's."
   echo "RSS: the target's processes after that row's run (nginx/HAProxy: master + worker)."
+  echo "context switches: voluntary + involuntary, every thread of the target's processes, during the run."
   echo "raw: $RES"
 } | tee "$RES/summary.md"
