@@ -10,7 +10,6 @@ use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::timeout;
 
 use super::body::{
     batch_size, body_part, read_available, to_client, write_error, write_head_and_body,
@@ -325,7 +324,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                         return fail(ErrorKind::Other, "too many informational responses".into());
                     }
                     conn.resp.drain(..end);
-                    (end, folded) = match read_response_head(&mut ups, &mut conn.resp, t.read).await
+                    (end, folded) = match read_response_head(
+                        &mut ups,
+                        &mut conn.resp,
+                        &mut conn.ups_timer,
+                        t.read,
+                    )
+                    .await
                     {
                         Ok(found) => found,
                         Err(e) => return fail(e.kind(), e.to_string()),
@@ -434,7 +439,11 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             (upload.early, &conn.body)
         };
         let parts: [&[u8]; 3] = [&conn.out, early, rest];
-        let mut sent = match timeout(t.write, write_parts(&mut ups, &parts)).await {
+        let mut sent = match conn
+            .ups_timer
+            .within(t.write, write_parts(&mut ups, &parts))
+            .await
+        {
             Ok(r) => r,
             Err(_) => return timed_out(),
         };
@@ -447,13 +456,15 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             }
         }
         if sent.is_ok() {
-            sent = match timeout(t.write, ups.flush()).await {
+            sent = match conn.ups_timer.within(t.write, ups.flush()).await {
                 Ok(r) => r,
                 Err(_) => return timed_out(),
             };
         }
         let head = match sent {
-            Ok(()) => read_response_head(&mut ups, &mut conn.resp, t.read).await,
+            Ok(()) => {
+                read_response_head(&mut ups, &mut conn.resp, &mut conn.ups_timer, t.read).await
+            }
             Err(e) => Err(HeadError::Io(e)),
         };
         match head {
@@ -502,7 +513,11 @@ async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
     // a syscall that finds nothing (EAGAIN); a short read does not.
     conn.body.reserve(late + READ_SLACK);
     while conn.body.len() < late {
-        match timeout(conn.timeouts.body, conn.stream.read_buf(&mut conn.body)).await {
+        match conn
+            .timer
+            .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
+            .await
+        {
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => return Err(499),
             Err(_) => return Err(408),
@@ -527,14 +542,22 @@ async fn relay_upload(
     while upload.late > 0 {
         conn.body.clear();
         conn.body.reserve(READ_CHUNK);
-        let n = match timeout(conn.timeouts.body, conn.stream.read_buf(&mut conn.body)).await {
+        let n = match conn
+            .timer
+            .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
+            .await
+        {
             Ok(Ok(n)) if n > 0 => n,
             Ok(_) => return Err(UploadFailed::Client(499)),
             Err(_) => return Err(UploadFailed::Client(408)),
         };
         let take = usize::try_from(upload.late).map_or(n, |late| late.min(n));
         conn.buf.extend_from_slice(&conn.body[take..]);
-        match timeout(write_timeout, ups.write_all(&conn.body[..take])).await {
+        match conn
+            .ups_timer
+            .within(write_timeout, ups.write_all(&conn.body[..take]))
+            .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(UploadFailed::Upstream(e)),
             Err(_) => return Err(UploadFailed::UpstreamTimeout),
@@ -569,7 +592,11 @@ async fn relay_body(
         }
         conn.resp.clear();
         conn.resp.reserve(READ_CHUNK);
-        let n = match timeout(t.read, ups.read_buf(&mut conn.resp)).await {
+        let n = match conn
+            .ups_timer
+            .within(t.read, ups.read_buf(&mut conn.resp))
+            .await
+        {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
                 let cause = format_args!("reading the body: {e}");

@@ -31,6 +31,7 @@ mod forward;
 mod head;
 mod request;
 mod response;
+mod timer;
 
 pub use request::prepare_request;
 pub use response::{client_head_for_fuzzing, prepare_response};
@@ -201,6 +202,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for FastPath<A> {
             resp: Vec::new(),
             body: Vec::new(),
             held: None,
+            timer: timer::Timer::new(),
+            ups_timer: timer::Timer::new(),
         };
         let handover = self.serve(&mut conn, shutdown).await;
         if let Some(held) = conn.held.take() {
@@ -292,6 +295,11 @@ struct Conn {
     /// Whether it holds no buffer beyond its read buffer: it has been idle
     /// for [`HOLD_UPSTREAM`] since its last request (or its handshake).
     lean: bool,
+    /// The waits for the client (its next request, a head, a body) and
+    /// those for the upstream (writes, the response): two timers, so that
+    /// each deadline moves later at almost every wait ([`timer`]).
+    timer: timer::Timer,
+    ups_timer: timer::Timer,
 }
 
 /// An upstream connection kept between a client's requests: the next request
@@ -400,11 +408,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                 // client for a moment (a busy client's next request reuses
                 // it without a pool round trip), then goes back to the
                 // process pool rather than sit idle here.
-                let left = idle_until.saturating_duration_since(Instant::now());
-                let wait = if conn.held.is_some() || !conn.lean {
-                    HOLD_UPSTREAM.min(left)
+                let until = if conn.held.is_some() || !conn.lean {
+                    idle_until.min(Instant::now() + HOLD_UPSTREAM)
                 } else {
-                    left
+                    idle_until
                 };
                 // A `Notified` sees every `notify_waiters` made after it was
                 // created, polled or not; it is polled (and takes the Notify's
@@ -420,7 +427,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                     .reserve(if conn.lean { IDLE_READ } else { BUSY_READ });
                 tokio::select! {
                     biased;
-                    r = timeout(wait, conn.stream.read_buf(&mut conn.buf)) => match r {
+                    r = conn.timer.until(until, conn.stream.read_buf(&mut conn.buf)) => match r {
                         Ok(Ok(n)) if n > 0 => {
                             conn.lean = false;
                             continue;
@@ -445,9 +452,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
             }
             let deadline =
                 *head_deadline.get_or_insert_with(|| Instant::now() + conn.timeouts.head);
-            let left = deadline.saturating_duration_since(Instant::now());
             conn.buf.reserve(4096);
-            match timeout(left, conn.stream.read_buf(&mut conn.buf)).await {
+            match conn
+                .timer
+                .until(deadline, conn.stream.read_buf(&mut conn.buf))
+                .await
+            {
                 Ok(Ok(n)) if n > 0 => {}
                 Err(_) => {
                     unread_head(&self.process, Refusal::HeaderTimeout, conn.peer, &"");

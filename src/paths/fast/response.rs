@@ -10,6 +10,7 @@ use tokio::io::AsyncReadExt;
 use super::body::Framing;
 use super::chunked::ChunkedEnd;
 use super::head::{head_end_and_folds, Unfolding};
+use super::timer::Timer;
 use super::{MAX_HEAD, MAX_RESPONSE_HEADERS, READ_CHUNK};
 use crate::policy::cdn::CdnFacts;
 use crate::policy::deleak::Public;
@@ -252,6 +253,7 @@ impl std::fmt::Display for HeadError {
 pub(super) async fn read_response_head(
     ups: &mut Stream,
     buf: &mut Vec<u8>,
+    timer: &mut Timer,
     limit: Duration,
 ) -> Result<(usize, bool), HeadError> {
     loop {
@@ -262,7 +264,7 @@ pub(super) async fn read_response_head(
             return Err(HeadError::TooLarge);
         }
         buf.reserve(READ_CHUNK);
-        match tokio::time::timeout(limit, ups.read_buf(buf)).await {
+        match timer.within(limit, ups.read_buf(buf)).await {
             Err(_) => return Err(HeadError::Timeout),
             Ok(Err(e)) => return Err(HeadError::Io(e)),
             Ok(Ok(0)) => {
