@@ -27,19 +27,18 @@ use std::time::{Duration, Instant};
 
 use tokio::time::Sleep;
 
-/// A far deadline for a timer not yet used (it is registered only when a
-/// wait first polls it).
-const UNUSED: Duration = Duration::from_secs(86_400);
-
 /// The wait did not finish in time.
 #[derive(Debug)]
 pub(super) struct Elapsed;
 
-pub(super) struct Timer(Pin<Box<Sleep>>);
+/// Made at the first wait that has to wait: a connection whose client
+/// sends its request before the first read (most new connections) does
+/// not allocate a client-side timer.
+pub(super) struct Timer(Option<Pin<Box<Sleep>>>);
 
 impl Timer {
     pub(super) fn new() -> Self {
-        Self(Box::pin(tokio::time::sleep(UNUSED)))
+        Self(None)
     }
 
     /// `fut`'s output, or [`Elapsed`] if it is not ready within `limit`.
@@ -64,11 +63,19 @@ impl Timer {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
-            if !armed {
-                self.0.as_mut().reset(deadline.into());
-                armed = true;
-            }
-            self.0.as_mut().poll(cx).map(|()| Err(Elapsed))
+            let sleep = match &mut self.0 {
+                Some(sleep) => {
+                    if !armed {
+                        sleep.as_mut().reset(deadline.into());
+                    }
+                    sleep
+                }
+                None => self
+                    .0
+                    .insert(Box::pin(tokio::time::sleep_until(deadline.into()))),
+            };
+            armed = true;
+            sleep.as_mut().poll(cx).map(|()| Err(Elapsed))
         })
         .await
     }
