@@ -5,6 +5,8 @@
 #   PATHS="/ruok /obj4k" SECONDS_RUN=10 CONNS=4 benches/compare/profile.sh ...
 #   TLS=1 benches/compare/profile.sh ...     # through the TLS listener
 #   POST=1 benches/compare/profile.sh ...    # POST 4 KiB
+#   RATE=300 CONNS=64 benches/compare/profile.sh ...   # a paced load (matrix.sh's RATE=): the cost of a
+#                                            # request when the process sleeps between requests
 #   benches/compare/profile.sh nginx=nginx cutover=...   # nginx doing the same job (its bench config,
 #                                            # one worker, no master process), as the reference
 #
@@ -27,12 +29,28 @@ TLS=${TLS:-0}; POST=${POST:-0}
 CONFIG=${CONFIG:-$CONF_DIR/matrix-cutover.yaml}
 if [ "$TLS" = 1 ]; then PORT=18184; SCHEME=https; else PORT=${CUTOVER_PORT:-18084}; SCHEME=http; fi
 [ -f "$CONFIG" ] || die "run matrix.sh once first (it writes $CONFIG)"
+RATE=${RATE:-}
 WRK_SCRIPT=()
+LUA=$BENCH_DIR/tmp/profile.lua
+mkdir -p "$BENCH_DIR/tmp"
+: >"$LUA"
 if [ "$POST" = 1 ]; then
   PATHS=/upload
-  printf 'wrk.method = "POST"\nwrk.body = string.rep("p", 4096)\n' >"$BENCH_DIR/tmp/profile-post.lua"
-  WRK_SCRIPT=(-s "$BENCH_DIR/tmp/profile-post.lua")
+  printf 'wrk.method = "POST"\nwrk.body = string.rep("p", 4096)\n' >>"$LUA"
 fi
+if [ -n "$RATE" ]; then
+  # Exponential gaps between a connection's answer and its next request (mean CONNS/RATE s).
+  cat >>"$LUA" <<LUA
+local mean_ms, carry = $CONNS * 1000 / $RATE, 0
+function delay()
+  local d = -mean_ms * math.log(1 - math.random()) + carry
+  local whole = math.floor(d)
+  carry = d - whole
+  return whole
+end
+LUA
+fi
+[ -s "$LUA" ] && WRK_SCRIPT=(-s "$LUA")
 command -v valgrind >/dev/null && command -v strace >/dev/null || die "needs valgrind and strace"
 [ $# -gt 0 ] || die "usage: profile.sh NAME=BINARY..."
 OUT=$BENCH_DIR/profile/$(date +%Y%m%d-%H%M%S)
@@ -69,7 +87,10 @@ for arg in "$@"; do
       "${CMD[@]}" >"$OUT/$name.valgrind.log" 2>&1 &
     pid=$!
     wait_port "$PORT" 300 || die "$name did not start under valgrind"
-    load 2 "$path" >/dev/null
+    # Warm up until the connections are made: under valgrind a TLS handshake takes long enough that
+    # a first 2 s run ends with most of them (client and upstream) still in flight, and the
+    # upstream handshakes would land in the measured window.
+    for _ in 1 2 3 4 5; do [ "$(load 2 "$path")" -ge $((CONNS * 10)) ] && break; done
     callgrind_control -z "$pid" >/dev/null
     reqs=$(load "$SECONDS_RUN" "$path")
     # Dump now: what the process does at exit (freeing the CA stores, the
