@@ -143,20 +143,7 @@ paths() { case $1 in plain|tls|4addr) echo "/ruok /obj4k" ;; post4k) echo /uploa
 # wrk's extra arguments and script per scenario
 REPORT_LUA=$BENCH_DIR/tmp/wrk-report.lua POST_LUA=$BENCH_DIR/tmp/wrk-post4k.lua
 mkdir -p "$BENCH_DIR/tmp"
-{ cat "$HERE/wrk-report.lua"
-  # An open-ish load: exponential gaps (wrk's timers are whole milliseconds; the fraction is
-  # carried over so the mean holds).
-  [ -n "$RATE" ] && cat <<LUA
-local mean_ms, carry = $CONNS * 1000 / $RATE, 0
-math.randomseed(os.time())
-function delay()
-  local d = -mean_ms * math.log(1 - math.random()) + carry
-  local whole = math.floor(d)
-  carry = d - whole
-  return whole
-end
-LUA
-} >"$REPORT_LUA"
+{ cat "$HERE/wrk-report.lua"; [ -n "$RATE" ] && pace_lua "$CONNS" "$RATE"; } >"$REPORT_LUA"
 { echo 'wrk.method = "POST"'; echo 'wrk.body = string.rep("p", 4096)'
   echo 'wrk.headers["Content-Type"] = "application/octet-stream"'; cat "$REPORT_LUA"; } >"$POST_LUA"
 wrk_args() {

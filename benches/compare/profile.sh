@@ -38,18 +38,7 @@ if [ "$POST" = 1 ]; then
   PATHS=/upload
   printf 'wrk.method = "POST"\nwrk.body = string.rep("p", 4096)\n' >>"$LUA"
 fi
-if [ -n "$RATE" ]; then
-  # Exponential gaps between a connection's answer and its next request (mean CONNS/RATE s).
-  cat >>"$LUA" <<LUA
-local mean_ms, carry = $CONNS * 1000 / $RATE, 0
-function delay()
-  local d = -mean_ms * math.log(1 - math.random()) + carry
-  local whole = math.floor(d)
-  carry = d - whole
-  return whole
-end
-LUA
-fi
+[ -n "$RATE" ] && pace_lua "$CONNS" "$RATE" >>"$LUA"
 [ -s "$LUA" ] && WRK_SCRIPT=(-s "$LUA")
 command -v valgrind >/dev/null && command -v strace >/dev/null || die "needs valgrind and strace"
 [ $# -gt 0 ] || die "usage: profile.sh NAME=BINARY..."
