@@ -169,30 +169,31 @@ log "every target answers; measuring: scenarios [$SCENARIOS], $ROUNDS rounds of 
 RES=$BENCH_DIR/results/matrix-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RES/raw"
 CSV=$RES/runs.csv
-echo "round,scenario,target,path,rps,p50_us,p99_us,requests,errors,cpu_s,req_per_cpu_s,up_conns,rss_kb,p999_us,csw_per_req" >"$CSV"
+echo "round,scenario,target,path,rps,p50_us,p99_us,requests,errors,cpu_s,req_per_cpu_s,up_conns,rss_kb,p999_us,csw_per_req,user_us_per_req,sys_us_per_req" >"$CSV"
 HZ=$(getconf CLK_TCK)
 origin_accepts() { curl -s --max-time 2 "http://127.0.0.1:$STATUS_PORT/status" | awk 'NR == 3 { print $1 }'; }
 
 # One row per target: wrk's figures, the target's CPU time during the run, the origin's new
 # connections (sequential mode only: concurrent targets share the origin) and the RSS after it.
-declare -A T0 A0 C0 PIDS
+declare -A T0 A0 C0 PIDS U0 S0
 begin() { # NAME URL
   local port=${2##*:}; port=${port%%/*}
-  PIDS[$1]=$(pids_on_port "$port"); T0[$1]=$(cpu_ticks ${PIDS[$1]}); C0[$1]=$(ctx_switches ${PIDS[$1]})
+  PIDS[$1]=$(pids_on_port "$port"); T0[$1]=$(cpu_ticks ${PIDS[$1]}); read -r U0[$1] S0[$1] < <(cpu_ticks_split ${PIDS[$1]}); C0[$1]=$(ctx_switches ${PIDS[$1]})
   A0[$1]=$(origin_accepts)
 }
 finish() { # ROUND SCENARIO NAME URL RAW
-  local r=$1 s=$2 n=$3 url=$4 raw=$5 line t1 c1 up
-  t1=$(cpu_ticks ${PIDS[$n]}); c1=$(ctx_switches ${PIDS[$n]})
+  local r=$1 s=$2 n=$3 url=$4 raw=$5 line t1 c1 up u1 s1
+  t1=$(cpu_ticks ${PIDS[$n]}); read -r u1 s1 < <(cpu_ticks_split ${PIDS[$n]}); c1=$(ctx_switches ${PIDS[$n]})
   if [ "$MODE" = sequential ]; then up=$(( $(origin_accepts) - A0[$n] - 1 )); else up=-; fi
   line=$(grep '^WRKSTAT' "$raw") || { log "wrk failed: $n $s $url: $(tail -2 "$raw")"; return; }
   gv() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$line"; }
   awk -v r="$r" -v s="$s" -v n="$n" -v path="/${url##*/}" -v reqs="$(gv requests)" -v dur="$(gv duration_us)" \
       -v p50="$(gv p50_us)" -v p99="$(gv p99_us)" -v p999="$(gv p999_us)" \
       -v err=$(( $(gv err_status) + $(gv err_connect) + $(gv err_read) + $(gv err_write) + $(gv err_timeout) )) \
-      -v ticks=$((t1 - T0[$n])) -v csw=$((c1 - C0[$n])) -v hz="$HZ" -v up="$up" -v rss="$(rss_kb ${PIDS[$n]})" 'BEGIN {
-    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%s,%d,%d,%.3f\n", r, s, n, path, reqs / (dur / 1e6),
-      p50, p99, reqs, err, cpu, (cpu > 0) ? reqs / cpu : 0, up, rss, p999, (reqs > 0) ? csw / reqs : 0 }' >>"$CSV"
+      -v ticks=$((t1 - T0[$n])) -v csw=$((c1 - C0[$n])) -v hz="$HZ" -v ut=$((u1 - U0[$n])) -v st=$((s1 - S0[$n])) -v up="$up" -v rss="$(rss_kb ${PIDS[$n]})" 'BEGIN {
+    cpu = ticks / hz; printf "%d,%s,%s,%s,%.0f,%d,%d,%d,%d,%.2f,%.0f,%s,%d,%d,%.3f,%.2f,%.2f\n", r, s, n, path, reqs / (dur / 1e6),
+      p50, p99, reqs, err, cpu, (cpu > 0) ? reqs / cpu : 0, up, rss, p999, (reqs > 0) ? csw / reqs : 0,
+      (reqs > 0) ? ut / hz * 1e6 / reqs : 0, (reqs > 0) ? st / hz * 1e6 / reqs : 0 }' >>"$CSV"
   tail -1 "$CSV" | awk -F, '{ printf "r%s %-9s %-13s %-7s %7s req/s p99 %6.2f ms %7s req/cpu-s err %s\n", $1, $2, $3, $4, $5, $7 / 1000, $11, $9 }' >&2
 }
 load() { # SECONDS SCENARIO URL OUT [--latency]
@@ -236,10 +237,10 @@ done
       return m == 0 ? "" : (m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2) }
     NR > 1 { k = $2 SUBSEP $4 SUBSEP $3; seen[k] = 1; if (!(($2, $4) in order)) { order[$2, $4] = 1; pl[$2] = pl[$2] " " $4 }
       if (!(($2, $3) in tn)) { tn[$2, $3] = 1; tl[$2] = tl[$2] " " $3 }
-      for (c = 5; c <= 15; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; p99r[$1, $2, $4, $3] = $7; rounds[$1] = 1 }
+      for (c = 5; c <= 17; c++) v[k, c] = v[k, c] " " $c; err[k] += $9; rpc[$1, $2, $4, $3] = $11; p99r[$1, $2, $4, $3] = $7; rounds[$1] = 1 }
     END {
-      printf "| scenario | path | target | req/s | p50 ms | p99 ms | p99.9 ms | p99 x best peer | req per proxy CPU-s | x nginx | x haproxy | context switches per req | upstream conns opened | RSS MiB | errors |\n"
-      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+      printf "| scenario | path | target | req/s | p50 ms | p99 ms | p99.9 ms | p99 x best peer | req per proxy CPU-s | x nginx | x haproxy | context switches per req | CPU µs per req: user / system | upstream conns opened | RSS MiB | errors |\n"
+      printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
       ns = split(scen, S, " ")
       for (i = 1; i <= ns; i++) { s = S[i]; np = split(pl[s], P, " "); nt = split(tl[s], T, " ")
         for (p = 1; p <= np; p++) for (t = 1; t <= nt; t++) { k = s SUBSEP P[p] SUBSEP T[t]; if (!(k in seen)) continue
@@ -252,14 +253,15 @@ done
             if (((r, s, P[p], "haproxy") in p99r) && p99r[r, s, P[p], "haproxy"] > 0 && (b == "" || p99r[r, s, P[p], "haproxy"] + 0 < b)) b = p99r[r, s, P[p], "haproxy"] + 0
             if (b != "" && ((r, s, P[p], T[t]) in p99r)) xp = xp " " p99r[r, s, P[p], T[t]] / b }
           xn = med(xn); xh = med(xh); xp = med(xp)
-          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.2f | %s | %.0f | %s | %s | %.2f | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
+          printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.2f | %s | %.0f | %s | %s | %.2f | %.1f / %.1f | %s | %.1f | %d |\n", s, P[p], T[t], med(v[k, 5]),
             med(v[k, 6]) / 1000, med(v[k, 7]) / 1000, med(v[k, 14]) / 1000, xp == "" ? "" : sprintf("%.2f", xp), med(v[k, 11]), xn == "" ? "" : sprintf("%.2f", xn),
-            xh == "" ? "" : sprintf("%.2f", xh), med(v[k, 15]), v[k, 12] ~ /-/ ? "-" : med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
+            xh == "" ? "" : sprintf("%.2f", xh), med(v[k, 15]), med(v[k, 16]), med(v[k, 17]), v[k, 12] ~ /-/ ? "-" : med(v[k, 12]), med(v[k, 13]) / 1024, err[k] } }
     }' "$CSV"
   echo
   echo "x nginx / x haproxy: median over rounds of the same-round ratio of requests per proxy CPU-second."
   echo "p99 x best peer: median over rounds of the same-round ratio of the target's p99 to the lower of nginx's and HAProxy's."
   echo "RSS: the target's processes after that row's run (nginx/HAProxy: master + worker)."
   echo "context switches: voluntary + involuntary, every thread of the target's processes, during the run."
+  echo "CPU µs per req: the target's user and system time (/proc/PID/stat, clock ticks) during the run over its requests."
   echo "raw: $RES"
 } | tee "$RES/summary.md"
