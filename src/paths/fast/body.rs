@@ -76,21 +76,44 @@ pub(super) fn body_part(framing: &mut Framing, bytes: &[u8]) -> Option<Part> {
     })
 }
 
-/// The response head and the first body bytes in one syscall: a small body
-/// is copied behind the head, a large one goes out with a vectored write.
-/// `tail` (a chunked body's final CRLF, or nothing) follows the body.
+/// The response head (`head`, built by the policy) and the first `relay`
+/// body bytes, which follow the upstream's head (`resp[..head_len]`), in
+/// one write: one syscall, and on a TLS stream one record.
+///
+/// The upstream's head is parsed and done with by now, so when the client
+/// head is no longer than it (the usual case: a CDN's heads carry more
+/// fields than cutover adds) it is copied over the upstream head's last
+/// bytes, right before the body, and the body is not copied at all (a time
+/// profile put that copy of a 4 KiB body at ~1% of the proxy's CPU).
+/// Otherwise a small body is copied behind the head, and a large one goes
+/// out with a vectored write. `tail` (a chunked body's final CRLF, or
+/// nothing) follows the body.
 pub(super) async fn write_head_and_body(
     stream: &mut Stream,
     head: &mut Vec<u8>,
-    body: &[u8],
+    resp: &mut [u8],
+    head_len: usize,
+    relay: usize,
     tail: &[u8],
 ) -> std::io::Result<()> {
+    let body_end = head_len + relay;
+    if let Some(start) = in_place_start(head.len(), head_len, tail) {
+        resp[start..head_len].copy_from_slice(head);
+        return stream.write_all(&resp[start..body_end]).await;
+    }
+    let body = &resp[head_len..body_end];
     if body.len() <= 16 * 1024 {
         head.extend_from_slice(body);
         head.extend_from_slice(tail);
         return stream.write_all(head).await;
     }
     write_parts(stream, &[head, body, tail]).await
+}
+
+/// Where the client head starts when it is written over the upstream's
+/// (`None`: it does not fit there, or a tail must follow the body).
+fn in_place_start(client_head: usize, upstream_head: usize, tail: &[u8]) -> Option<usize> {
+    (tail.is_empty() && client_head <= upstream_head).then(|| upstream_head - client_head)
 }
 
 /// Write `parts` in order, as few syscalls as the socket allows.
@@ -217,6 +240,55 @@ mod tests {
             body_part(&mut chunked, b"zz\r\n").is_none(),
             "not a chunk size"
         );
+    }
+
+    /// What the client receives for a head and a first body part, through
+    /// a real socket: the head then the body then the tail, whichever way
+    /// the bytes were laid out for the write.
+    async fn written(head: &[u8], upstream_head: &[u8], body: &[u8], tail: &[u8]) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let mut client = client.unwrap();
+        let tcp = accepted.unwrap().0;
+        let mut stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(tcp));
+        let mut resp = [upstream_head, body, b"NEXT"].concat();
+        let mut head = head.to_vec();
+        let (h, n) = (upstream_head.len(), body.len());
+        write_head_and_body(&mut stream, &mut head, &mut resp, h, n, tail)
+            .await
+            .unwrap();
+        drop(stream);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn head_and_body_go_out_in_order_in_place_or_copied() {
+        let body = b"0123456789";
+        let long = b"HTTP/1.1 200 OK\r\nserver: cdn\r\nx-cache: Hit\r\ncontent-length: 10\r\n\r\n";
+        let short = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+        let ours = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nconnection: close\r\n\r\n";
+        // Over the upstream's longer head (in place), and with no room
+        // there (copied behind the head).
+        assert_eq!(
+            in_place_start(ours.len(), long.len(), b""),
+            Some(long.len() - ours.len())
+        );
+        assert_eq!(in_place_start(ours.len(), short.len(), b""), None);
+        assert_eq!(in_place_start(3, 3, b"\r\n"), None);
+        for upstream_head in [&long[..], &short[..], &ours[..]] {
+            let got = written(ours, upstream_head, body, b"").await;
+            assert_eq!(got, [&ours[..], body].concat());
+        }
+        let got = written(ours, long, body, b"\r\n").await;
+        assert_eq!(got, [&ours[..], body, b"\r\n"].concat());
+        // A body past 16 KiB: a vectored write.
+        let big = vec![b'b'; 20 * 1024];
+        let got = written(ours, short, &big, b"").await;
+        assert_eq!(got, [&ours[..], &big].concat());
     }
 
     #[test]

@@ -350,7 +350,6 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         let Some(first) = body_part(&mut framing, &conn.resp[head_len..]) else {
             return fail(ErrorKind::Other, "malformed chunked body".into());
         };
-        let first_body = &conn.resp[head_len..head_len + first.relay];
         let done = |bytes, keep_client| Done {
             status,
             bytes,
@@ -360,7 +359,9 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         if let Err(e) = to_client(write_head_and_body(
             &mut conn.stream,
             &mut conn.out,
-            first_body,
+            &mut conn.resp,
+            head_len,
+            first.relay,
             first.tail(),
         ))
         .await
