@@ -668,3 +668,103 @@ async fn tls_listener_header_edits_and_verify_false_warning() {
         "ok-new-cdn"
     );
 }
+
+/// A TCP stream whose writes can be held back and then sent in one piece,
+/// so that two TLS records arrive in one segment.
+#[derive(Debug)]
+struct HeldWrites {
+    tcp: std::net::TcpStream,
+    hold: bool,
+    pending: Vec<u8>,
+}
+
+impl std::io::Read for HeldWrites {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl std::io::Write for HeldWrites {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.hold {
+            self.pending.extend_from_slice(buf);
+            return Ok(buf.len());
+        }
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Two requests in two TLS records that arrive together: OpenSSL reads both
+/// records off the socket (read-ahead) but returns one at a time, so the
+/// second request waits in OpenSSL's buffer while the socket has nothing.
+/// The fast path waits for the socket before reading through OpenSSL
+/// (`model::peer::read_when_ready`); it must see the buffered record and
+/// answer at once, not wait for bytes that will never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tls_records_in_one_segment_are_two_answered_requests() {
+    use std::io::{Read, Write};
+    let bed = Bed::start().await;
+    let issued = bed.ca.issue(&[PUBLIC_NAME]).unwrap();
+    let (cert, key) = issued.write_pair(bed.dir(), "listener").unwrap();
+    let tls_port = free_port();
+    let yaml = bed.config("").replace(
+        "listeners:\n  - address: 127.0.0.1:0\n",
+        &format!(
+            "listeners:\n  - address: 127.0.0.1:0\n  - address: {tls_port}\n    tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let _proxy = Proxy::start(bed.dir.path(), &yaml, Some(&bed.hosts_file));
+    let ca = bed.ca_path.clone();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+        b.set_ca_file(&ca).unwrap();
+        let tcp = std::net::TcpStream::connect(tls_port).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let held = HeldWrites {
+            tcp,
+            hold: false,
+            pending: Vec::new(),
+        };
+        let mut tls = b.build().connect(PUBLIC_NAME, held).unwrap();
+        // A first exchange, so the session tickets are read and the
+        // connection is in its steady state.
+        let first = b"GET /ruok HTTP/1.1\r\nHost: cdn.example.test\r\n\r\n";
+        tls.write_all(first).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("ok-new-cdn") {
+            let n = tls.read(&mut buf).expect("the first answer");
+            assert!(n > 0, "closed before the first answer");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Two records (one write each), sent in one segment.
+        tls.get_mut().hold = true;
+        tls.write_all(first).unwrap();
+        tls.write_all(b"GET /ruok HTTP/1.1\r\nHost: cdn.example.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let held = tls.get_mut();
+        held.hold = false;
+        let both = std::mem::take(&mut held.pending);
+        held.tcp.write_all(&both).unwrap();
+        let mut rest = Vec::new();
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&rest).matches("ok-new-cdn").count() == 2 {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&rest).into_owned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.matches("HTTP/1.1 200 ").count(), 2, "{got}");
+    assert_eq!(got.matches("ok-new-cdn").count(), 2, "{got}");
+}

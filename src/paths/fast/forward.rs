@@ -18,6 +18,7 @@ use super::body::{
 use super::request::{build_request, header_str, header_values, route_request, Ask};
 use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
 use super::{Conn, FastPath, Held, Step, BODY_BATCH, READ_CHUNK};
+use crate::model::peer::read_when_ready;
 use crate::model::{Route, Upstream};
 use crate::observe::access_log::Entry;
 use crate::paths::request::{self, Resend, Retry};
@@ -595,7 +596,7 @@ async fn relay_body(
         conn.resp.reserve(READ_CHUNK);
         let n = match conn
             .ups_timer
-            .within(t.read, ups.read_buf(&mut conn.resp))
+            .within(t.read, read_when_ready(ups, &mut conn.resp))
             .await
         {
             Ok(Ok(n)) => n,

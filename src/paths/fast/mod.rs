@@ -54,6 +54,7 @@ use self::head::head_end;
 use self::request::parse_request;
 
 use crate::config::ProxyProtocolMode;
+use crate::model::peer::read_when_ready;
 use crate::model::{Model, Process};
 use crate::paths::client::{
     accept_failed, handshake_failed, read_proxy_start, refuse_over_capacity, set_client_address,
@@ -427,7 +428,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                     .reserve(if conn.lean { IDLE_READ } else { BUSY_READ });
                 tokio::select! {
                     biased;
-                    r = conn.timer.until(until, conn.stream.read_buf(&mut conn.buf)) => match r {
+                    r = conn.timer.until(until, read_when_ready(&mut conn.stream, &mut conn.buf)) => match r {
                         Ok(Ok(n)) if n > 0 => {
                             conn.lean = false;
                             continue;

@@ -5,7 +5,6 @@ use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use pingora::protocols::Stream;
-use tokio::io::AsyncReadExt;
 
 use super::body::Framing;
 use super::chunked::ChunkedEnd;
@@ -264,7 +263,10 @@ pub(super) async fn read_response_head(
             return Err(HeadError::TooLarge);
         }
         buf.reserve(READ_CHUNK);
-        match timer.within(limit, ups.read_buf(buf)).await {
+        match timer
+            .within(limit, crate::model::peer::read_when_ready(ups, buf))
+            .await
+        {
             Err(_) => return Err(HeadError::Timeout),
             Ok(Err(e)) => return Err(HeadError::Io(e)),
             Ok(Ok(0)) => {

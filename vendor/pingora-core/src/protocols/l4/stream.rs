@@ -551,6 +551,33 @@ impl Stream {
         self.stream.as_mut().expect("stream should always be set")
     }
 
+    /// Ready when a read would not just find nothing: bytes were put back
+    /// ([`Self::rewind`]), the read buffer holds some, or the socket was
+    /// reported readable since a read last found it empty. Pending
+    /// registers `cx` for the socket's readiness, as a read that finds
+    /// nothing would, without the read.
+    ///
+    /// For a layer above whose every read attempt is expensive even when
+    /// nothing has arrived (a TLS library's record layer), to wait for the
+    /// socket first. An error is left for the read to report.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.rewind_read_buf.is_empty() {
+            return Poll::Ready(());
+        }
+        if let BufferedStream::BufferedRead(reader) = self.stream() {
+            if !reader.buffer().is_empty() {
+                return Poll::Ready(());
+            }
+        }
+        let ready = match &self.stream().get_ref().stream {
+            RawStream::Tcp(s) => s.poll_read_ready(cx),
+            #[cfg(unix)]
+            RawStream::Unix(s) => s.poll_read_ready(cx),
+            RawStream::Virtual(_) => return Poll::Ready(()),
+        };
+        ready.map(|_| ())
+    }
+
     /// Record transport connection timing for this stream.
     pub(crate) fn set_establishment_timing(
         &mut self,
