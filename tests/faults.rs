@@ -119,6 +119,11 @@ struct Tally {
     failed: Vec<String>,
     /// Milliseconds per answered request.
     latencies: Vec<f64>,
+    /// Pingora-path connections whose opening POST (chunked, so the fast
+    /// path hands the connection over) was answered 502: a POST caught by
+    /// the race, rightly not resent and counted `unsafe`; the client
+    /// opened another connection.
+    warmups_refused: u64,
 }
 
 impl Tally {
@@ -129,6 +134,7 @@ impl Tally {
         self.by_old += o.by_old;
         self.failed.extend(o.failed);
         self.latencies.extend(o.latencies);
+        self.warmups_refused += o.warmups_refused;
     }
 
     fn quantile(&mut self, q: f64) -> f64 {
@@ -176,7 +182,11 @@ async fn client(
                     .as_bytes(),
             )
             .await;
-            c.response(false).await.map(|_| c)
+            let answer = c.response(false).await?;
+            if answer.status() != 200 {
+                return Err(format!("warm-up POST answered {}", answer.status()));
+            }
+            Ok(c)
         } else {
             Ok(c)
         }
@@ -194,6 +204,10 @@ async fn client(
             Some(c) => c,
             None => match open().await {
                 Ok(c) => c,
+                Err(e) if e == "warm-up POST answered 502" => {
+                    t.warmups_refused += 1;
+                    continue;
+                }
                 Err(e) => {
                     t.failed.push(format!("opening: {e}"));
                     continue;
@@ -365,9 +379,9 @@ async fn an_edge_killed_under_load_loses_no_get() {
     );
     // A POST in flight at the edge may have reached it: it failed, and
     // each failure is counted as such; the ones after went to the backup.
+    let refused = posts.failed.len() as f64 + gets.warmups_refused as f64;
     assert_eq!(
-        posts.failed.len() as f64,
-        not_resent,
+        refused, not_resent,
         "POST failures {:?} against {not_resent} counted:\n{m}",
         posts.failed
     );
@@ -376,7 +390,7 @@ async fn an_edge_killed_under_load_loses_no_get() {
         "{:?}",
         posts.failed
     );
-    assert!(not_resent <= 2.0, "{not_resent}");
+    assert!(posts.failed.len() <= 2, "{:?}", posts.failed);
     assert!(posts.by_old > 0, "no POST reached the backup");
     let log = proxy.log();
     assert!(
@@ -504,11 +518,13 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
     let (stale, not_resent) = (result("stale"), result("unsafe"));
     eprintln!(
         "origin closing idle connections: {} GETs, {} failed; {} POSTs, {} failed; \
-         {stale} sent again on a fresh connection, {not_resent} POSTs not resent",
+         {stale} sent again on a fresh connection, {not_resent} POSTs not resent \
+         ({} of them opening a Pingora-path connection)",
         gets.sent,
         gets.failed.len(),
         posts.sent,
-        posts.failed.len()
+        posts.failed.len(),
+        gets.warmups_refused
     );
     assert!(gets.failed.is_empty(), "GETs failed: {:?}", gets.failed);
     assert!(
@@ -516,10 +532,11 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
         "the race never happened: the test proves nothing\n{m}"
     );
     assert_eq!(
-        posts.failed.len() as f64,
+        posts.failed.len() as f64 + gets.warmups_refused as f64,
         not_resent,
-        "{:?}\n{m}",
-        posts.failed
+        "{:?} and {} refused warm-ups\n{m}",
+        posts.failed,
+        gets.warmups_refused
     );
     assert!(
         posts.failed.iter().all(|f| f == "502"),
