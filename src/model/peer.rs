@@ -48,23 +48,25 @@ impl PeerTemplate {
 }
 
 /// Two settings for a new TLS connection that Pingora's connector and
-/// acceptor offer no hook for (their `SSL_CTX` is private), measured with
-/// strace and callgrind on the fast path, applied to upstream connections
-/// and to client connections on TLS listeners (which have no L4 read
-/// buffer of Pingora's, so read-ahead is what keeps a record to one
-/// syscall; an idle client frees its buffers with [`release_tls_buffers`]):
+/// acceptor offer no hook for (their `SSL_CTX` is private), measured on the
+/// fast path, applied to upstream connections and to client connections on
+/// TLS listeners (which have no L4 read buffer of Pingora's, so read-ahead
+/// is what keeps a record to one syscall):
 /// - read-ahead: OpenSSL otherwise reads each record with two syscalls (the
 ///   5-byte header, then the rest); with it, one `recvfrom` per response
 ///   instead of two, and half as many on large bodies;
-/// - no `SSL_MODE_RELEASE_BUFFERS` (the `openssl` crate's connector sets it):
-///   it frees the 17 KiB record buffers whenever a connection goes idle and
-///   allocates them again for the next record, 3 large allocations per
-///   request (-6.5% instructions per request without it), for ~34 KiB more
-///   memory per idle upstream connection.
+/// - `SSL_MODE_RELEASE_BUFFERS` (nginx sets it too): the ~17 KiB record
+///   buffers are freed whenever they are empty and allocated again for the
+///   next record. That is 3 large allocations per request (+6.5%
+///   instructions, callgrind), but malloc hands back the buffer just freed,
+///   warm in the cache, where buffers kept per connection (64 busy clients:
+///   over 4 MiB of them, both sides) have gone cold since that connection's
+///   last request. In CPU time it is 2.8-4.8% cheaper per TLS 4 KiB request
+///   and level on `/ruok` (an A/B in one interleaved run, `BASE_BIN=…
+///   SCENARIOS="plain tls" ROUNDS=6 benches/compare/matrix.sh`,
+///   2026-12-07), and an idle connection holds no record buffers.
 pub fn tune_tls(stream: &pingora::protocols::Stream) {
     use foreign_types::ForeignTypeRef;
-    /// `SSL_clear_mode` is a macro over this `SSL_ctrl` command (ssl.h).
-    const SSL_CTRL_CLEAR_MODE: std::ffi::c_int = 78;
     if let Some(ssl) = stream.get_ssl() {
         let ssl = ssl.as_ptr();
         // SAFETY: `ssl` is the live SSL object the stream owns, used only on
@@ -78,7 +80,7 @@ pub fn tune_tls(stream: &pingora::protocols::Stream) {
             );
             openssl_sys::SSL_ctrl(
                 ssl,
-                SSL_CTRL_CLEAR_MODE,
+                openssl_sys::SSL_CTRL_MODE,
                 openssl_sys::SSL_MODE_RELEASE_BUFFERS,
                 std::ptr::null_mut(),
             );
@@ -93,27 +95,6 @@ extern "C" {
     /// OpenSSL >= 1.1.0: whether any bytes (decrypted or not) wait in the
     /// SSL object's buffers. The `openssl` crate has no wrapper for it.
     fn SSL_has_pending(ssl: *const openssl_sys::SSL) -> std::ffi::c_int;
-    /// OpenSSL >= 1.1.1: free the record buffers if they hold nothing (0,
-    /// and nothing freed, if they do); the next record allocates them
-    /// again. No wrapper in the `openssl` crate either.
-    fn SSL_free_buffers(ssl: *mut openssl_sys::SSL) -> std::ffi::c_int;
-}
-
-/// Free a TLS stream's record buffers (~34 KiB with Debian's OpenSSL) if
-/// they hold nothing: what `SSL_MODE_RELEASE_BUFFERS` does after every
-/// record, done once, when a client connection has gone idle
-/// ([`tune_tls`] keeps them while it is busy). A plain stream is left as
-/// it is.
-pub fn release_tls_buffers(stream: &pingora::protocols::Stream) {
-    use foreign_types::ForeignTypeRef;
-    if let Some(ssl) = stream.get_ssl() {
-        // SAFETY: the live SSL object the stream owns, used only on this
-        // task, with no read or write in progress (the caller is between
-        // requests); OpenSSL refuses if a buffer holds anything.
-        unsafe {
-            SSL_free_buffers(ssl.as_ptr());
-        }
-    }
 }
 
 /// `stream` back if nothing arrived on it since it was last read, `None` if

@@ -441,7 +441,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> FastPath<A> {
                             conn.out = Vec::new();
                             conn.resp = Vec::new();
                             conn.body = Vec::new();
-                            crate::model::peer::release_tls_buffers(&conn.stream);
                             conn.buf.shrink_to(IDLE_READ);
                             conn.lean = true;
                             continue;
