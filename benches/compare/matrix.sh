@@ -18,6 +18,8 @@
 #   tls-close  TLS in, a new connection and handshake per request, GET /ruok (wrk offers the
 #              previous session back, so these are mostly resumed handshakes)
 #   post4k     plain in, keep-alive, POST of a 4 KiB body to /upload (the origin reads and drops it)
+#   chunked4k  the same POST with `Transfer-Encoding: chunked` (one 4 KiB chunk), as a client that
+#              streams an upload sends it
 #   4addr      plain in, cutover with the origin's name on 4 addresses (hosts file) vs 1; no peers
 #
 # Order: for round: for scenario: for path: for target, each round starting at another target (drift
@@ -33,7 +35,7 @@
 # request, mean $CONNS/N s; the rate reached is printed): an ALB's load, not a saturating one. It
 # implies MODE=sequential, so a p99 is the target's own latency, not a wait for a CPU another target
 # holds; below saturation the machine's speed swings change little but the CPU per request.
-# Env: ROUNDS=5 DURATION=6 WARMUP=2 CONNS=64 MODE=concurrent SCENARIOS="plain tls close tls-close post4k 4addr"
+# Env: ROUNDS=5 DURATION=6 WARMUP=2 CONNS=64 MODE=concurrent SCENARIOS="plain tls close tls-close post4k chunked4k 4addr"
 #      BASE_BIN= PROFILE=dist PEERS="nginx haproxy" RATE=
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -41,7 +43,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 . "$HERE/common.sh"
 
 ROUNDS=${ROUNDS:-5}; DURATION=${DURATION:-6}; WARMUP=${WARMUP:-2}; CONNS=${CONNS:-64}
-SCENARIOS=${SCENARIOS:-"plain tls close tls-close post4k 4addr"}
+SCENARIOS=${SCENARIOS:-"plain tls close tls-close post4k chunked4k 4addr"}
 PEERS=${PEERS:-"nginx haproxy"}
 PROFILE=${PROFILE:-dist}
 MODE=${MODE:-concurrent}
@@ -139,17 +141,25 @@ targets() {
     if [ $tls = 1 ]; then echo "cutover-base https://127.0.0.1:$BASE_TLS_PORT"; else echo "cutover-base http://127.0.0.1:$BASE_PORT"; fi
   fi
 }
-paths() { case $1 in plain|tls|4addr) echo "/ruok /obj4k" ;; post4k) echo /upload ;; *) echo /ruok ;; esac; }
+paths() { case $1 in plain|tls|4addr) echo "/ruok /obj4k" ;; post4k|chunked4k) echo /upload ;; *) echo /ruok ;; esac; }
 # wrk's extra arguments and script per scenario
-REPORT_LUA=$BENCH_DIR/tmp/wrk-report.lua POST_LUA=$BENCH_DIR/tmp/wrk-post4k.lua
+REPORT_LUA=$BENCH_DIR/tmp/wrk-report.lua POST_LUA=$BENCH_DIR/tmp/wrk-post4k.lua CHUNKED_LUA=$BENCH_DIR/tmp/wrk-chunked4k.lua
 mkdir -p "$BENCH_DIR/tmp"
 { cat "$HERE/wrk-report.lua"; [ -n "$RATE" ] && pace_lua "$CONNS" "$RATE"; } >"$REPORT_LUA"
 { echo 'wrk.method = "POST"'; echo 'wrk.body = string.rep("p", 4096)'
   echo 'wrk.headers["Content-Type"] = "application/octet-stream"'; cat "$REPORT_LUA"; } >"$POST_LUA"
+# wrk.format adds Content-Length to any body it is given: the chunked body is appended to a head
+# formatted without one, once, and every request sends that string.
+{ echo 'wrk.method = "POST"'; echo 'wrk.headers["Content-Type"] = "application/octet-stream"'
+  echo 'wrk.headers["Transfer-Encoding"] = "chunked"'
+  echo 'local chunked_req'
+  echo 'init = function(args) chunked_req = wrk.format(nil, nil, nil, nil) .. "1000\r\n" .. string.rep("p", 4096) .. "\r\n0\r\n\r\n" end'
+  echo 'request = function() return chunked_req end'; cat "$REPORT_LUA"; } >"$CHUNKED_LUA"
 wrk_args() {
   case $1 in
     close|tls-close) echo "-H Connection:close -s $REPORT_LUA" ;;
     post4k) echo "-s $POST_LUA" ;;
+    chunked4k) echo "-s $CHUNKED_LUA" ;;
     *) echo "-s $REPORT_LUA" ;;
   esac
 }
@@ -158,7 +168,11 @@ wrk_args() {
 for s in $SCENARIOS; do
   while read -r n base; do
     for path in $(paths "$s"); do
-      body=(); [ "$s" = post4k ] && body=(--data-binary "@$WWW_DIR/obj4k")
+      body=()
+      case $s in
+        post4k) body=(--data-binary "@$WWW_DIR/obj4k") ;;
+        chunked4k) body=(-H "Transfer-Encoding: chunked" --data-binary "@$WWW_DIR/obj4k") ;;
+      esac
       c=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 "${body[@]}" -H "Host: $FRONT_HOST" "$base$path")
       [ "$c" = 200 ] || die "$n ($s): $base$path answered $c"
     done
