@@ -18,7 +18,7 @@ PROFILE=${PROFILE:-dist}
 BIN=${BIN:-${CARGO_TARGET_DIR:-/var/cache/cutover-target}/$PROFILE/cutover}
 CONFIG=$CONF_DIR/matrix-cutover.yaml
 TLS=${TLS:-0}
-if [ "$TLS" = 1 ]; then PORT=18184; SCHEME=https; else PORT=18084; SCHEME=http; fi
+if [ "$TLS" = 1 ]; then PORT=$MATRIX_TLS_PORT; SCHEME=https; else PORT=$MATRIX_PORT; SCHEME=http; fi
 [ -x "$BIN" ] && [ -f "$CONFIG" ] || die "run matrix.sh once first (it builds $BIN and writes $CONFIG)"
 # Descriptors: N for the clients (python, its own process), N + the upstream pool for cutover.
 want=$((N * 2 + 4096)); hard=$(ulimit -Hn)

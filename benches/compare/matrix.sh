@@ -50,7 +50,7 @@ MODE=${MODE:-concurrent}
 RATE=${RATE:-}
 [ -n "$RATE" ] && MODE=sequential
 BASE_BIN=${BASE_BIN:-}
-CUTOVER_PORT=18084; CUTOVER_TLS_PORT=18184; CUTOVER_ADMIN=18094
+CUTOVER_PORT=$MATRIX_PORT; CUTOVER_TLS_PORT=$MATRIX_TLS_PORT; CUTOVER_ADMIN=18094
 BASE_PORT=18085; BASE_TLS_PORT=18185
 FOUR_PORT=18086
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/cutover-target}
@@ -121,7 +121,7 @@ for p in $PEERS; do start_peer "$p"; done
 start_cutover cutover "$BIN" matrix-cutover $CUTOVER_TLS_PORT
 [ -n "$BASE_BIN" ] && start_cutover cutover-base "$BASE_BIN" matrix-cutover-base $BASE_TLS_PORT
 [[ " $SCENARIOS " == *" 4addr "* ]] && start_cutover cutover-4addr "$BIN" matrix-cutover-4addr $FOUR_PORT "$CONF_DIR/hosts-4addr"
-for pid in $(pids_on_port "$ORIGIN_PORT"); do taskset -a -p -c "$ORIGIN_CPU" "$pid" >/dev/null; done
+pin_origin
 
 # Targets of a scenario: "NAME URL-BASE" lines.
 targets() {
@@ -255,7 +255,7 @@ done
     END {
       printf "| scenario | path | target | req/s | p50 ms | p99 ms | p99.9 ms | p99 x best other | req per proxy CPU-s | x nginx | x haproxy | context switches per req | CPU µs per req: user / system | upstream conns opened | RSS MiB | errors |\n"
       printf "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
-      ns = split(scen, S, " ")
+      ns = split(scen, S, " "); split("nginx haproxy cutover", O, " ")
       for (i = 1; i <= ns; i++) { s = S[i]; np = split(pl[s], P, " "); nt = split(tl[s], T, " ")
         for (p = 1; p <= np; p++) for (t = 1; t <= nt; t++) { k = s SUBSEP P[p] SUBSEP T[t]; if (!(k in seen)) continue
           xn = ""; xh = ""
@@ -263,7 +263,7 @@ done
                               if (((r, s, P[p], "haproxy") in rpc) && rpc[r, s, P[p], "haproxy"] > 0) xh = xh " " rpc[r, s, P[p], T[t]] / rpc[r, s, P[p], "haproxy"] }
           xp = ""
           for (r in rounds) { b = ""
-            for (o = 1; o <= 3; o++) { q = o == 1 ? "nginx" : (o == 2 ? "haproxy" : "cutover")
+            for (o = 1; o <= 3; o++) { q = O[o]
               if (q != T[t] && ((r, s, P[p], q) in p99r) && p99r[r, s, P[p], q] > 0 && (b == "" || p99r[r, s, P[p], q] + 0 < b)) b = p99r[r, s, P[p], q] + 0 }
             if (b != "" && ((r, s, P[p], T[t]) in p99r)) xp = xp " " p99r[r, s, P[p], T[t]] / b }
           xn = med(xn); xh = med(xh); xp = med(xp)

@@ -27,7 +27,7 @@ CACHE_SIM=${CACHE_SIM:-no}
 # TLS=1: through the TLS listener (matrix.sh's config has one on 18184); POST=1: POST 4 KiB to /upload
 TLS=${TLS:-0}; POST=${POST:-0}
 CONFIG=${CONFIG:-$CONF_DIR/matrix-cutover.yaml}
-if [ "$TLS" = 1 ]; then PORT=18184; SCHEME=https; else PORT=${CUTOVER_PORT:-18084}; SCHEME=http; fi
+if [ "$TLS" = 1 ]; then PORT=$MATRIX_TLS_PORT; SCHEME=https; else PORT=${CUTOVER_PORT:-$MATRIX_PORT}; SCHEME=http; fi
 [ -f "$CONFIG" ] || die "run matrix.sh once first (it writes $CONFIG)"
 RATE=${RATE:-}
 WRK_SCRIPT=()

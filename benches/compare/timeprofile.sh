@@ -22,7 +22,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/common.sh"
 BIN=${BIN:-${CARGO_TARGET_DIR:-/var/cache/cutover-target}/dist/cutover}
 SCHEME=${SCHEME:-https}; URL_PATH=${URL_PATH:-/obj4k}; TARGETS=${TARGETS:-"nginx cutover"}
-SECONDS_RUN=${SECONDS_RUN:-5}; CALL_GRAPH=${CALL_GRAPH:-fp}; TOP=${TOP:-30}; RATE=${RATE:-}
+SECONDS_RUN=${SECONDS_RUN:-5}; CALL_GRAPH=${CALL_GRAPH:-fp}; TOP=${TOP:-30}; RATE=${RATE:-}; HZ_SAMPLE=4999
 command -v perf >/dev/null || die "needs perf (apt-get install linux-perf)"
 [ -f "$CONF_DIR/matrix-cutover.yaml" ] || die "run matrix.sh once first (it writes the config)"
 OUT=$BENCH_DIR/timeprofile/$(date +%Y%m%d-%H%M%S)
@@ -37,9 +37,9 @@ start_origin bench
 start_peer nginx
 taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" run --config "$CONF_DIR/matrix-cutover.yaml" >"$OUT/cutover.log" 2>&1 &
 CPID=$!
-wait_port 18184 || die "cutover did not start; see $OUT/cutover.log"
-for pid in $(pids_on_port "$ORIGIN_PORT"); do taskset -a -p -c "$ORIGIN_CPU" "$pid" >/dev/null; done
-if [ "$SCHEME" = https ]; then NGINX_AT=$NGINX_TLS_PORT; CUTOVER_AT=18184; else NGINX_AT=$NGINX_PORT; CUTOVER_AT=18084; fi
+wait_port "$MATRIX_TLS_PORT" || die "cutover did not start; see $OUT/cutover.log"
+pin_origin
+if [ "$SCHEME" = https ]; then NGINX_AT=$NGINX_TLS_PORT; CUTOVER_AT=$MATRIX_TLS_PORT; else NGINX_AT=$NGINX_PORT; CUTOVER_AT=$MATRIX_PORT; fi
 for t in $TARGETS; do
   if [ "$t" = nginx ]; then port=$NGINX_AT; pid=$(pgrep -P "$(cat "$PID_DIR/nginx.pid")" | head -1); else port=$CUTOVER_AT; pid=$CPID; fi
   url="$SCHEME://127.0.0.1:$port$URL_PATH"
@@ -47,12 +47,12 @@ for t in $TARGETS; do
   taskset -c "$ORIGIN_CPU" wrk -t1 -c64 -d$((SECONDS_RUN + 2))s "${PACE[@]}" -H "Host: $FRONT_HOST" "$url" >"$OUT/$t.wrk" &
   w=$!
   sleep 1
-  perf record -q -e cpu-clock -F 4999 --call-graph "$CALL_GRAPH" -p "$pid" -o "$OUT/$t.data" -- sleep "$SECONDS_RUN" 2>"$OUT/$t.perf.log"
+  perf record -q -e cpu-clock -F "$HZ_SAMPLE" --call-graph "$CALL_GRAPH" -p "$pid" -o "$OUT/$t.data" -- sleep "$SECONDS_RUN" 2>"$OUT/$t.perf.log"
   wait "$w"
   rps=$(awk '/Requests\/sec/ { print $2 }' "$OUT/$t.wrk")
   samples=$(perf script -i "$OUT/$t.data" -F tid 2>/dev/null | wc -l)
   echo "== $t: $url${RATE:+ at $RATE req/s offered}, $rps req/s (under perf), $samples samples:" \
-    "$(awk -v s="$samples" -v r="$rps" -v d="$SECONDS_RUN" 'BEGIN { printf "%.1f", s / 4999 * 1e6 / (r * d) }') µs of CPU per request"
+    "$(awk -v s="$samples" -v r="$rps" -v d="$SECONDS_RUN" -v hz="$HZ_SAMPLE" 'BEGIN { printf "%.1f", s / hz * 1e6 / (r * d) }') µs of CPU per request"
   perf report -i "$OUT/$t.data" --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -6
   perf report -i "$OUT/$t.data" --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -"$TOP"
 done
