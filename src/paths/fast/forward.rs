@@ -9,7 +9,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::body::{
     batch_size, body_part, read_available, to_client, write_error, write_head_and_body,
@@ -17,6 +17,7 @@ use super::body::{
 };
 use super::request::{build_request, header_str, header_values, route_request, Ask};
 use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
+use super::upload::{read_rest, relay_upload, Upload, UploadFailed};
 use super::{Conn, FastPath, Held, Step, BODY_BATCH, READ_CHUNK};
 use crate::model::peer::read_when_ready;
 use crate::model::{Route, Upstream};
@@ -488,85 +489,6 @@ pub(super) enum Exchange {
     /// The client stopped sending the request body: 408 (nothing within
     /// the body timeout) or 499 (it closed).
     Client(u16),
-}
-
-/// A request body on its way upstream: what came with the head, and how
-/// much is still to be read from the client.
-pub(super) struct Upload<'a> {
-    pub(super) early: &'a [u8],
-    pub(super) late: u64,
-}
-
-enum UploadFailed {
-    Client(u16),
-    Upstream(std::io::Error),
-    UpstreamTimeout,
-}
-
-/// Spare room a body read asks for beyond the bytes it expects.
-const READ_SLACK: usize = 1024;
-
-/// Read the rest of a request body, `late` bytes, into `conn.body` (bytes
-/// past it go to `conn.buf`); `Err` with the status the client gets: 408
-/// (nothing within the body timeout) or 499 (it closed).
-async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
-    // Room past the body: a read that fills its buffer exactly leaves the
-    // socket marked readable, and the next request's first read would be
-    // a syscall that finds nothing (EAGAIN); a short read does not.
-    conn.body.reserve(late + READ_SLACK);
-    while conn.body.len() < late {
-        match conn
-            .timer
-            .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
-            .await
-        {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => return Err(499),
-            Err(_) => return Err(408),
-        }
-    }
-    if conn.body.len() > late {
-        conn.buf.extend_from_slice(&conn.body[late..]);
-        conn.body.truncate(late);
-    }
-    Ok(())
-}
-
-/// The rest of a request body, from the client to the upstream as it
-/// arrives. Bytes the client sent past the body (a pipelined request) go
-/// to `conn.buf`, where the next request is read from.
-async fn relay_upload(
-    conn: &mut Conn,
-    ups: &mut Stream,
-    upload: &mut Upload<'_>,
-    write_timeout: std::time::Duration,
-) -> Result<(), UploadFailed> {
-    while upload.late > 0 {
-        conn.body.clear();
-        conn.body.reserve(READ_CHUNK);
-        let n = match conn
-            .timer
-            .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
-            .await
-        {
-            Ok(Ok(n)) if n > 0 => n,
-            Ok(_) => return Err(UploadFailed::Client(499)),
-            Err(_) => return Err(UploadFailed::Client(408)),
-        };
-        let take = usize::try_from(upload.late).map_or(n, |late| late.min(n));
-        conn.buf.extend_from_slice(&conn.body[take..]);
-        match conn
-            .ups_timer
-            .within(write_timeout, ups.write_all(&conn.body[..take]))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(UploadFailed::Upstream(e)),
-            Err(_) => return Err(UploadFailed::UpstreamTimeout),
-        }
-        upload.late -= take as u64;
-    }
-    Ok(())
 }
 
 /// Relay the rest of a response body, after what went out with the head

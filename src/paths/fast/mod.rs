@@ -32,6 +32,7 @@ mod head;
 mod request;
 mod response;
 mod timer;
+mod upload;
 
 pub use request::prepare_request;
 pub use response::{client_head_for_fuzzing, prepare_response};
