@@ -165,8 +165,8 @@ async fn load(
     all
 }
 
-/// `clients` clients sending `each` POSTs (each on a new connection, so
-/// each is carried by the Pingora path: the fast path hands a chunked body over).
+/// `clients` clients sending `each` requests with a chunked body (each on a
+/// new connection, with a method the fast path hands to the Pingora path).
 async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tasks = tokio::task::JoinSet::new();
@@ -181,7 +181,7 @@ async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
                     let mut c = tokio::net::TcpStream::connect(proxy).await?;
                     c.write_all(
                         format!(
-                            "POST /echo HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\
+                            "{VIA_PINGORA} /echo HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\
                              Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                         )
                         .as_bytes(),
@@ -190,7 +190,7 @@ async fn posts(proxy: SocketAddr, clients: usize, each: usize) -> Load {
                     c.read_to_end(&mut answer).await
                 };
                 if let Err(e) = sent.await {
-                    seen.errors.push(format!("POST: {e}"));
+                    seen.errors.push(format!("{VIA_PINGORA}: {e}"));
                     continue;
                 }
                 let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
@@ -233,11 +233,11 @@ async fn dead_addresses_never_send_traffic_to_the_old_distribution(ipv6: bool) {
     // 8 keep-alive clients x 375 + 8 connect-per-request clients x 250.
     let keep = load(m.proxy.listen, 8, 0, 375, "ok-new-cdn");
     let fresh = load(m.proxy.listen, 0, 8, 250, "ok-new-cdn");
-    // And POSTs, on the Pingora path, at the same time.
+    // And requests with bodies, on the Pingora path, at the same time.
     let post = posts(m.proxy.listen, 2, 50);
     let (keep, fresh, post) = tokio::join!(keep, fresh, post);
-    assert!(post.errors.is_empty(), "POSTs: {:?}", post.errors);
-    assert_eq!((post.sent, post.not_new), (100, 0), "POSTs all to d-new");
+    assert!(post.errors.is_empty(), "bodies: {:?}", post.errors);
+    assert_eq!((post.sent, post.not_new), (100, 0), "bodies all to d-new");
     let mut all = keep;
     all.absorb(fresh);
     let metrics = m.proxy.metrics().await;

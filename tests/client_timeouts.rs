@@ -1,6 +1,6 @@
 //! The client side's timeouts per listener, on every carrier: the fast path
 //! (a plain listener's GET), the Pingora path (the same connection after a
-//! POST hands it over) and the TLS listener (its GETs on the fast path, over TLS).
+//! request whose method the fast path hands over) and the TLS listener (its GETs on the fast path, over TLS).
 //!
 //! - With the defaults, a connection idle for 61 s (past an ALB's default
 //!   idle timeout, before cutover's 75 s) is still served.
@@ -81,7 +81,7 @@ fn get(path: &str) -> String {
 }
 
 /// A connection on `carrier`, ready for its next request: on the Pingora
-/// path, after a POST that handed it over.
+/// path, after a request that handed it over.
 async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
     match carrier {
         Carrier::Tls => RawClient::connect_tls(bed.tls, &bed.ca_path, PUBLIC_NAME).await,
@@ -90,12 +90,12 @@ async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
             let mut c = RawClient::connect(bed.proxy.listen).await;
             c.send(
                 format!(
-                    "POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+                    "{VIA_PINGORA} /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
                 )
                 .as_bytes(),
             )
             .await;
-            let r = c.response(false).await.expect("the POST is answered");
+            let r = c.response(false).await.expect("the warm-up is answered");
             assert_eq!(r.status(), 200);
             c
         }
@@ -162,7 +162,7 @@ async fn connections_reused_just_inside_the_keepalive_timeout_never_see_a_reset(
                     if carrier == Carrier::Pingora {
                         c.send(
                             format!(
-                            "POST /w HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 0\r\n\r\n"
+                            "{VIA_PINGORA} /w HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 0\r\n\r\n"
                         )
                             .as_bytes(),
                         )

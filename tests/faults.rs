@@ -119,9 +119,9 @@ struct Tally {
     failed: Vec<String>,
     /// Milliseconds per answered request.
     latencies: Vec<f64>,
-    /// Pingora-path connections whose opening POST (chunked, so the fast
-    /// path hands the connection over) was answered 502: a POST caught by
-    /// the race, rightly not resent and counted `unsafe`; the client
+    /// Pingora-path connections whose opening request (a method the fast
+    /// path hands over, not idempotent) was answered 502: a request caught
+    /// by the race, rightly not resent and counted `unsafe`; the client
     /// opened another connection.
     warmups_refused: u64,
 }
@@ -149,7 +149,7 @@ enum Kind {
     /// Keep-alive GETs on the fast path.
     Get,
     /// Keep-alive GETs on the Pingora path (the connection opens with a
-    /// chunked POST, which the fast path hands over).
+    /// request whose method the fast path hands over).
     PingoraGet,
     /// Keep-alive POSTs with a small body (the fast path).
     Post,
@@ -178,13 +178,13 @@ async fn client(
         let mut c = RawClient::connect(proxy).await;
         if kind == Kind::PingoraGet {
             c.send(
-                format!("POST /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+                format!("{VIA_PINGORA} /warm HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
                     .as_bytes(),
             )
             .await;
             let answer = c.response(false).await?;
             if answer.status() != 200 {
-                return Err(format!("warm-up POST answered {}", answer.status()));
+                return Err(format!("warm-up answered {}", answer.status()));
             }
             Ok(c)
         } else {

@@ -11,7 +11,8 @@
 //!
 //! Every case runs four times: on a fresh connection (the fast path, for
 //! what it takes; everything else is handed to Pingora from the first
-//! request), and after a `POST` on the same connection (the Pingora path),
+//! request), and after a request with a method the fast path hands over,
+//! on the same connection (the Pingora path),
 //! each on the plain and on the TLS listener. A case ends
 //! with a probe request on the same connection when it stays open, so a
 //! smuggled request or a stray response shows up as a mismatch there.
@@ -33,7 +34,7 @@ enum Carrier {
     Pingora,
     /// The TLS listener's fast path (a fresh connection).
     TlsFast,
-    /// The TLS listener's Pingora path (after a `POST`).
+    /// The TLS listener's Pingora path (after a handed-over request).
     TlsPingora,
 }
 
@@ -594,7 +595,8 @@ fn body_text(m: &Message) -> String {
     String::from_utf8_lossy(&m.body).into_owned()
 }
 
-/// Open a connection on the wanted carrier: for Pingora's, a POST first.
+/// Open a connection on the wanted carrier: for Pingora's, a request the
+/// fast path hands over first.
 async fn open(bed: &Bed, carrier: Carrier, prefix: &str) -> Result<RawClient, String> {
     let mut c = match carrier {
         Carrier::Fast | Carrier::Pingora => RawClient::connect(bed.proxy.listen).await,
@@ -605,7 +607,7 @@ async fn open(bed: &Bed, carrier: Carrier, prefix: &str) -> Result<RawClient, St
     if carrier.pingora() {
         c.send(
             fill(
-                "POST {P}/warm HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwarm\r\n0\r\n\r\n",
+                &format!("{VIA_PINGORA} {{P}}/warm HTTP/1.1\r\nHost: {{H}}\r\nContent-Length: 4\r\n\r\nwarm"),
                 prefix,
             )
             .as_bytes(),
@@ -615,7 +617,7 @@ async fn open(bed: &Bed, carrier: Carrier, prefix: &str) -> Result<RawClient, St
             .response(false)
             .await
             .map_err(|e| format!("warm-up: {e}"))?;
-        if body_text(&r) != format!("POST {prefix}/warm") {
+        if body_text(&r) != format!("{VIA_PINGORA} {prefix}/warm") {
             return Err(format!("warm-up answered {:?}", body_text(&r)));
         }
     }
@@ -663,7 +665,7 @@ async fn run_request_case(
     }
     let mut expected: Vec<(String, String, String)> = Vec::new();
     if carrier.pingora() {
-        expected.push(("POST".into(), format!("{prefix}/warm"), "warm".into()));
+        expected.push((VIA_PINGORA.into(), format!("{prefix}/warm"), "warm".into()));
     }
     expected.extend(
         case.upstream

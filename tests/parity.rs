@@ -2,10 +2,11 @@
 //! by the Pingora path must reach the origin as the same bytes, come back as
 //! the same response head, and leave the same access-log record and metrics.
 //!
-//! A request takes the fast path on a fresh connection; after a `POST` on
-//! the same connection every later request takes the Pingora path (the
-//! connection was handed over). The warm-up `POST` goes to another route
-//! (`warm.example.test`), so it touches none of the records compared here.
+//! A request takes the fast path on a fresh connection; after a request
+//! with a method the fast path hands over, on the same connection, every
+//! later request takes the Pingora path (the connection was handed over).
+//! The warm-up goes to another route (`warm.example.test`), so it touches
+//! none of the records compared here.
 //!
 //! What may differ, by design, and is masked before comparing:
 //! - `Date` in the client's response head (the clock);
@@ -54,11 +55,18 @@ enum Carrier {
     Pingora,
     /// The TLS listener, fast path (a fresh connection).
     TlsFast,
-    /// The TLS listener, Pingora path (after a `POST`).
+    /// The TLS listener, Pingora path (after a handed-over request).
     TlsPingora,
 }
 
 impl Carrier {
+    const ALL: [Carrier; 4] = [
+        Carrier::Fast,
+        Carrier::Pingora,
+        Carrier::TlsFast,
+        Carrier::TlsPingora,
+    ];
+
     fn tls(self) -> bool {
         matches!(self, Carrier::TlsFast | Carrier::TlsPingora)
     }
@@ -213,8 +221,8 @@ async fn start_forwarding(forward: &str) -> Bed {
     }
 }
 
-/// A connection on the wanted carrier: for Pingora's, a `POST` to the warm
-/// route first.
+/// A connection on the wanted carrier: for Pingora's, a request the fast
+/// path hands over, to the warm route, first.
 async fn open(bed: &Bed, carrier: Carrier) -> RawClient {
     open_after(bed, carrier, b"").await
 }
@@ -231,11 +239,11 @@ async fn open_after(bed: &Bed, carrier: Carrier, prefix: &[u8]) -> RawClient {
         c.send(prefix).await;
     }
     if carrier.pingora() {
-        // A chunked body: the one request the fast path never carries.
+        // A method the fast path hands over.
         let handed = handed_over(&bed.proxy).await;
         c.send(
             format!(
-                "POST /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwarm\r\n0\r\n\r\n"
+                "{VIA_PINGORA} /parity/warm HTTP/1.1\r\nHost: {WARM_NAME}\r\nContent-Length: 4\r\n\r\nwarm"
             )
             .as_bytes(),
         )
@@ -931,24 +939,9 @@ async fn requests_with_a_body_are_carried_the_same() {
         "POST {{T}} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n{body}",
         body.len()
     );
-    let fast = serve(&bed, Carrier::Fast, "/parity/post", &post).await;
-    let pingora = serve(&bed, Carrier::Pingora, "/parity/post", &post).await;
-    assert_eq!(fast.response.status(), 200, "{fast:?}");
-    assert_eq!(fast.upstream_body.as_deref(), Some(body.as_bytes()));
-    let head = fast.upstream_head.as_deref().unwrap();
+    let head = carried_the_same(&bed, "POST 4 KiB", "/parity/post", &post, &body).await;
     assert!(head.starts_with("POST /parity/post HTTP/1.1\r\n"), "{head}");
     assert!(head.contains("\r\nContent-Length: 4096\r\n"), "{head}");
-    assert_same("POST 4 KiB", &fast, &pingora);
-    serve_tls_pair(&bed, "POST 4 KiB", "/parity/post", &post).await;
-    // No handover for it: the fast path carried it.
-    assert!(
-        !fast
-            .metrics
-            .keys()
-            .any(|k| k.starts_with("cutover_connections_handed_over_total")),
-        "{:?}",
-        fast.metrics
-    );
 
     // A body of 256 KiB arrives after its head, in pieces; a PUT and a
     // DELETE without one.
@@ -957,46 +950,74 @@ async fn requests_with_a_body_are_carried_the_same() {
         let target = format!("/parity/{}", method.to_ascii_lowercase());
         let mut seen = Vec::new();
         for carrier in [Carrier::Fast, Carrier::Pingora, Carrier::TlsFast] {
+            let head = format!(
+                "{method} {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
             let mut c = open(&bed, carrier).await;
-            let before = bed.origin.requests(&target).len();
-            c.send(
-                format!(
-                    "{method} {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )
-                .as_bytes(),
+            let what = format!("{method} on {carrier:?}");
+            let (got, head) = sent_in_pieces(
+                &bed,
+                &mut c,
+                &target,
+                &head,
+                body.as_bytes(),
+                64 * 1024,
+                &what,
             )
             .await;
-            for piece in body.as_bytes().chunks(64 * 1024) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                c.send(piece).await;
-            }
-            let r = c.response(false).await.expect("answered");
-            assert_eq!(r.status(), 200, "{method} on {carrier:?}");
-            let got = bed.origin.requests(&target);
-            assert_eq!(got.len(), before + 1, "{method} on {carrier:?}");
-            let msg = &got[before].msg;
-            assert_eq!(msg.body.len(), body.len(), "{method} on {carrier:?}");
-            assert!(
-                msg.body == body.as_bytes(),
-                "{method} on {carrier:?}: body differs"
-            );
-            seen.push(String::from_utf8_lossy(&msg.raw_head).into_owned());
+            assert!(got == body.as_bytes(), "{what}: body differs");
+            seen.push(head);
         }
         assert_eq!(seen[0], seen[1], "{method}: different heads upstream");
     }
 
     // A body and the next request in one write: each its own answer.
+    let first = format!(
+        "POST /parity/pipe1 HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    a_body_then_the_next_request(&bed, &first, "/parity/pipe1", "/parity/pipe2").await;
+}
+
+/// `request` (for `target`, with a body that reads as `body`) on the four
+/// carriers: 200, the same everywhere, and the fast path carried it (no
+/// handover). The head the origin got.
+async fn carried_the_same(
+    bed: &Bed,
+    name: &str,
+    target: &str,
+    request: &str,
+    body: &str,
+) -> String {
+    let fast = serve(bed, Carrier::Fast, target, request).await;
+    let pingora = serve(bed, Carrier::Pingora, target, request).await;
+    assert_eq!(fast.response.status(), 200, "{name}: {fast:?}");
+    assert_eq!(
+        fast.upstream_body.as_deref(),
+        Some(body.as_bytes()),
+        "{name}"
+    );
+    assert_same(name, &fast, &pingora);
+    serve_tls_pair(bed, name, target, request).await;
+    assert!(
+        !fast
+            .metrics
+            .keys()
+            .any(|k| k.starts_with("cutover_connections_handed_over_total")),
+        "{name}: {:?}",
+        fast.metrics
+    );
+    fast.upstream_head.unwrap()
+}
+
+/// `first` (a request for `first_path`) and a GET for `then` in one write,
+/// on both plain carriers: each gets its own answer, in order.
+async fn a_body_then_the_next_request(bed: &Bed, first: &str, first_path: &str, then: &str) {
     for carrier in [Carrier::Fast, Carrier::Pingora] {
-        let mut c = open(&bed, carrier).await;
-        c.send(
-            format!(
-                "POST /parity/pipe1 HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nContent-Length: 5\r\n\r\nhelloGET /parity/pipe2 HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await;
-        for want in ["/parity/pipe1", "/parity/pipe2"] {
+        let mut c = open(bed, carrier).await;
+        c.send(format!("{first}GET {then} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
+            .await;
+        for want in [first_path, then] {
             let r = c.response(false).await.expect("answered");
             assert_eq!(r.status(), 200, "{carrier:?} {want}");
             assert!(
@@ -1008,19 +1029,168 @@ async fn requests_with_a_body_are_carried_the_same() {
     }
 }
 
+/// Send `head`, then `framed` in pieces of `piece` bytes 20 ms apart, on
+/// `c`; the body the origin read for `target` and the head it got.
+async fn sent_in_pieces(
+    bed: &Bed,
+    c: &mut RawClient,
+    target: &str,
+    head: &str,
+    framed: &[u8],
+    piece: usize,
+    what: &str,
+) -> (Vec<u8>, String) {
+    let before = bed.origin.requests(target).len();
+    c.send(head.as_bytes()).await;
+    for part in framed.chunks(piece) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.send(part).await;
+    }
+    let r = c.response(false).await.expect("answered");
+    assert_eq!(r.status(), 200, "{what}");
+    let got = bed.origin.requests(target);
+    assert_eq!(got.len(), before + 1, "{what}");
+    let msg = &got[before].msg;
+    (
+        msg.body.clone(),
+        String::from_utf8_lossy(&msg.raw_head).into_owned(),
+    )
+}
+
+/// A chunked request body: the origin reads the same body whatever the
+/// carrier. The fast path forwards the chunks as the client framed them
+/// and Pingora re-frames them; both drop trailers. Heads, decoded bodies,
+/// responses, records and metrics are compared.
 #[tokio::test]
-async fn a_client_that_leaves_mid_body_is_the_same_499() {
+async fn chunked_bodies_are_carried_the_same() {
     let bed = start().await;
-    let mut records = Vec::new();
-    for (i, carrier) in [
+    let chunk = "c".repeat(4096);
+    let post = format!(
+        "POST {{T}} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n1000\r\n{chunk}\r\n3;ext=\"a b\"\r\nend\r\n0\r\nX-Checksum: 1\r\n\r\n"
+    );
+    let want = format!("{chunk}end");
+    let head = carried_the_same(&bed, "chunked POST", "/parity/chunked", &post, &want).await;
+    assert!(
+        head.contains("\r\nTransfer-Encoding: chunked\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("Content-Length"), "{head}");
+
+    // 256 KiB in chunks of 10,000 bytes, in pieces that cut chunk lines,
+    // sent 20 ms apart: streamed upstream as it comes, on every carrier.
+    let target = "/parity/chunked-stream";
+    let mut framed = String::new();
+    let mut body = String::new();
+    for i in 0..26 {
+        let piece = ((b'a' + i as u8) as char).to_string().repeat(10_000);
+        framed.push_str(&format!("{:x}\r\n{piece}\r\n", piece.len()));
+        body.push_str(&piece);
+    }
+    framed.push_str("0\r\n\r\n");
+    let mut heads = Vec::new();
+    for carrier in [
         Carrier::Fast,
         Carrier::Pingora,
         Carrier::TlsFast,
         Carrier::TlsPingora,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ] {
+        let mut c = open(&bed, carrier).await;
+        let head = format!(
+            "PUT {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        let what = format!("{carrier:?}");
+        let (got, head) = sent_in_pieces(
+            &bed,
+            &mut c,
+            target,
+            &head,
+            framed.as_bytes(),
+            64 * 1024 + 7,
+            &what,
+        )
+        .await;
+        assert!(
+            got == body.as_bytes(),
+            "{carrier:?}: a body of {} bytes arrived, not the {} sent",
+            got.len(),
+            body.len()
+        );
+        heads.push(head);
+        // The connection serves the next request.
+        c.send(
+            format!("GET /parity/after-chunked HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let r = c
+            .response(false)
+            .await
+            .expect("the next request is answered");
+        assert_eq!(r.status(), 200, "{carrier:?}");
+    }
+    assert_eq!(heads[0], heads[1], "different heads upstream");
+
+    // A chunked body and the next request in one write: each its own answer.
+    let first = format!(
+        "POST /parity/cpipe1 HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    a_body_then_the_next_request(&bed, &first, "/parity/cpipe1", "/parity/cpipe2").await;
+}
+
+/// A chunked body that stops parsing after part of it went upstream: 400,
+/// counted `bad_framing`, the connection closed, the same record on every
+/// carrier; the origin never sees the bad bytes.
+#[tokio::test]
+async fn a_chunked_body_that_stops_parsing_midway_is_the_same_400() {
+    let bed = start().await;
+    let mut records = Vec::new();
+    for (i, carrier) in Carrier::ALL.into_iter().enumerate() {
+        let target = format!("/parity/badchunk{i}");
+        let mut c = open(&bed, carrier).await;
+        let before = samples(&bed.proxy).await;
+        c.send(
+            format!("POST {target} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .as_bytes(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A size line ended by a bare LF: two parsers could read it apart.
+        c.send(b"5\nworld\r\n0\r\n\r\n").await;
+        let r = c.response(false).await.expect("answered");
+        assert_eq!(r.status(), 400, "{carrier:?}");
+        c.closes_within(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|e| panic!("{carrier:?}: {e}"));
+        let r = record_without_path(&bed, &target).await;
+        let moved = delta(&before, &samples(&bed.proxy).await);
+        let refused = moved
+            .iter()
+            .filter(|(k, _)| k.starts_with("cutover_rejected_requests_total"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            refused,
+            [(
+                "cutover_rejected_requests_total{phase=\"parity\",reason=\"bad_framing\"}"
+                    .to_string(),
+                1.0
+            )],
+            "{carrier:?}"
+        );
+        records.push((carrier, r));
+    }
+    assert_one_record(&records, 400);
+    assert!(
+        bed.origin.violations().is_empty(),
+        "{:?}",
+        bed.origin.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_is_the_same_499() {
+    let bed = start().await;
+    let mut records = Vec::new();
+    for (i, carrier) in Carrier::ALL.into_iter().enumerate() {
         let target = format!("/parity/gone{i}");
         let mut c = open(&bed, carrier).await;
         c.send(
@@ -1030,14 +1200,26 @@ async fn a_client_that_leaves_mid_body_is_the_same_499() {
         .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         drop(c);
-        let mut r = wait_for_log(&bed.access_log, &target, 1)
-            .await
-            .pop()
-            .unwrap();
-        r["path"] = serde_json::Value::Null;
-        records.push((carrier, record_fields(r)));
+        let r = record_without_path(&bed, &target).await;
+        records.push((carrier, r));
     }
-    assert_eq!(records[0].1["status"], 499, "{:?}", records[0]);
+    assert_one_record(&records, 499);
+}
+
+/// The access-log record of the one request for `target`, without its
+/// path (each carrier's request has its own).
+async fn record_without_path(bed: &Bed, target: &str) -> serde_json::Value {
+    let mut r = wait_for_log(&bed.access_log, target, 1)
+        .await
+        .pop()
+        .unwrap();
+    r["path"] = serde_json::Value::Null;
+    record_fields(r)
+}
+
+/// Every carrier left the same record, with `status`.
+fn assert_one_record(records: &[(Carrier, serde_json::Value)], status: u16) {
+    assert_eq!(records[0].1["status"], status, "{:?}", records[0]);
     for (carrier, r) in &records[1..] {
         assert_eq!(&records[0].1, r, "{carrier:?}: a different record");
     }

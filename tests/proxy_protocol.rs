@@ -124,11 +124,11 @@ fn vpce_tlv() -> Vec<u8> {
     t
 }
 
-/// A GET (the fast path) or a POST with a chunked body (the Pingora path)
-/// for `path`.
+/// A GET (the fast path) or a request with a chunked body and a method
+/// the fast path hands over (the Pingora path) for `path`.
 fn request(path: &str, post: bool) -> Vec<u8> {
     if post {
-        format!("POST {path} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        format!("{VIA_PINGORA} {path} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
     } else {
         format!("GET {path} HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\nConnection: close\r\n\r\n")
     }

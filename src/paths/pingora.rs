@@ -755,14 +755,7 @@ impl ProxyHttp for PingoraPath {
                     _ => Refusal::Malformed,
                 };
                 let model = ctx.model.clone().unwrap_or_else(|| self.process.model());
-                model.phase.rejected[refusal as usize].inc();
-                limited!(
-                    info,
-                    "400 {}: request body: {e} (from {:?})",
-                    refusal.reason(),
-                    peer_ip(session)
-                );
-                400
+                request::body_refused(&model, refusal, peer_ip(session), e)
             }
             Failure::Downstream { status } => {
                 debug!("client side error ({status}): {e}");

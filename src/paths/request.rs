@@ -481,6 +481,27 @@ pub fn finish(process: &Process, up: Option<&Upstream>, entry: &Entry<'_>) {
     }
 }
 
+/// A request body that stopped parsing once its request was routed (a
+/// chunk line the strict reader refuses: `BadFraming`; anything else the
+/// Pingora path's reader refuses: `Malformed`): counted, logged at most a
+/// few lines a second; the status the carrier answers before it closes the
+/// connection. The request's access-log line is the carrier's, as usual.
+pub fn body_refused(
+    model: &Model,
+    refusal: Refusal,
+    peer: Option<IpAddr>,
+    cause: &dyn Display,
+) -> u16 {
+    model.phase.rejected[refusal as usize].inc();
+    let status = refusal.status();
+    limited!(
+        info,
+        "{status} {}: request body: {cause} (from {peer:?})",
+        refusal.reason()
+    );
+    status
+}
+
 /// A request head that never became a request: Pingora's parser refused it
 /// (`Malformed`, answered 400 by Pingora) or it was still incomplete after
 /// the listener's `header_timeout` (`HeaderTimeout`, answered 408 by the

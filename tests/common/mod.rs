@@ -22,6 +22,12 @@ pub mod strict_origin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
 
+/// A method the fast path does not carry (an extension method, here the
+/// cache-purge one CDNs and Varnish know): a request with it is handed,
+/// with the rest of its connection, to the Pingora path, which forwards it
+/// like any other. Tests that must run on the Pingora path send one.
+pub const VIA_PINGORA: &str = "PURGE";
+
 pub struct Bed {
     pub dir: tempfile::TempDir,
     pub ca: TestCa,

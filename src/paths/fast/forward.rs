@@ -17,8 +17,8 @@ use super::body::{
 };
 use super::request::{build_request, header_str, header_values, route_request, Ask};
 use super::response::{client_head, read_response_head, HeadError, UpstreamHead};
-use super::upload::{read_rest, relay_upload, Upload, UploadFailed};
-use super::{Conn, FastPath, Held, Step, BODY_BATCH, READ_CHUNK};
+use super::upload::{Upload, UploadFailed};
+use super::{Conn, FastPath, Held, Step, READ_CHUNK};
 use crate::model::peer::read_when_ready;
 use crate::model::{Route, Upstream};
 use crate::observe::access_log::Entry;
@@ -29,6 +29,7 @@ use crate::policy::deleak::Public;
 use crate::policy::failure::ErrorKind;
 use crate::policy::handover::Handover;
 use crate::policy::marker::Seen;
+use crate::policy::refusal::Refusal;
 
 impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
     /// `after_head`: what the client's buffer holds after the head (the
@@ -46,6 +47,13 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             Ok(routed) => routed,
             Err(reason) => return Step::Handover(reason),
         };
+        // The body: what came with the head, then the rest from the client.
+        // A chunked body that does not parse here has sent nothing yet: the
+        // Pingora path answers it (400), as every malformed request.
+        let Ok(mut upload) = Upload::start(ask.body, after_head) else {
+            return Step::Handover(Handover::Body);
+        };
+        conn.body.clear();
         ask.tls = conn.tls;
         ask.https =
             policy::client_ip::client_https(&model.client_ip, conn.peer, conn.tls, ask.proto);
@@ -57,15 +65,6 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             return Step::Handover(Handover::NoUpstream);
         };
         let closing = self.process.closing(*shutdown.borrow());
-        // The body: what came with the head, then the rest from the client.
-        let early_len =
-            usize::try_from(ask.body).map_or(after_head.len(), |b| b.min(after_head.len()));
-        let mut upload = Upload {
-            early: &after_head[..early_len],
-            late: ask.body - early_len as u64,
-        };
-        let resendable = request::may_resend(ask.method, upload.late == 0);
-
         let mut first_attempt = true;
         // A reused connection found closed: the next connect is a fresh one
         // (which cannot be stale).
@@ -193,7 +192,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                         first_attempt,
                         &mut attempted,
                         reused,
-                        resendable,
+                        request::may_resend(ask.method, upload.kept()),
                         ErrorKind::Reset,
                         &cause,
                     ) {
@@ -210,11 +209,21 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     continue;
                 }
                 Err(Exchange::Client(status)) => {
-                    // The client stopped sending its body: answered as the
-                    // Pingora path answers it (408 after the body timeout),
-                    // the half-sent upstream connection dropped.
-                    let status = if status == 408 && write_error(&mut conn.stream, 408).await {
-                        408
+                    // The client stopped sending its body (408 after the
+                    // body timeout, 499 when it closed), or sent a chunk that
+                    // does not parse (400): answered as the Pingora path
+                    // answers it, the half-sent upstream connection dropped.
+                    let status = match status {
+                        400 => request::body_refused(
+                            &model,
+                            Refusal::BadFraming,
+                            conn.peer,
+                            &"a chunk line that does not parse",
+                        ),
+                        other => other,
+                    };
+                    let status = if status != 499 && write_error(&mut conn.stream, status).await {
+                        status
                     } else {
                         499
                     };
@@ -271,7 +280,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         request::finish(&self.process, Some(up), &entry);
         Step::Served {
             keep_client,
-            body_read: early_len,
+            body_read: upload.read(),
         }
     }
 
@@ -421,25 +430,31 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             Err(Exchange::Failed(ErrorKind::Timeout, cause, false))
         };
         conn.resp.clear();
-        // A small rest of the body is read first, so the whole request goes
-        // out in one write (one TLS record, one syscall fewer).
-        conn.body.clear();
-        if upload.late > 0 && upload.late <= BODY_BATCH as u64 {
-            if let Err(status) = read_rest(conn, upload.late as usize).await {
-                return Err(Exchange::Client(status));
-            }
-            upload.late = 0;
+        // What of the body can be had now is read first, so the whole
+        // request goes out in one write (one TLS record, one syscall fewer).
+        if let Err(failed) = upload.gather(conn).await {
+            return Err(match failed {
+                UploadFailed::Client(status) => Exchange::Client(status),
+                // Nothing was written upstream yet.
+                UploadFailed::Upstream(e) => Exchange::Died(e.to_string()),
+                UploadFailed::UpstreamTimeout => return timed_out(),
+            });
         }
         // The head and the body bytes at hand in one write: copied behind
         // the head when small (a TLS stream writes one buffer per record),
-        // else a vectored write.
-        let small = upload.early.len() <= 16 * 1024;
+        // else a vectored write. A tail follows the early bytes only when
+        // the body ended with them, so nothing was gathered after them.
+        let (early, tail) = upload.early();
+        let small = early.len() <= 16 * 1024;
         let (early, rest): (&[u8], &[u8]) = if small {
-            conn.out.extend_from_slice(upload.early);
+            conn.out.extend_from_slice(early);
+            conn.out.extend_from_slice(tail);
             conn.out.extend_from_slice(&conn.body);
             (b"", b"")
+        } else if tail.is_empty() {
+            (early, &conn.body)
         } else {
-            (upload.early, &conn.body)
+            (early, tail)
         };
         let parts: [&[u8]; 3] = [&conn.out, early, rest];
         let mut sent = match conn
@@ -450,8 +465,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
             Ok(r) => r,
             Err(_) => return timed_out(),
         };
-        if sent.is_ok() && upload.late > 0 {
-            match relay_upload(conn, &mut ups, upload, t.write).await {
+        if sent.is_ok() && upload.pending() {
+            match upload.relay(conn, &mut ups, t.write).await {
                 Ok(()) => {}
                 Err(UploadFailed::Client(status)) => return Err(Exchange::Client(status)),
                 Err(UploadFailed::UpstreamTimeout) => return timed_out(),

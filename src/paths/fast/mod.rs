@@ -5,15 +5,17 @@
 //! header clones, and a pool round trip with an idle-watch task per
 //! request), twice nginx's CPU for the same job. This module serves the
 //! requests a CDN migration is made of — HTTP/1.1 `GET`, `HEAD`, and `POST`,
-//! `PUT`, `DELETE`, `OPTIONS`, `PATCH` with no body or a `Content-Length`
-//! one, with one Host that a route owns, on plain and TLS listeners alike —
+//! `PUT`, `DELETE`, `OPTIONS`, `PATCH` with no body, a `Content-Length` one
+//! or a chunked one, with one Host that a route owns, on plain and TLS
+//! listeners alike —
 //! with one parse of the head, one write upstream and one write to the
 //! client, and keeps the upstream connection with the client connection
 //! between its requests.
 //!
-//! Everything else — other methods, chunked request bodies, HTTP/1.0, `Upgrade`,
-//! `Expect`, absolute-form targets, a missing or unknown Host, anything
-//! malformed — is handed, with the bytes already read replayed first, to
+//! Everything else — other methods, HTTP/1.0, `Upgrade`, `Expect`,
+//! absolute-form targets, a missing or unknown Host, anything malformed
+//! (a chunked body that does not parse in the bytes read with its head
+//! included) — is handed, with the bytes already read replayed first, to
 //! the Pingora proxy ([`crate::paths::pingora::PingoraPath`]) for the rest
 //! of the connection, so
 //! each unusual case has exactly one implementation. Both paths share the

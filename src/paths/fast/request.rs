@@ -20,8 +20,8 @@ pub(super) struct Ask<'b> {
     /// The request method, as the client sent it (one the fast path takes).
     pub(super) method: &'b [u8],
     pub(super) head: bool,
-    /// The request body's `Content-Length` (0: none).
-    pub(super) body: u64,
+    /// How the request body is delimited.
+    pub(super) body: RequestBody,
     pub(super) host: &'b [u8],
     pub(super) path: &'b [u8],
     pub(super) client_close: bool,
@@ -128,13 +128,8 @@ pub(super) fn eligible<'b>(req: &httparse::Request<'_, 'b>) -> Result<Ask<'b>, H
             _ => {}
         }
     }
-    // A body the fast path relays has a length; a chunked one (and any
-    // framing the policy refuses: Pingora answers it) goes to Pingora.
-    let body = match framing.request_body(false) {
-        Ok(RequestBody::None) => 0,
-        Ok(RequestBody::Length(n)) => n,
-        Ok(RequestBody::Chunked) | Err(_) => return Err(Handover::Body),
-    };
+    // Framing the policy refuses goes to Pingora, which answers it.
+    let body = framing.request_body(false).map_err(|_| Handover::Body)?;
     if connection.upgrade {
         return Err(Handover::Upgrade);
     }
@@ -245,7 +240,17 @@ mod tests {
                 Err(Body),
             ),
             (
-                format!("GET / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n"),
+                format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n"),
+                Ok(()),
+            ),
+            (
+                format!(
+                    "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                ),
+                Err(Body),
+            ),
+            (
+                format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: gzip, chunked\r\n\r\n"),
                 Err(Body),
             ),
             (

@@ -1,19 +1,54 @@
 //! The request body on the fast path: what came with the head, and the
 //! rest read from the client and relayed to the upstream.
+//!
+//! A `Content-Length` body is relayed byte for byte up to its length. A
+//! chunked one is relayed as the client framed it (chunk sizes and
+//! extensions as sent), read by the strict scanner of
+//! [`super::chunked`], which refuses anything two parsers could read two
+//! ways; its trailer fields are dropped (the Pingora path drops them too)
+//! and the body ends with the last chunk and a CRLF of cutover's own.
+//!
+//! A chunked body that does not parse in the bytes that came with the head
+//! is handed, unsent, to the Pingora path (whose answer is the same 400);
+//! one that stops parsing later, once part of it went upstream, is
+//! answered 400 here and both connections are closed.
 
 use pingora::protocols::Stream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
-use super::{Conn, READ_CHUNK};
+use super::body::{read_available, write_parts};
+use super::chunked::{ChunkedEnd, Malformed};
+use super::{Conn, BODY_BATCH, READ_CHUNK};
+use crate::policy::framing::RequestBody;
 
-/// A request body on its way upstream: what came with the head, and how
-/// much is still to be read from the client.
+/// A request body on its way upstream.
 pub(super) struct Upload<'a> {
-    pub(super) early: &'a [u8],
-    pub(super) late: u64,
+    /// The body bytes that came with the head, forwarded as they are.
+    early: &'a [u8],
+    /// What follows them when the body ended there: a chunked body's final
+    /// CRLF (its trailers dropped), or nothing.
+    early_tail: &'static [u8],
+    /// How many of the bytes after the head were the body's.
+    read: usize,
+    /// What is still to come from the client.
+    late: Late,
+    /// Some of the body went upstream straight from the client and was
+    /// not kept: the request cannot be sent again.
+    streamed: bool,
 }
 
+enum Late {
+    Done,
+    /// This many bytes.
+    Length(u64),
+    /// Until the scanner finds the last chunk (and the trailers' end).
+    Chunked(ChunkedEnd),
+}
+
+/// Why a body did not reach the upstream whole.
 pub(super) enum UploadFailed {
+    /// The client: 408 (nothing within the body timeout), 499 (it closed),
+    /// or 400 (a chunked body that stopped parsing).
     Client(u16),
     Upstream(std::io::Error),
     UpstreamTimeout,
@@ -22,10 +57,170 @@ pub(super) enum UploadFailed {
 /// Spare room a body read asks for beyond the bytes it expects.
 const READ_SLACK: usize = 1024;
 
-/// Read the rest of a request body, `late` bytes, into `conn.body` (bytes
-/// past it go to `conn.buf`); `Err` with the status the client gets: 408
-/// (nothing within the body timeout) or 499 (it closed).
-pub(super) async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
+impl<'a> Upload<'a> {
+    /// The body as the head frames it, `after_head` being what the client
+    /// sent past the head so far. `Err`: a chunked body that does not parse
+    /// there (nothing is sent; the request is handed over). The caller
+    /// empties `conn.body`, where [`Upload::gather`] puts the rest.
+    pub(super) fn start(framing: RequestBody, after_head: &'a [u8]) -> Result<Self, Malformed> {
+        let mut upload = Upload {
+            early: b"",
+            early_tail: b"",
+            read: 0,
+            late: Late::Done,
+            streamed: false,
+        };
+        match framing {
+            RequestBody::None => {}
+            RequestBody::Length(n) => {
+                let early =
+                    usize::try_from(n).map_or(after_head.len(), |n| n.min(after_head.len()));
+                upload.early = &after_head[..early];
+                upload.read = early;
+                let late = n - early as u64;
+                if late > 0 {
+                    upload.late = Late::Length(late);
+                }
+            }
+            RequestBody::Chunked => {
+                let mut scan = ChunkedEnd::default();
+                let s = scan.feed(after_head)?;
+                upload.early = &after_head[..s.relay];
+                match s.end {
+                    Some(end) => {
+                        upload.read = end;
+                        if s.terminator {
+                            upload.early_tail = b"\r\n";
+                        }
+                    }
+                    None => {
+                        upload.read = after_head.len();
+                        upload.late = Late::Chunked(scan);
+                    }
+                }
+            }
+        }
+        Ok(upload)
+    }
+
+    /// How many bytes after the head were the body's.
+    pub(super) fn read(&self) -> usize {
+        self.read
+    }
+
+    /// The whole body is still at hand (nothing was streamed past it), so
+    /// the request can be sent again.
+    pub(super) fn kept(&self) -> bool {
+        !self.streamed
+    }
+
+    /// What goes out right after the head: the body bytes that came with
+    /// it, then what follows them (see [`Upload::gather`]'s `conn.body`).
+    pub(super) fn early(&self) -> (&'a [u8], &'static [u8]) {
+        (self.early, self.early_tail)
+    }
+
+    /// Part of the body is still to come from the client.
+    pub(super) fn pending(&self) -> bool {
+        !matches!(self.late, Late::Done)
+    }
+
+    /// Before the first write: a short rest of a `Content-Length` body is
+    /// read (waiting for it), and whatever of a chunked body the client has
+    /// already sent (without waiting: a client streaming its chunks is not
+    /// held up), up to [`BODY_BATCH`], appended to `conn.body`. The request
+    /// then goes out in one write, and a body read whole can be sent again.
+    /// Bytes past the body go to `conn.buf`.
+    pub(super) async fn gather(&mut self, conn: &mut Conn) -> Result<(), UploadFailed> {
+        match &mut self.late {
+            Late::Length(late) if *late <= BODY_BATCH as u64 => {
+                read_rest(conn, *late as usize)
+                    .await
+                    .map_err(UploadFailed::Client)?;
+                self.late = Late::Done;
+            }
+            Late::Chunked(scan) => {
+                let start = conn.body.len();
+                // An error or the client's close shows in the relay's read.
+                let _ = read_available(&mut conn.stream, &mut conn.body, start + BODY_BATCH);
+                let s = scan
+                    .feed(&conn.body[start..])
+                    .map_err(|_| UploadFailed::Client(400))?;
+                if let Some(end) = s.end {
+                    conn.buf.extend_from_slice(&conn.body[start + end..]);
+                    self.late = Late::Done;
+                }
+                conn.body.truncate(start + s.relay);
+                if s.terminator {
+                    conn.body.extend_from_slice(b"\r\n");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The rest of the body, from the client to the upstream as it
+    /// arrives. Bytes the client sent past the body (a pipelined request)
+    /// go to `conn.buf`, where the next request is read from.
+    pub(super) async fn relay(
+        &mut self,
+        conn: &mut Conn,
+        ups: &mut Stream,
+        write_timeout: std::time::Duration,
+    ) -> Result<(), UploadFailed> {
+        self.streamed = true;
+        while self.pending() {
+            conn.body.clear();
+            conn.body.reserve(READ_CHUNK);
+            let n = match conn
+                .timer
+                .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
+                .await
+            {
+                Ok(Ok(n)) if n > 0 => n,
+                Ok(_) => return Err(UploadFailed::Client(499)),
+                Err(_) => return Err(UploadFailed::Client(408)),
+            };
+            let (relay, end, tail): (usize, Option<usize>, &[u8]) = match &mut self.late {
+                Late::Length(left) => {
+                    let take = usize::try_from(*left).map_or(n, |left| left.min(n));
+                    *left -= take as u64;
+                    (take, (*left == 0).then_some(take), b"")
+                }
+                Late::Chunked(scan) => {
+                    let s = scan
+                        .feed(&conn.body)
+                        .map_err(|_| UploadFailed::Client(400))?;
+                    (s.relay, s.end, if s.terminator { b"\r\n" } else { b"" })
+                }
+                Late::Done => (0, Some(0), b""),
+            };
+            if let Some(end) = end {
+                conn.buf.extend_from_slice(&conn.body[end..]);
+                self.late = Late::Done;
+            }
+            match conn
+                .ups_timer
+                .within(
+                    write_timeout,
+                    write_parts(ups, &[&conn.body[..relay], tail]),
+                )
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(UploadFailed::Upstream(e)),
+                Err(_) => return Err(UploadFailed::UpstreamTimeout),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read the rest of a request body, `late` bytes, into `conn.body` (empty
+/// before; bytes past it go to `conn.buf`); `Err` with the status the
+/// client gets: 408 (nothing within the body timeout) or 499 (it closed).
+async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
     // Room past the body: a read that fills its buffer exactly leaves the
     // socket marked readable, and the next request's first read would be
     // a syscall that finds nothing (EAGAIN); a short read does not.
@@ -48,39 +243,47 @@ pub(super) async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
     Ok(())
 }
 
-/// The rest of a request body, from the client to the upstream as it
-/// arrives. Bytes the client sent past the body (a pipelined request) go
-/// to `conn.buf`, where the next request is read from.
-pub(super) async fn relay_upload(
-    conn: &mut Conn,
-    ups: &mut Stream,
-    upload: &mut Upload<'_>,
-    write_timeout: std::time::Duration,
-) -> Result<(), UploadFailed> {
-    while upload.late > 0 {
-        conn.body.clear();
-        conn.body.reserve(READ_CHUNK);
-        let n = match conn
-            .timer
-            .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
-            .await
-        {
-            Ok(Ok(n)) if n > 0 => n,
-            Ok(_) => return Err(UploadFailed::Client(499)),
-            Err(_) => return Err(UploadFailed::Client(408)),
-        };
-        let take = usize::try_from(upload.late).map_or(n, |late| late.min(n));
-        conn.buf.extend_from_slice(&conn.body[take..]);
-        match conn
-            .ups_timer
-            .within(write_timeout, ups.write_all(&conn.body[..take]))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(UploadFailed::Upstream(e)),
-            Err(_) => return Err(UploadFailed::UpstreamTimeout),
-        }
-        upload.late -= take as u64;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `start` makes of the bytes after a head: the early bytes and
+    /// their tail, how many bytes were the body's, and whether more is due.
+    fn split(framing: RequestBody, after_head: &[u8]) -> Option<(Vec<u8>, usize, bool)> {
+        let u = Upload::start(framing, after_head).ok()?;
+        let (early, tail) = u.early();
+        Some(([early, tail].concat(), u.read(), u.pending()))
     }
-    Ok(())
+
+    #[test]
+    fn the_body_bytes_that_came_with_the_head() {
+        use RequestBody::*;
+        assert_eq!(split(None, b"GET /next"), Some((vec![], 0, false)));
+        assert_eq!(
+            split(Length(3), b"abcGET"),
+            Some((b"abc".to_vec(), 3, false))
+        );
+        assert_eq!(split(Length(9), b"abc"), Some((b"abc".to_vec(), 3, true)));
+        assert_eq!(split(Length(9), b""), Some((vec![], 0, true)));
+        // Chunked: the whole body and the next request.
+        let body = b"5\r\nhello\r\n0\r\n\r\n";
+        let next = [&body[..], b"GET /next"].concat();
+        assert_eq!(
+            split(Chunked, &next),
+            Some((body.to_vec(), body.len(), false))
+        );
+        // Part of it: all of it forwarded, the rest due.
+        assert_eq!(
+            split(Chunked, b"5\r\nhel"),
+            Some((b"5\r\nhel".to_vec(), 6, true))
+        );
+        // Trailers are dropped and a CRLF of cutover's own ends the body.
+        let trailed = b"5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\nGET";
+        assert_eq!(
+            split(Chunked, trailed),
+            Some((body.to_vec(), trailed.len() - 3, false))
+        );
+        // A size line two parsers could read apart: not started at all.
+        assert_eq!(split(Chunked, b"5\nhello\r\n0\r\n\r\n"), Option::None);
+    }
 }
