@@ -10,7 +10,8 @@
 pub enum Handover {
     /// Not one of GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH.
     Method = 0,
-    /// A chunked request body, or body framing the policy refuses.
+    /// Body framing the policy refuses, or a chunked body that does not
+    /// parse in the bytes read with its head (Pingora answers both 400).
     Body = 1,
     /// Not HTTP/1.1.
     Version = 2,
