@@ -404,9 +404,12 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         if to_client(conn.stream.flush()).await.is_err() {
             return Ok((done(relayed, false), None));
         }
-        // A large body grew the buffer; do not keep 64 KiB per idle client.
+        // A large body grew the buffers; do not keep 64 KiB per idle client.
         if conn.resp.capacity() > 2 * READ_CHUNK {
             conn.resp = Vec::with_capacity(READ_CHUNK);
+        }
+        if conn.body.capacity() > 2 * READ_CHUNK {
+            conn.body = Vec::new();
         }
         let reusable = (upstream_keep && clean).then_some(ups);
         Ok((done(relayed, keep_client), reusable))

@@ -14,9 +14,9 @@
 //! answered 400 here and both connections are closed.
 
 use pingora::protocols::Stream;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::body::{read_available, write_parts};
+use super::body::read_available;
 use super::chunked::{ChunkedEnd, Malformed};
 use super::{Conn, BODY_BATCH, READ_CHUNK};
 use crate::policy::framing::RequestBody;
@@ -32,9 +32,9 @@ pub(super) struct Upload<'a> {
     read: usize,
     /// What is still to come from the client.
     late: Late,
-    /// Some of the body went upstream straight from the client and was
-    /// not kept: the request cannot be sent again.
-    streamed: bool,
+    /// More of the body went upstream than [`BODY_BATCH`] holds, so not
+    /// all of it is kept: the request cannot be sent again.
+    truncated: bool,
 }
 
 enum Late {
@@ -68,7 +68,7 @@ impl<'a> Upload<'a> {
             early_tail: b"",
             read: 0,
             late: Late::Done,
-            streamed: false,
+            truncated: false,
         };
         match framing {
             RequestBody::None => {}
@@ -108,10 +108,12 @@ impl<'a> Upload<'a> {
         self.read
     }
 
-    /// The whole body is still at hand (nothing was streamed past it), so
-    /// the request can be sent again.
+    /// Everything of the body sent so far is at hand (the early bytes and
+    /// `conn.body`), so the request can be sent again: the rest, if any,
+    /// is still to be read from the client. Pingora's path keeps the same
+    /// 64 KiB (its retry buffer).
     pub(super) fn kept(&self) -> bool {
-        !self.streamed
+        !self.truncated
     }
 
     /// What goes out right after the head: the body bytes that came with
@@ -161,17 +163,25 @@ impl<'a> Upload<'a> {
     }
 
     /// The rest of the body, from the client to the upstream as it
-    /// arrives. Bytes the client sent past the body (a pipelined request)
-    /// go to `conn.buf`, where the next request is read from.
+    /// arrives. What it relays is kept after the bytes already in
+    /// `conn.body` while they all fit in [`BODY_BATCH`] (a send on another
+    /// connection writes them again; see [`Upload::kept`]). Bytes the
+    /// client sent past the body (a pipelined request) go to `conn.buf`,
+    /// where the next request is read from.
     pub(super) async fn relay(
         &mut self,
         conn: &mut Conn,
         ups: &mut Stream,
         write_timeout: std::time::Duration,
     ) -> Result<(), UploadFailed> {
-        self.streamed = true;
         while self.pending() {
-            conn.body.clear();
+            let start = if self.truncated || conn.body.len() + READ_CHUNK > BODY_BATCH {
+                self.truncated = true;
+                conn.body.clear();
+                0
+            } else {
+                conn.body.len()
+            };
             conn.body.reserve(READ_CHUNK);
             let n = match conn
                 .timer
@@ -182,30 +192,31 @@ impl<'a> Upload<'a> {
                 Ok(_) => return Err(UploadFailed::Client(499)),
                 Err(_) => return Err(UploadFailed::Client(408)),
             };
-            let (relay, end, tail): (usize, Option<usize>, &[u8]) = match &mut self.late {
+            let (relay, end, terminator) = match &mut self.late {
                 Late::Length(left) => {
                     let take = usize::try_from(*left).map_or(n, |left| left.min(n));
                     *left -= take as u64;
-                    (take, (*left == 0).then_some(take), b"")
+                    (take, (*left == 0).then_some(take), false)
                 }
                 Late::Chunked(scan) => {
                     let s = scan
-                        .feed(&conn.body)
+                        .feed(&conn.body[start..])
                         .map_err(|_| UploadFailed::Client(400))?;
-                    (s.relay, s.end, if s.terminator { b"\r\n" } else { b"" })
+                    (s.relay, s.end, s.terminator)
                 }
-                Late::Done => (0, Some(0), b""),
+                Late::Done => (0, Some(0), false),
             };
             if let Some(end) = end {
-                conn.buf.extend_from_slice(&conn.body[end..]);
+                conn.buf.extend_from_slice(&conn.body[start + end..]);
                 self.late = Late::Done;
+            }
+            conn.body.truncate(start + relay);
+            if terminator {
+                conn.body.extend_from_slice(b"\r\n");
             }
             match conn
                 .ups_timer
-                .within(
-                    write_timeout,
-                    write_parts(ups, &[&conn.body[..relay], tail]),
-                )
+                .within(write_timeout, ups.write_all(&conn.body[start..]))
                 .await
             {
                 Ok(Ok(())) => {}
