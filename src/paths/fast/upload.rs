@@ -266,6 +266,132 @@ mod tests {
         Some(([early, tail].concat(), u.read(), u.pending()))
     }
 
+    /// A connected pair of TCP streams: (a pingora stream, its peer).
+    async fn pair() -> (Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, theirs) = tokio::join!(connect, listener.accept());
+        let ours = pingora::protocols::l4::stream::Stream::from(ours.unwrap());
+        (Box::new(ours), theirs.unwrap().0)
+    }
+
+    /// Carry a body the way `forward` does: `pieces[0]` came with the head,
+    /// the rest the client writes one after the other. What the upstream
+    /// got, what a resend would write again (when kept), and what is left
+    /// for the next request.
+    async fn carry(framing: RequestBody, pieces: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let (stream, mut client) = pair().await;
+        let (mut ups, mut upstream) = pair().await;
+        let mut conn = Conn {
+            tls: false,
+            timeouts: crate::policy::timeouts::CLIENT,
+            vpce: None,
+            stream,
+            peer: None,
+            peer_text: None,
+            buf: Vec::new(),
+            out: Vec::new(),
+            resp: Vec::new(),
+            body: Vec::new(),
+            held: None,
+            lean: false,
+            timer: super::super::timer::Timer::new(),
+            ups_timer: super::super::timer::Timer::new(),
+        };
+        let rest: Vec<Vec<u8>> = pieces[1..].iter().map(|p| p.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for p in rest {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                client.write_all(&p).await.unwrap();
+            }
+            client
+        });
+        let mut upload = Upload::start(framing, pieces[0]).expect("well-formed");
+        if upload.pending() {
+            // As the first write would find them: the second piece is there.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (early, tail) = upload.early();
+        let mut first = [early, tail].concat();
+        upload.gather(&mut conn).await.ok().expect("gathered");
+        first.extend_from_slice(&conn.body);
+        ups.write_all(&first).await.unwrap();
+        if upload.pending() {
+            let relayed = upload
+                .relay(&mut conn, &mut ups, std::time::Duration::from_secs(5))
+                .await;
+            assert!(relayed.is_ok(), "relay failed");
+        }
+        let again = upload
+            .kept()
+            .then(|| [early, tail, &conn.body[..]].concat());
+        drop(ups);
+        drop(writer.await.unwrap());
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        (got, again, conn.buf)
+    }
+
+    #[tokio::test]
+    async fn a_body_in_any_pieces_reaches_the_upstream_whole_and_stays_resendable() {
+        use crate::rehearsal::strict::{decode_chunked, Chunked};
+        let data: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut chunked = Vec::new();
+        for part in data.chunks(3000) {
+            chunked.extend_from_slice(format!("{:x};n=\"v\"\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\nX-Sum: 1\r\n\r\n");
+        let next = b"GET /next HTTP/1.1\r\n";
+        for (framing, body) in [
+            (RequestBody::Length(data.len() as u64), &data),
+            (RequestBody::Chunked, &chunked),
+        ] {
+            let whole = [&body[..], next].concat();
+            // Cut at a few places, and into 70 pieces (inside size lines,
+            // the CRLFs and the trailers).
+            let mut cuts: Vec<Vec<usize>> = vec![vec![0], vec![1], vec![body.len() - 3]];
+            cuts.push((1..70).map(|i| i * whole.len() / 70).collect());
+            for cut in cuts {
+                let mut pieces: Vec<&[u8]> = Vec::new();
+                let mut at = 0;
+                for c in cut.iter().chain([&whole.len()]) {
+                    pieces.push(&whole[at..*c]);
+                    at = *c;
+                }
+                let (got, again, left) = carry(framing, &pieces).await;
+                let what = format!("{framing:?} cut at {:?}", &cut[..cut.len().min(3)]);
+                let decoded = match framing {
+                    RequestBody::Chunked => match decode_chunked(&got) {
+                        Chunked::Complete {
+                            body,
+                            trailers,
+                            len,
+                        } => {
+                            assert_eq!(len, got.len(), "{what}: bytes after the body");
+                            assert!(trailers.is_empty(), "{what}: trailers forwarded");
+                            body
+                        }
+                        other => panic!("{what}: {other:?}"),
+                    },
+                    _ => got.clone(),
+                };
+                assert!(decoded == data, "{what}: the body differs");
+                assert_eq!(left, next, "{what}: the next request");
+                // Under 64 KiB: a resend writes exactly what went upstream.
+                assert_eq!(again.as_ref(), Some(&got), "{what}: not kept whole");
+            }
+        }
+        // Past 64 KiB the body is not all kept: no resend.
+        let big = vec![b'b'; 200_000];
+        let pieces: Vec<&[u8]> = big.chunks(50_000).collect();
+        let (got, again, _) = carry(RequestBody::Length(big.len() as u64), &pieces).await;
+        assert!(got == big, "the big body differs");
+        assert_eq!(again, None, "a body past 64 KiB reported kept");
+    }
+
     #[test]
     fn the_body_bytes_that_came_with_the_head() {
         use RequestBody::*;
