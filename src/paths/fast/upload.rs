@@ -32,8 +32,8 @@ pub(super) struct Upload<'a> {
     read: usize,
     /// What is still to come from the client.
     late: Late,
-    /// More of the body went upstream than [`BODY_BATCH`] holds, so not
-    /// all of it is kept: the request cannot be sent again.
+    /// More than [`BODY_BATCH`] of the body was read (early bytes
+    /// included), so it is not all kept: the request cannot be sent again.
     truncated: bool,
 }
 
@@ -100,6 +100,7 @@ impl<'a> Upload<'a> {
                 }
             }
         }
+        upload.note_held(0);
         Ok(upload)
     }
 
@@ -110,10 +111,18 @@ impl<'a> Upload<'a> {
 
     /// Everything of the body sent so far is at hand (the early bytes and
     /// `conn.body`), so the request can be sent again: the rest, if any,
-    /// is still to be read from the client. Pingora's path keeps the same
-    /// 64 KiB (its retry buffer).
+    /// is still to be read from the client. At most [`BODY_BATCH`] (64
+    /// KiB) of body is kept, as the Pingora path's retry buffer keeps.
     pub(super) fn kept(&self) -> bool {
         !self.truncated
+    }
+
+    /// `held` body bytes are in `conn.body` besides the early ones: past
+    /// [`BODY_BATCH`] in all, the body no longer counts as kept.
+    fn note_held(&mut self, held: usize) {
+        if self.early.len() + held > BODY_BATCH {
+            self.truncated = true;
+        }
     }
 
     /// What goes out right after the head: the body bytes that came with
@@ -159,15 +168,17 @@ impl<'a> Upload<'a> {
             }
             _ => {}
         }
+        self.note_held(conn.body.len());
         Ok(())
     }
 
     /// The rest of the body, from the client to the upstream as it
     /// arrives. What it relays is kept after the bytes already in
-    /// `conn.body` while they all fit in [`BODY_BATCH`] (a send on another
-    /// connection writes them again; see [`Upload::kept`]). Bytes the
-    /// client sent past the body (a pipelined request) go to `conn.buf`,
-    /// where the next request is read from.
+    /// `conn.body` while the body read so far fits in [`BODY_BATCH`] (a
+    /// send on another connection writes them again; see [`Upload::kept`]),
+    /// and only the latest read past it. Bytes the client sent past the
+    /// body (a pipelined request) go to `conn.buf`, where the next request
+    /// is read from.
     pub(super) async fn relay(
         &mut self,
         conn: &mut Conn,
@@ -175,13 +186,10 @@ impl<'a> Upload<'a> {
         write_timeout: std::time::Duration,
     ) -> Result<(), UploadFailed> {
         while self.pending() {
-            let start = if self.truncated || conn.body.len() + READ_CHUNK > BODY_BATCH {
-                self.truncated = true;
+            if self.truncated {
                 conn.body.clear();
-                0
-            } else {
-                conn.body.len()
-            };
+            }
+            let start = conn.body.len();
             conn.body.reserve(READ_CHUNK);
             let n = match conn
                 .timer
@@ -214,6 +222,7 @@ impl<'a> Upload<'a> {
             if terminator {
                 conn.body.extend_from_slice(b"\r\n");
             }
+            self.note_held(conn.body.len());
             match conn
                 .ups_timer
                 .within(write_timeout, ups.write_all(&conn.body[start..]))
@@ -228,15 +237,17 @@ impl<'a> Upload<'a> {
     }
 }
 
-/// Read the rest of a request body, `late` bytes, into `conn.body` (empty
-/// before; bytes past it go to `conn.buf`); `Err` with the status the
-/// client gets: 408 (nothing within the body timeout) or 499 (it closed).
+/// Read the rest of a request body, `late` bytes, into `conn.body`, after
+/// what it holds (on a resend: what was relayed before); bytes past the
+/// body go to `conn.buf`. `Err` with the status the client gets: 408
+/// (nothing within the body timeout) or 499 (it closed).
 async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
+    let end = conn.body.len() + late;
     // Room past the body: a read that fills its buffer exactly leaves the
     // socket marked readable, and the next request's first read would be
     // a syscall that finds nothing (EAGAIN); a short read does not.
     conn.body.reserve(late + READ_SLACK);
-    while conn.body.len() < late {
+    while conn.body.len() < end {
         match conn
             .timer
             .within(conn.timeouts.body, conn.stream.read_buf(&mut conn.body))
@@ -247,9 +258,9 @@ async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
             Err(_) => return Err(408),
         }
     }
-    if conn.body.len() > late {
-        conn.buf.extend_from_slice(&conn.body[late..]);
-        conn.body.truncate(late);
+    if conn.body.len() > end {
+        conn.buf.extend_from_slice(&conn.body[end..]);
+        conn.body.truncate(end);
     }
     Ok(())
 }
@@ -275,15 +286,8 @@ mod tests {
         (Box::new(ours), theirs.unwrap().0)
     }
 
-    /// Carry a body the way `forward` does: `pieces[0]` came with the head,
-    /// the rest the client writes one after the other. What the upstream
-    /// got, what a resend would write again (when kept), and what is left
-    /// for the next request.
-    async fn carry(framing: RequestBody, pieces: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
-        use tokio::io::AsyncReadExt;
-        let (stream, mut client) = pair().await;
-        let (mut ups, mut upstream) = pair().await;
-        let mut conn = Conn {
+    fn conn(stream: Stream) -> Conn {
+        Conn {
             tls: false,
             timeouts: crate::policy::timeouts::CLIENT,
             vpce: None,
@@ -298,7 +302,47 @@ mod tests {
             lean: false,
             timer: super::super::timer::Timer::new(),
             ups_timer: super::super::timer::Timer::new(),
+        }
+    }
+
+    /// A resend after part of a `Content-Length` body was relayed: what is
+    /// kept stays, and only the rest is read from the client (before, the
+    /// rest was counted from zero: the upstream got the body short by what
+    /// was kept, and the client's last bytes were read as the next request).
+    #[tokio::test]
+    async fn a_resend_reads_only_what_is_still_to_come() {
+        let (stream, mut client) = pair().await;
+        let mut conn = conn(stream);
+        let relayed = vec![b'r'; 16 * 1024];
+        conn.body.extend_from_slice(&relayed);
+        let mut upload = Upload {
+            early: b"eee",
+            early_tail: b"",
+            read: 3,
+            late: Late::Length(1000),
+            truncated: false,
         };
+        let rest = vec![b's'; 1000];
+        client
+            .write_all(&[&rest[..], b"GET /next"].concat())
+            .await
+            .unwrap();
+        upload.gather(&mut conn).await.ok().expect("gathered");
+        assert!(!upload.pending());
+        assert!(upload.kept());
+        assert!(conn.body == [&relayed[..], &rest[..]].concat(), "the body");
+        assert_eq!(conn.buf, b"GET /next");
+    }
+
+    /// Carry a body the way `forward` does: `pieces[0]` came with the head,
+    /// the rest the client writes one after the other. What the upstream
+    /// got, what a resend would write again (when kept), and what is left
+    /// for the next request.
+    async fn carry(framing: RequestBody, pieces: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let (stream, mut client) = pair().await;
+        let (mut ups, mut upstream) = pair().await;
+        let mut conn = conn(stream);
         let rest: Vec<Vec<u8>> = pieces[1..].iter().map(|p| p.to_vec()).collect();
         let writer = tokio::spawn(async move {
             for p in rest {
