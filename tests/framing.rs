@@ -203,6 +203,10 @@ const REQUESTS: &[Case] = &[
         stripped: &["te", "trailer", "proxy-authorization", "proxy", "keep-alive", "upgrade", "proxy-connection", "x_forwarded_for"],
         ..case("hop-by-hop", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nTE: trailers\r\nTrailer: X-Sum\r\nProxy-Authorization: Basic eDp5\r\nProxy: http://evil.test\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\nProxy-Connection: keep-alive\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open)
     },
+    // A framing field named by `Connection` still frames the body: it is
+    // forwarded, or the body would reach the origin as the next request.
+    case("connection-nominates-te", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"], &[("POST", "/a", "hello")], &[Echo], Open),
+    case("connection-nominates-cl", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nConnection: keep-alive, content-length\r\nContent-Length: 5\r\n\r\nhello"], &[("POST", "/a", "hello")], &[Echo], Open),
     Case {
         stripped: &["x-secret", "x-other"],
         ..case("connection-nominated", &["GET {P}/a HTTP/1.1\r\nHost: {H}\r\nConnection: keep-alive, X-Secret\r\nConnection: x-other\r\nX-Secret: 1\r\nX-Other: 2\r\n\r\n"], &[("GET", "/a", "")], &[Echo], Open)
@@ -317,6 +321,20 @@ const RESPONSES: &[Upstream] = &[
             send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         },
         Refused,
+        Open,
+    ),
+    up(
+        "connection-nominates-cl",
+        |_| send("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok"),
+        Status(200),
+        Open,
+    ),
+    up(
+        "connection-nominates-te",
+        |_| {
+            send("HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        },
+        Status(200),
         Open,
     ),
     up(

@@ -663,6 +663,11 @@ fn is_dns_name(h: &str) -> bool {
         })
 }
 
+/// Why a header edit may not name a framing or hop-by-hop field.
+const CARRIER_FIELD: &str = "this field frames the message or belongs to one connection \
+     (Content-Length, Transfer-Encoding, Connection, Keep-Alive, TE, Trailer, Upgrade, \
+     Proxy-*): cutover sets it on each hop itself; remove this edit";
+
 fn check_header_edits(
     c: &mut Checker,
     path: &str,
@@ -682,6 +687,10 @@ fn check_header_edits(
             );
             continue;
         }
+        if crate::policy::fields::carrier_field(n.as_str().as_bytes()) {
+            c.problem(key, CARRIER_FIELD);
+            continue;
+        }
         match HeaderValue::from_str(value) {
             Ok(v) => out.set.push((n, v)),
             Err(_) => c.problem(key, "value has characters not allowed in a header"),
@@ -692,6 +701,10 @@ fn check_header_edits(
         if let Some(n) = c.header_name(&key, name) {
             if is_request && n == http::header::HOST {
                 c.problem(key, "Host cannot be removed: HTTP/1.1 requires it");
+                continue;
+            }
+            if crate::policy::fields::carrier_field(n.as_str().as_bytes()) {
+                c.problem(key, CARRIER_FIELD);
                 continue;
             }
             out.remove.push(n);

@@ -38,11 +38,33 @@ pub fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> Connect
     o
 }
 
-/// Whether a `Connection` value names the field `name`.
+/// Whether a `Connection` value names the field `name` away. A framing
+/// field never is: the carrier delimits the body it forwards by it, so
+/// the next hop must read the same (`Connection: Transfer-Encoding` on a
+/// chunked request would otherwise send the chunks as the next request).
+/// RFC 9110 7.6.1 forbids nominating a field meant for every recipient;
+/// nginx ignores `Connection` options altogether.
 pub fn nominated<'a>(name: &[u8], connection_values: impl Iterator<Item = &'a [u8]>) -> bool {
-    connection_values
-        .flat_map(tokens)
-        .any(|t| t.eq_ignore_ascii_case(name))
+    !framing(name)
+        && connection_values
+            .flat_map(tokens)
+            .any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// `Content-Length` or `Transfer-Encoding`.
+pub fn framing(name: &[u8]) -> bool {
+    match name.len() {
+        14 => name.eq_ignore_ascii_case(b"content-length"),
+        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    }
+}
+
+/// A field cutover decides itself in every message, which a route's
+/// header edits may not set or remove: the framing fields and the
+/// connection's own (hop-by-hop, `Upgrade`).
+pub fn carrier_field(name: &[u8]) -> bool {
+    framing(name) || hop_by_hop(name) || name.eq_ignore_ascii_case(b"upgrade")
 }
 
 impl ConnectionOptions {
@@ -123,6 +145,10 @@ mod tests {
             [&b"keep-alive, X-Secret"[..]].into_iter()
         ));
         assert!(!nominated(b"x-secret-2", [&b"X-Secret"[..]].into_iter()));
+        // A framing field is never named away.
+        let framing = [&b"keep-alive, Content-Length, transfer-encoding"[..]];
+        assert!(!nominated(b"content-length", framing.into_iter()));
+        assert!(!nominated(b"Transfer-Encoding", framing.into_iter()));
     }
 
     #[test]
