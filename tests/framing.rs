@@ -152,6 +152,8 @@ const REQUESTS: &[Case] = &[
     case("chunk-ext-bare-lf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n2;\nxx\r\n50\r\n0\r\n\r\n", "POST {P}/smuggled HTTP/1.1\r\nHost: {H}\r\nContent-Length: 0\r\n\r\n"], &[], &[Status(400)], Closed),
     case("chunk-ext-ok", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n3;name=value;q=\"a b\"\r\nabc\r\n0\r\n\r\n"], &[("POST", "/a", "abc")], &[Echo], Open),
     case("chunk-ext-quoted-crlf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n1;a=\"x\r\n0\r\n\r\nGET {P}/smuggled HTTP/1.1\r\nHost: {H}\r\n\r\n\"\r\nz\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-ext-space", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5;a b\r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
+    case("chunk-ext-trailing-space-later", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", "5;a=b \r\nworld\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
     case("chunk-ext-nul", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n3;a\0b\r\nabc\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
     case("chunk-size-space", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
     case("chunk-size-bare-lf", &["POST {P}/a HTTP/1.1\r\nHost: {H}\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"], &[], &[Status(400)], Closed),
@@ -1249,6 +1251,11 @@ async fn differences_from_nginx_are_the_documented_ones() {
         ),
         (
             "chunk-size-space",
+            "client [\"200\"]",
+            "client [\"400\"] then closed; origin []",
+        ),
+        (
+            "chunk-ext-space",
             "client [\"200\"]",
             "client [\"400\"] then closed; origin []",
         ),

@@ -2,6 +2,9 @@
 //! strict reference decoder: the scanner finds the same end wherever the
 //! input is cut; what it forwards is always a strictly valid chunked body
 //! with the same data; and it accepts every body the strict decoder accepts.
+//! And the Pingora path's chunk-size parser (httparse, as patched in
+//! `vendor/httparse`) reads the first size line as the scanner does: a
+//! chunked request is accepted or refused alike on both carriers.
 #![no_main]
 
 use cutover::paths::fast::chunked::ChunkedEnd;
@@ -38,6 +41,27 @@ fuzz_target!(|data: &[u8]| {
     let (cut_bytes, body) = rest.split_at(n);
     let mut cuts: Vec<usize> = cut_bytes.iter().map(|&b| usize::from(b)).collect();
     cuts.sort_unstable();
+
+    // The first line as far as either could read it (up to its LF).
+    let line = body
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(body, |lf| &body[..=lf]);
+    if line.len() < 4000 {
+        let scanner = ChunkedEnd::default().feed(line).is_ok();
+        match httparse::parse_chunk_size(line) {
+            Ok(_) => assert!(
+                scanner,
+                "Pingora's parser accepts a size line the scanner refuses: {:?}",
+                String::from_utf8_lossy(line)
+            ),
+            Err(_) => assert!(
+                !scanner,
+                "the scanner accepts a size line Pingora's parser refuses: {:?}",
+                String::from_utf8_lossy(line)
+            ),
+        }
+    }
 
     let whole = scan(body, &[]);
     let pieces = scan(body, &cuts);

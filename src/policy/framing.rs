@@ -213,30 +213,6 @@ mod tests {
         response_body(status, false, false, false, fields(raw).into_iter())
     }
 
-    /// The chunk-size parser under Pingora's body reader (both directions)
-    /// is httparse's, patched in `vendor/httparse`: without the patch the
-    /// first three are read as chunks.
-    #[test]
-    fn pingoras_chunk_parser_is_strict() {
-        for bad in [
-            &b"2;\nxx\r\n"[..],
-            b"1;a=\"x\r\n0\r\n\"\r\n",
-            b"5 \r\n",
-            b"\r\n",
-            b"3;a\x00\r\n",
-        ] {
-            assert!(
-                httparse::parse_chunk_size(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-        assert_eq!(
-            httparse::parse_chunk_size(b"5;name=\"a b\"\r\n"),
-            Ok(httparse::Status::Complete((14, 5)))
-        );
-    }
-
     #[test]
     fn content_length_is_digits_only() {
         assert_eq!(parse_content_length(b"0"), Some(0));

@@ -1248,6 +1248,25 @@ fn parse_headers_iter_uninit<'a>(
     result
 }
 
+/// Where `parse_chunk_size` is in a chunk extension.
+#[derive(Clone, Copy, PartialEq)]
+enum Ext {
+    /// After `;`: whitespace, then a name.
+    Start,
+    Name,
+    /// Whitespace after a name: `=` or `;` must follow.
+    NameBws,
+    /// After `=`: whitespace, then a token or a quoted string.
+    ValueStart,
+    Token,
+    Quoted,
+    QuotedPair,
+    /// Just after a closing quote.
+    ValueEnd,
+    /// Whitespace after a value: `;` must follow.
+    ValueBws,
+}
+
 /// Parse a buffer of bytes as a chunk size.
 ///
 /// The return value, if complete and successful, includes the index of the
@@ -1268,29 +1287,40 @@ pub fn parse_chunk_size(buf: &[u8])
     let mut in_chunk_size = true;
     let mut in_ext = false;
     let mut count = 0;
-    // Inside a quoted chunk-ext-val, and just after its backslash.
-    let mut in_quote = false;
-    let mut quoted_pair = false;
+    // Where in the extensions (RFC 9112 7.1.1):
+    //   chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+    //   chunk-ext-val = token / quoted-string
+    // Only this grammar is accepted: whitespace only around `;` and `=`, and
+    // no control octet anywhere (a quoted-string cannot hold a CR or an
+    // LF): an intermediary that honours the quotes and one that ends the
+    // line at the first CRLF or LF must not read different chunks.
+    let mut ext = Ext::Start;
     loop {
         let b = next!(bytes);
-        // A quoted-string (RFC 9112 7.1.1, RFC 9110 5.6.4) cannot hold a CR
-        // or an LF: an intermediary that honours the quotes and one that
-        // ends the line at the first CRLF must not read different chunks.
-        if in_quote {
-            if quoted_pair {
-                if b != b'\t' && (b < 0x20 || b == 0x7f) {
-                    return Err(InvalidChunkSize);
+        if in_ext {
+            ext = match (ext, b) {
+                (Ext::Start, b' ' | b'\t') => Ext::Start,
+                (Ext::Start | Ext::Name, b) if is_header_name_token(b) => Ext::Name,
+                (Ext::Name | Ext::NameBws, b' ' | b'\t') => Ext::NameBws,
+                (Ext::Name | Ext::NameBws, b'=') => Ext::ValueStart,
+                (Ext::ValueStart, b' ' | b'\t') => Ext::ValueStart,
+                (Ext::ValueStart, b'"') => Ext::Quoted,
+                (Ext::ValueStart | Ext::Token, b) if is_header_name_token(b) => Ext::Token,
+                (Ext::Quoted, b'"') => Ext::ValueEnd,
+                (Ext::Quoted, b'\\') => Ext::QuotedPair,
+                (Ext::Quoted | Ext::QuotedPair, b) if b == b'\t' || (b >= 0x20 && b != 0x7f) => {
+                    Ext::Quoted
                 }
-                quoted_pair = false;
-            } else {
-                match b {
-                    b'"' => in_quote = false,
-                    b'\\' => quoted_pair = true,
-                    b'\t' => {}
-                    _ if b < 0x20 || b == 0x7f => return Err(InvalidChunkSize),
-                    _ => {}
+                (Ext::Token | Ext::ValueEnd | Ext::ValueBws, b' ' | b'\t') => Ext::ValueBws,
+                (Ext::Name | Ext::NameBws | Ext::Token | Ext::ValueEnd | Ext::ValueBws, b';') => {
+                    Ext::Start
                 }
-            }
+                (Ext::Name | Ext::Token | Ext::ValueEnd, b'\r') => match next!(bytes) {
+                    b'\n' => break,
+                    _ => return Err(InvalidChunkSize),
+                },
+                _ => return Err(InvalidChunkSize),
+            };
             continue;
         }
         match b {
@@ -1334,7 +1364,7 @@ pub fn parse_chunk_size(buf: &[u8])
             b'\r' => {
                 // `chunk-size = 1*HEXDIG`: an empty size is not `0`, and
                 // whitespace after the size is only allowed before a `;`.
-                if count == 0 || (!in_chunk_size && !in_ext) {
+                if count == 0 || !in_chunk_size {
                     return Err(InvalidChunkSize);
                 }
                 match next!(bytes) {
@@ -1342,26 +1372,16 @@ pub fn parse_chunk_size(buf: &[u8])
                     _ => return Err(InvalidChunkSize),
                 }
             }
-            // If we weren't in the extension yet, the ";" signals its start
-            b';' if !in_ext => {
+            // The ";" after a size starts the extensions.
+            b';' if count > 0 => {
                 in_ext = true;
                 in_chunk_size = false;
             }
             // "Linear white space" is ignored between the chunk size and the
             // extension separator token (";") due to the "implied *LWS rule".
-            b'\t' | b' ' if !in_ext && !in_chunk_size => {}
+            b'\t' | b' ' if !in_chunk_size => {}
             // LWS can follow the chunk size, but no more digits can come
-            b'\t' | b' ' if in_chunk_size => in_chunk_size = false,
-            b'"' if in_ext => in_quote = true,
-            // Any other visible octet, space or tab is allowed once we are in
-            // the extension, since they all get ignored anyway. According to
-            // the HTTP spec, valid extensions would have a more strict syntax:
-            //     (token ["=" (token | quoted-string)])
-            // but we gain nothing by rejecting an otherwise valid chunk size.
-            // Control octets are refused: a bare LF ends the line for some
-            // parsers and not for others (request smuggling), and none is
-            // allowed by the grammar.
-            _ if in_ext && (b == b'\t' || (b >= 0x20 && b != 0x7f)) => {}
+            b'\t' | b' ' if in_chunk_size && count > 0 => in_chunk_size = false,
             // Finally, if we aren't in the extension and we're reading any
             // other octet, the chunk size line is invalid!
             _ => return Err(InvalidChunkSize),
@@ -2035,8 +2055,12 @@ mod tests {
         assert_eq!(parse_chunk_size(b"0\r\n"), Ok(Status::Complete((3, 0))));
         assert_eq!(parse_chunk_size(b"12\r\nchunk"), Ok(Status::Complete((4, 18))));
         assert_eq!(parse_chunk_size(b"3086d\r\n"), Ok(Status::Complete((7, 198765))));
-        assert_eq!(parse_chunk_size(b"3735AB1;foo bar*\r\n"), Ok(Status::Complete((18, 57891505))));
-        assert_eq!(parse_chunk_size(b"3735ab1 ; baz \r\n"), Ok(Status::Complete((16, 57891505))));
+        // cutover's patch: extensions follow the RFC 9112 grammar, so a
+        // space inside a name or before the CRLF is refused.
+        assert_eq!(parse_chunk_size(b"3735AB1;foo bar*\r\n"), Err(crate::InvalidChunkSize));
+        assert_eq!(parse_chunk_size(b"3735AB1;foo;bar*\r\n"), Ok(Status::Complete((18, 57891505))));
+        assert_eq!(parse_chunk_size(b"3735ab1 ; baz \r\n"), Err(crate::InvalidChunkSize));
+        assert_eq!(parse_chunk_size(b"3735ab1 ; baz\r\n"), Ok(Status::Complete((15, 57891505))));
         assert_eq!(parse_chunk_size(b"77a65\r"), Ok(Status::Partial));
         assert_eq!(parse_chunk_size(b"ab"), Ok(Status::Partial));
         assert_eq!(parse_chunk_size(b"567f8a\rfoo"), Err(crate::InvalidChunkSize));
@@ -2066,7 +2090,22 @@ mod tests {
         assert_eq!(parse_chunk_size(b"1;a=\"x;\\\"y\"\r\nz"), Ok(Status::Complete((13, 1))));
         assert_eq!(parse_chunk_size(b"1;a=\"x"), Ok(Status::Partial));
         assert_eq!(parse_chunk_size(b"5 ;a=b\r\n"), Ok(Status::Complete((8, 5))));
-        assert_eq!(parse_chunk_size(b"5;a\tb\r\n"), Ok(Status::Complete((7, 5))));
+        assert_eq!(parse_chunk_size(b"5 ; a = b ; c\r\n"), Ok(Status::Complete((15, 5))));
+        // Only the RFC 9112 grammar: whitespace around `;` and `=` only.
+        for bad in [
+            &b"5;a\tb\r\n"[..],
+            b"5;a b\r\n",
+            b"5;\r\n",
+            b"5;a=\r\n",
+            b"5;a \r\n",
+            b"5;a=b \r\n",
+            b"5;a=\"b\" \r\n",
+            b"5;a=\"b\"c\r\n",
+            b"5;=b\r\n",
+            b"5;a@\r\n",
+        ] {
+            assert_eq!(parse_chunk_size(bad), Err(crate::InvalidChunkSize), "{:?}", bad);
+        }
     }
 
     static RESPONSE_WITH_MULTIPLE_SPACE_DELIMITERS: &[u8] =
