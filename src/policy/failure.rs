@@ -75,6 +75,28 @@ pub enum Failure {
     Internal,
 }
 
+/// How a client stopped short of sending its request body whole: what
+/// either carrier answers, from this one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyStopped {
+    /// Nothing arrived within the body timeout: 408.
+    TimedOut,
+    /// The client closed its side: nothing can reach it; logged as 499.
+    Closed,
+    /// A chunk that does not parse: 400, refused as bad framing.
+    Malformed,
+}
+
+impl BodyStopped {
+    pub fn status(self) -> u16 {
+        match self {
+            BodyStopped::TimedOut => 408,
+            BodyStopped::Closed => 499,
+            BodyStopped::Malformed => 400,
+        }
+    }
+}
+
 pub fn classify(e: &Error) -> Failure {
     if let ErrorType::HTTPStatus(code) = e.etype() {
         return Failure::Status(*code);
@@ -91,10 +113,12 @@ pub fn classify(e: &Error) -> Failure {
             ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                 Failure::Downstream { status: 0 }
             }
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                Failure::Downstream { status: 408 }
-            }
-            _ => Failure::Downstream { status: 400 },
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Downstream {
+                status: BodyStopped::TimedOut.status(),
+            },
+            _ => Failure::Downstream {
+                status: BodyStopped::Malformed.status(),
+            },
         },
         ErrorSource::Internal | ErrorSource::Unset => Failure::Internal,
     }

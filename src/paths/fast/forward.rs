@@ -26,7 +26,7 @@ use crate::paths::request::{self, Resend, Retry};
 use crate::policy;
 use crate::policy::cdn::CdnFacts;
 use crate::policy::deleak::Public;
-use crate::policy::failure::ErrorKind;
+use crate::policy::failure::{BodyStopped, ErrorKind};
 use crate::policy::handover::Handover;
 use crate::policy::marker::Seen;
 use crate::policy::refusal::Refusal;
@@ -208,19 +208,18 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                     }
                     continue;
                 }
-                Err(Exchange::Client(status)) => {
-                    // The client stopped sending its body (408 after the
-                    // body timeout, 499 when it closed), or sent a chunk that
-                    // does not parse (400): answered as the Pingora path
+                Err(Exchange::Client(stopped)) => {
+                    // The client stopped sending its body, or sent a chunk
+                    // that does not parse: answered as the Pingora path
                     // answers it, the half-sent upstream connection dropped.
-                    let status = match status {
-                        400 => request::body_refused(
+                    let status = match stopped {
+                        BodyStopped::Malformed => request::body_refused(
                             &model,
                             Refusal::BadFraming,
                             conn.peer,
                             &"a chunk line that does not parse",
                         ),
-                        other => other,
+                        other => other.status(),
                     };
                     let status = if status != 499 && write_error(&mut conn.stream, status).await {
                         status
@@ -435,14 +434,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
         conn.resp.clear();
         // What of the body can be had now is read first, so the whole
         // request goes out in one write (one TLS record, one syscall fewer).
-        if let Err(failed) = upload.gather(conn).await {
-            return Err(match failed {
-                UploadFailed::Client(status) => Exchange::Client(status),
-                // Nothing was written upstream yet.
-                UploadFailed::Upstream(e) => Exchange::Died(e.to_string()),
-                UploadFailed::UpstreamTimeout => return timed_out(),
-            });
-        }
+        upload.gather(conn).await.map_err(Exchange::Client)?;
         // The head and the body bytes at hand in one write: copied behind
         // the head when small (a TLS stream writes one buffer per record),
         // else a vectored write. A tail follows the early bytes only when
@@ -504,9 +496,8 @@ pub(super) enum Exchange {
     /// read: nothing reached the client, so the request may be sent again
     /// ([`request::exchange_failed`] decides). The cause, for the log.
     Died(String),
-    /// The client stopped sending the request body: 408 (nothing within
-    /// the body timeout) or 499 (it closed).
-    Client(u16),
+    /// The client stopped short of sending the request body whole.
+    Client(BodyStopped),
 }
 
 /// Relay the rest of a response body, after what went out with the head

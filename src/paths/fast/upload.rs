@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::body::read_available;
 use super::chunked::{ChunkedEnd, Malformed};
 use super::{Conn, BODY_BATCH, READ_CHUNK};
+use crate::policy::failure::BodyStopped;
 use crate::policy::framing::RequestBody;
 
 /// A request body on its way upstream.
@@ -47,9 +48,8 @@ enum Late {
 
 /// Why a body did not reach the upstream whole.
 pub(super) enum UploadFailed {
-    /// The client: 408 (nothing within the body timeout), 499 (it closed),
-    /// or 400 (a chunked body that stopped parsing).
-    Client(u16),
+    /// The client stopped short: the policy says what it is answered.
+    Client(BodyStopped),
     Upstream(std::io::Error),
     UpstreamTimeout,
 }
@@ -142,12 +142,10 @@ impl<'a> Upload<'a> {
     /// held up), up to [`BODY_BATCH`], appended to `conn.body`. The request
     /// then goes out in one write, and a body read whole can be sent again.
     /// Bytes past the body go to `conn.buf`.
-    pub(super) async fn gather(&mut self, conn: &mut Conn) -> Result<(), UploadFailed> {
+    pub(super) async fn gather(&mut self, conn: &mut Conn) -> Result<(), BodyStopped> {
         match &mut self.late {
             Late::Length(late) if *late <= BODY_BATCH as u64 => {
-                read_rest(conn, *late as usize)
-                    .await
-                    .map_err(UploadFailed::Client)?;
+                read_rest(conn, *late as usize).await?;
                 self.late = Late::Done;
             }
             Late::Chunked(scan) => {
@@ -156,7 +154,7 @@ impl<'a> Upload<'a> {
                 let _ = read_available(&mut conn.stream, &mut conn.body, start + BODY_BATCH);
                 let s = scan
                     .feed(&conn.body[start..])
-                    .map_err(|_| UploadFailed::Client(400))?;
+                    .map_err(|_| BodyStopped::Malformed)?;
                 if let Some(end) = s.end {
                     conn.buf.extend_from_slice(&conn.body[start + end..]);
                     self.late = Late::Done;
@@ -197,8 +195,8 @@ impl<'a> Upload<'a> {
                 .await
             {
                 Ok(Ok(n)) if n > 0 => n,
-                Ok(_) => return Err(UploadFailed::Client(499)),
-                Err(_) => return Err(UploadFailed::Client(408)),
+                Ok(_) => return Err(UploadFailed::Client(BodyStopped::Closed)),
+                Err(_) => return Err(UploadFailed::Client(BodyStopped::TimedOut)),
             };
             let (relay, end, terminator) = match &mut self.late {
                 Late::Length(left) => {
@@ -209,7 +207,7 @@ impl<'a> Upload<'a> {
                 Late::Chunked(scan) => {
                     let s = scan
                         .feed(&conn.body[start..])
-                        .map_err(|_| UploadFailed::Client(400))?;
+                        .map_err(|_| UploadFailed::Client(BodyStopped::Malformed))?;
                     (s.relay, s.end, s.terminator)
                 }
                 Late::Done => (0, Some(0), false),
@@ -239,9 +237,9 @@ impl<'a> Upload<'a> {
 
 /// Read the rest of a request body, `late` bytes, into `conn.body`, after
 /// what it holds (on a resend: what was relayed before); bytes past the
-/// body go to `conn.buf`. `Err` with the status the client gets: 408
-/// (nothing within the body timeout) or 499 (it closed).
-async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
+/// body go to `conn.buf`. `Err`: nothing within the body timeout, or the
+/// client closed.
+async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), BodyStopped> {
     let end = conn.body.len() + late;
     // Room past the body: a read that fills its buffer exactly leaves the
     // socket marked readable, and the next request's first read would be
@@ -254,8 +252,8 @@ async fn read_rest(conn: &mut Conn, late: usize) -> Result<(), u16> {
             .await
         {
             Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => return Err(499),
-            Err(_) => return Err(408),
+            Ok(_) => return Err(BodyStopped::Closed),
+            Err(_) => return Err(BodyStopped::TimedOut),
         }
     }
     if conn.body.len() > end {
@@ -327,7 +325,7 @@ mod tests {
             .write_all(&[&rest[..], b"GET /next"].concat())
             .await
             .unwrap();
-        upload.gather(&mut conn).await.ok().expect("gathered");
+        upload.gather(&mut conn).await.expect("gathered");
         assert!(!upload.pending());
         assert!(upload.kept());
         assert!(conn.body == [&relayed[..], &rest[..]].concat(), "the body");
@@ -358,7 +356,7 @@ mod tests {
         }
         let (early, tail) = upload.early();
         let mut first = [early, tail].concat();
-        upload.gather(&mut conn).await.ok().expect("gathered");
+        upload.gather(&mut conn).await.expect("gathered");
         first.extend_from_slice(&conn.body);
         ups.write_all(&first).await.unwrap();
         if upload.pending() {
