@@ -147,10 +147,17 @@ fn hosts(bed: &Bed) -> PathBuf {
 fn https_server(bed: &Bed, www: &Path, addr: SocketAddr) -> Nginx {
     let issued = bed.ca.issue(&[CONFIG_HOST]).unwrap();
     let (cert, key) = issued.write_pair(bed.dir(), "config-server").unwrap();
-    Nginx::start(
-        &bed.path("nginx"),
+    let nginx_dir = bed.path("nginx");
+    Nginx::start_with_http(
+        &nginx_dir,
         addr,
         Some((&cert, &key)),
+        // What each fetch asked conditionally, beside the usual log.
+        &format!(
+            "log_format validators '$status inm=[$http_if_none_match] ims=[$http_if_modified_since]';
+  access_log {}/validators.log validators;",
+            nginx_dir.display()
+        ),
         &format!(
             "location = /cutover.yaml {{
       if ($http_authorization != \"{TOKEN}\") {{ return 403 \"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>\"; }}
@@ -271,6 +278,16 @@ async fn three_instances_follow_one_document_over_https() {
         "{log}"
     );
     assert!(!log.contains("\" 403 "), "the token was not sent:\n{log}");
+    // Both validators of the last 200 go with every conditional fetch.
+    let asked = std::fs::read_to_string(bed.path("nginx").join("validators.log")).unwrap();
+    let conditional: Vec<&str> = asked.lines().filter(|l| l.starts_with("304 ")).collect();
+    assert!(conditional.len() >= 6, "{asked}");
+    for line in conditional {
+        assert!(
+            !line.contains("inm=[]") && !line.contains("ims=[]") && line.contains(" GMT]"),
+            "a 304 to a fetch without both validators: {line}"
+        );
+    }
 
     // A malformed document: refused by all three, the running config kept,
     // logged once per instance with where the problem is.
@@ -400,6 +417,38 @@ async fn three_instances_follow_one_document_over_https() {
     );
     assert_eq!(shares[0], shares[1]);
     assert_eq!(shares[0], shares[2]);
+
+    // A cache removed or damaged while the source is fine is found at the
+    // next fetch that confirms the running document, counted and written
+    // again, so a later restart with the source down still starts.
+    let cache_of = |p: &Proxy| p.config_path.parent().unwrap().join("state/source.yaml");
+    std::fs::remove_file(cache_of(&members[0])).unwrap();
+    let whole = std::fs::read_to_string(cache_of(&members[1])).unwrap();
+    std::fs::write(cache_of(&members[1]), &whole[..whole.len() / 2]).unwrap();
+    for (i, p) in members.iter().enumerate() {
+        let damaged = if i < 2 { 1.0 } else { 0.0 };
+        until(p, interval * 3, "the cache checked", || async {
+            let m = p.metrics().await;
+            sample(&m, "cutover_config_cache_damaged_total", &[]) == Some(damaged)
+                && std::fs::read_to_string(cache_of(p)).is_ok_and(|c| c.ends_with(&v3))
+        })
+        .await;
+        let written_again = p
+            .log()
+            .matches("written again with the running document")
+            .count();
+        assert_eq!(written_again, usize::from(i < 2), "{}", p.log());
+    }
+    assert!(
+        members[0].log().contains("cannot be read"),
+        "{}",
+        members[0].log()
+    );
+    assert!(
+        members[1].log().contains("is truncated or altered"),
+        "{}",
+        members[1].log()
+    );
 }
 
 /// A listener that accepts and never answers.
@@ -507,16 +556,41 @@ async fn every_bad_answer_is_counted_logged_and_leaves_the_proxy_serving() {
         ),
         (
             "S3's 403 with its XML reason",
-            "return 403 '<?xml version=\"1.0\"?>\n<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>';".into(),
+            // A new RequestId in every answer, as S3 sends: still one problem.
+            "return 403 '<?xml version=\"1.0\"?>\n<Error><Code>AccessDenied</Code><Message>Request has expired</Message><RequestId>$request_id</RequestId></Error>';".into(),
             "status",
-            "answered 403: <?xml version=\"1.0\"?> <Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+            "answered 403: <?xml version=\"1.0\"?> <Error><Code>AccessDenied</Code><Message>Request has expired</Message><RequestId>",
         ),
     ];
+    let all_fetches = || async {
+        let mut n = 0.0;
+        for r in [
+            "applied",
+            "not_modified",
+            "unchanged",
+            "invalid",
+            "status",
+            "redirects",
+            "too_large",
+            "timeout",
+            "error",
+        ] {
+            n += fetches(&p, r).await;
+        }
+        n
+    };
     for (what, location, result, line) in &cases {
         let before = fetches(&p, result).await;
         nginx.restart(&serve(location));
         until(&p, Duration::from_secs(10), what, || async {
             fetches(&p, result).await > before
+        })
+        .await;
+        // Two more fetches with the same problem (a refused document
+        // comes back as a 304): logged at the first only.
+        let counted = all_fetches().await;
+        until(&p, Duration::from_secs(10), what, || async {
+            all_fetches().await >= counted + 2.0
         })
         .await;
         assert_eq!(

@@ -54,6 +54,39 @@ impl FetchError {
     }
 }
 
+impl FetchError {
+    /// What the problem is without what changes from one fetch to the next
+    /// (the RequestId in an S3 error's body, which of a name's rotating
+    /// addresses was tried last): a problem is logged again only when this
+    /// changes.
+    pub fn identity(&self) -> String {
+        match self {
+            FetchError::Status(code, _) => format!("status {code}"),
+            FetchError::Failed(why) => without_addresses(why),
+            // What follows the colon is a snippet of the page.
+            FetchError::NotADocument(why) => why.split(':').next().unwrap_or(why).to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// `why` with every IP address and socket address in it replaced by `*`.
+fn without_addresses(why: &str) -> String {
+    why.split(' ')
+        .map(|word| {
+            let bare = word.trim_end_matches([':', ',', ';', ')']);
+            if bare.parse::<std::net::SocketAddr>().is_ok()
+                || bare.parse::<std::net::IpAddr>().is_ok()
+            {
+                word.replacen(bare, "*", 1)
+            } else {
+                word.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl std::fmt::Display for FetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -337,9 +370,10 @@ struct State {
     validators: Validators,
     /// The last document a 200 brought, and whether it checked.
     seen: Option<(String, bool)>,
-    /// The running document's digest.
+    /// The running document's digest, and the document.
     running: String,
-    /// The problem last logged, so each is logged once.
+    running_text: String,
+    /// The identity of the problem last logged, so each is logged once.
     problem: Option<String>,
     from_cache: bool,
     /// Conditional fetches since the last unconditional one.
@@ -409,6 +443,15 @@ impl Fetched {
         }
     }
 
+    /// What [`Source::problem`] tells problems apart by.
+    fn identity(&self) -> String {
+        match self {
+            Fetched::NotModified => "status 304".into(),
+            Fetched::Document { sha, .. } => refused(sha),
+            Fetched::Failed(e) => e.identity(),
+        }
+    }
+
     /// Why this gives no config to run, or `None` when it does. (A 304 is
     /// a failure only where nothing was asked conditionally.)
     fn failure(&self) -> Option<String> {
@@ -416,7 +459,7 @@ impl Fetched {
             Fetched::Document { checked: Ok(_), .. } => None,
             Fetched::Document {
                 checked: Err(e), ..
-            } => Some(format!("serves a document that is refused. {e}")),
+            } => Some(refusal(e)),
             Fetched::NotModified => Some("answered 304 to a request without validators".into()),
             Fetched::Failed(e) => Some(e.to_string()),
         }
@@ -443,14 +486,15 @@ pub async fn fetch_checked(
     }
 }
 
-/// The cached document joined with `bootstrap`: its digest and config.
-pub fn cached(bootstrap: &Bootstrap) -> Result<(String, Config), String> {
+/// The cached document joined with `bootstrap`: its digest, its text and
+/// the config.
+pub fn cached(bootstrap: &Bootstrap) -> Result<(String, String, Config), String> {
     let cache = &bootstrap.source().cache;
     let text = read_cache(cache)?;
     let config = bootstrap
         .with_document(&cache.display().to_string(), &text)
         .map_err(|e| format!("no longer checks: {e}"))?;
-    Ok((sha256_hex(text.as_bytes()), config))
+    Ok((sha256_hex(text.as_bytes()), text, config))
 }
 
 /// The document a one-shot command (`verify`) works on: fetched now, else
@@ -466,7 +510,7 @@ pub async fn document_now(
         (why, _) => why.unwrap_or_default(),
     };
     match cached(bootstrap) {
-        Ok((sha, c)) => Ok((
+        Ok((sha, _, c)) => Ok((
             c,
             Some(format!(
                 "the config source {name} {why}; using the cache {} (sha256={sha})",
@@ -506,6 +550,7 @@ pub fn start(
     let mut state = State::default();
     let name = source.url.to_string();
     let why = fetched.failure().unwrap_or_default();
+    let identity = fetched.identity();
     match fetched {
         Fetched::Document {
             text,
@@ -528,6 +573,7 @@ pub fn start(
                     info!("config source {name}: document sha256={sha} fetched and checked");
                     state.seen = Some((sha.clone(), true));
                     state.running = sha;
+                    state.running_text = text;
                     return Ok(Started {
                         config: *config,
                         source: Arc::new(Source::new(bootstrap, hosts_file, state)),
@@ -542,15 +588,16 @@ pub fn start(
         Fetched::NotModified | Fetched::Failed(_) => {}
     }
     match cached(&bootstrap) {
-        Ok((sha, config)) => {
+        Ok((sha, text, config)) => {
             warn!(
                 "config source {name} {why}: starting from the cache {} (sha256={sha}); the next good fetch replaces it",
                 source.cache.display()
             );
             m.set_from_cache(true);
             state.running = sha;
+            state.running_text = text;
             state.from_cache = true;
-            state.problem = Some(why);
+            state.problem = Some(identity);
             Ok(Started {
                 config,
                 source: Arc::new(Source::new(bootstrap, hosts_file, state)),
@@ -596,12 +643,13 @@ impl Source {
                 let good = self.lock().seen.as_ref().is_some_and(|(_, ok)| *ok);
                 if good {
                     self.succeeded(m);
+                    self.keep_cache(m);
                 }
                 return;
             }
-            Fetched::Failed(ref e) => {
+            Fetched::Failed(e) => {
                 m.fetched(e.result());
-                self.problem(fetched.failure().unwrap_or_default());
+                self.problem(e.identity(), &e);
                 return;
             }
             Fetched::Document {
@@ -612,15 +660,21 @@ impl Source {
             } => {
                 let mut state = self.lock();
                 state.validators = validators;
-                // The same bytes again: nothing to install, nothing new to log.
+                // The same refused bytes again: nothing to install, no
+                // reload to count; logged again only after another problem.
                 if state.seen.as_ref() == Some(&(sha.clone(), false)) {
+                    drop(state);
                     m.fetched("invalid");
+                    if let Err(e) = &checked {
+                        self.problem(refused(&sha), &refusal(e));
+                    }
                     return;
                 }
                 if sha == state.running {
                     drop(state);
                     m.fetched("unchanged");
                     self.succeeded(m);
+                    self.keep_cache(m);
                     return;
                 }
                 (text, sha, checked)
@@ -631,8 +685,8 @@ impl Source {
             Err(e) => {
                 m.fetched("invalid");
                 process.metrics.reload_result(false);
+                self.problem(refused(&sha), &refusal(&e));
                 self.lock().seen = Some((sha, false));
-                self.problem(format!("serves a document that is refused. {e}"));
             }
             Ok(config) => {
                 for w in &config.warnings {
@@ -646,15 +700,14 @@ impl Source {
                     let mut state = self.lock();
                     state.seen = Some((sha.clone(), true));
                     state.running = sha.clone();
+                    state.running_text = text.clone();
                 }
                 info!("config source {name}: applied document sha256={sha}: {summary}");
                 self.succeeded(m);
                 if let Err(e) = write_cache(&source.cache, &text, &source.url) {
                     m.cache_write_failed();
-                    self.problem(format!(
-                        "cannot write the cache {}: {e}",
-                        source.cache.display()
-                    ));
+                    let why = format!("cannot write the cache {}: {e}", source.cache.display());
+                    self.problem(format!("cache {:?}", e.kind()), &why);
                 }
             }
         }
@@ -675,18 +728,56 @@ impl Source {
         }
     }
 
-    /// Log `why` unless it is the problem already logged.
-    fn problem(&self, why: String) {
+    /// The source confirmed the running document, so the cache must hold
+    /// it: a restart while the source is down starts from the cache. Found
+    /// missing, unreadable, damaged or holding another document (removed or
+    /// edited by hand), it is counted, logged and written again.
+    fn keep_cache(&self, m: &SourceFamilies) {
+        let source = self.bootstrap.source();
+        let (running, text) = {
+            let state = self.lock();
+            (state.running.clone(), state.running_text.clone())
+        };
+        let why = match read_cache(&source.cache) {
+            Ok(doc) if sha256_hex(doc.as_bytes()) == running => return,
+            Ok(_) => "holds another document".to_string(),
+            Err(why) => why,
+        };
+        m.cache_damaged();
+        match write_cache(&source.cache, &text, &source.url) {
+            Ok(()) => warn!(
+                "config source: the cache {} {why}; written again with the running document (sha256={running})",
+                source.cache.display()
+            ),
+            Err(e) => {
+                m.cache_write_failed();
+                let why = format!("cannot write the cache {}: {e}", source.cache.display());
+                self.problem(format!("cache {:?}", e.kind()), &why);
+            }
+        }
+    }
+
+    /// Log `why` unless `identity` is the problem already logged.
+    fn problem(&self, identity: String, why: &dyn std::fmt::Display) {
         let mut state = self.lock();
-        if state.problem.as_deref() != Some(why.as_str()) {
+        if state.problem.as_deref() != Some(identity.as_str()) {
             error!(
                 "config source {}: {why}; keeping the running config (sha256={})",
                 self.bootstrap.source().url,
                 state.running
             );
-            state.problem = Some(why);
+            state.problem = Some(identity);
         }
     }
+}
+
+/// The identity of a refused document's problem: its digest.
+fn refused(sha: &str) -> String {
+    format!("refused {sha}")
+}
+
+fn refusal(e: &crate::config::ConfigError) -> String {
+    format!("serves a document that is refused. {e}")
 }
 
 /// Polls the source every `interval` and at each SIGHUP.
@@ -715,6 +806,46 @@ impl BackgroundService for SourcePoller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_problem_is_told_apart_without_what_changes_per_fetch() {
+        let refused = |at: &str| {
+            FetchError::Failed(format!(
+                "{at}: connecting to {at}: Connection refused (os error 111)"
+            ))
+        };
+        assert_eq!(
+            refused("192.0.2.1:443").identity(),
+            refused("[2001:db8::7]:443").identity()
+        );
+        assert_eq!(
+            refused("192.0.2.1:443").identity(),
+            "*: connecting to *: Connection refused (os error 111)"
+        );
+        assert_ne!(
+            refused("192.0.2.1:443").identity(),
+            FetchError::Failed("cannot resolve `config.test`: failed to lookup".into()).identity()
+        );
+        let denied =
+            |id: &str| FetchError::Status(403, format!("<Error><RequestId>{id}</RequestId>"));
+        assert_eq!(denied("A1").identity(), denied("B2").identity());
+        assert_ne!(
+            denied("A1").identity(),
+            FetchError::Status(404, String::new()).identity()
+        );
+        assert_ne!(
+            FetchError::Timeout(Duration::from_secs(1)).identity(),
+            FetchError::TooLarge("x".into()).identity()
+        );
+        assert_ne!(
+            FetchError::TooLarge("x".into()).identity(),
+            FetchError::TooLarge("y".into()).identity()
+        );
+        let page = |token: &str| {
+            FetchError::NotADocument(format!("answered 200 with text/html: <form csrf={token}>"))
+        };
+        assert_eq!(page("1").identity(), page("2").identity());
+    }
 
     #[test]
     fn cache_round_trip_and_damage() {

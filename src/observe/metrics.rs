@@ -155,6 +155,20 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // The standard process-collector metric: an alert can count from a
+        // process's start (CutoverConfigSourceUnusable for an instance that
+        // has not reached its source since it started). The registry is
+        // made within milliseconds of exec.
+        plain_gauge(
+            r,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds",
+        )
+        .set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)),
+        );
         Self {
             proxy_protocol: {
                 let by_result = counter(
@@ -791,9 +805,10 @@ pub const FETCH_RESULTS: [&str; 9] = [
     "applied",
     // 304 to our If-None-Match / If-Modified-Since.
     "not_modified",
-    // 200 with the document already running (or already refused).
+    // 200 with the document already running.
     "unchanged",
-    // Not a config: YAML or validation problems, HTML, not UTF-8.
+    // Not a config: YAML or validation problems (each fetch of a refused document), HTML,
+    // not UTF-8.
     "invalid",
     // An HTTP status other than 200, 304 or a redirect.
     "status",
@@ -806,12 +821,14 @@ pub const FETCH_RESULTS: [&str; 9] = [
 ];
 
 /// `cutover_config_fetches_total`, `cutover_config_last_success_timestamp_seconds`,
-/// `cutover_config_from_cache`, `cutover_config_cache_write_errors_total`.
+/// `cutover_config_from_cache`, `cutover_config_cache_write_errors_total`,
+/// `cutover_config_cache_damaged_total`.
 pub struct SourceFamilies {
     fetches: IntCounterVec,
     last_success: prometheus::GaugeVec,
     from_cache: IntGaugeVec,
     cache_write_errors: IntCounterVec,
+    cache_damaged: IntCounterVec,
 }
 
 impl SourceFamilies {
@@ -846,6 +863,13 @@ impl SourceFamilies {
                 "Writes of the last good document to the local cache that failed",
                 &[],
             ),
+            cache_damaged: counter(
+                r,
+                "cutover_config_cache_damaged_total",
+                "Times the local cache was found missing, unreadable, damaged or holding another \
+                 document after the source confirmed the running one (it is then written again)",
+                &[],
+            ),
         }
     }
 
@@ -855,6 +879,7 @@ impl SourceFamilies {
             self.fetches.with_label_values(&[r]);
         }
         self.cache_write_errors.with_label_values(&[] as &[&str]);
+        self.cache_damaged.with_label_values(&[] as &[&str]);
         self.from_cache.with_label_values(&[] as &[&str]);
         // 0 until the first success: an instance that started from its
         // cache and never reached the source is as stale as can be.
@@ -879,6 +904,10 @@ impl SourceFamilies {
         self.from_cache
             .with_label_values(&[] as &[&str])
             .set(i64::from(yes));
+    }
+
+    pub fn cache_damaged(&self) {
+        self.cache_damaged.with_label_values(&[] as &[&str]).inc();
     }
 
     pub fn cache_write_failed(&self) {
