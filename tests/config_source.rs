@@ -564,17 +564,7 @@ async fn every_bad_answer_is_counted_logged_and_leaves_the_proxy_serving() {
     ];
     let all_fetches = || async {
         let mut n = 0.0;
-        for r in [
-            "applied",
-            "not_modified",
-            "unchanged",
-            "invalid",
-            "status",
-            "redirects",
-            "too_large",
-            "timeout",
-            "error",
-        ] {
+        for r in cutover::observe::metrics::FETCH_RESULTS {
             n += fetches(&p, r).await;
         }
         n
