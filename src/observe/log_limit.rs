@@ -53,11 +53,14 @@ impl LogLimit {
 
 /// `limited!(warn, "...", args)`: like `log::warn!`, at most 10 lines a
 /// second from this call site; the next line written says how many were
-/// suppressed.
+/// suppressed. `limited!(per_second = 1; warn, "...")` sets another budget.
 #[macro_export]
 macro_rules! limited {
-    ($level:ident, $($arg:tt)+) => {{
-        static LIMIT: $crate::observe::log_limit::LogLimit = $crate::observe::log_limit::LogLimit::new(10);
+    ($level:ident, $($arg:tt)+) => {
+        $crate::limited!(per_second = 10; $level, $($arg)+)
+    };
+    (per_second = $budget:expr; $level:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::observe::log_limit::LogLimit = $crate::observe::log_limit::LogLimit::new($budget);
         if let Some(skipped) = LIMIT.allow() {
             if skipped > 0 {
                 log::$level!("{} ({skipped} similar lines suppressed)", format_args!($($arg)+));

@@ -469,10 +469,12 @@ pub async fn refuse_over_capacity(mut stream: Stream, listener: &ListenerPolicy)
 
 /// `accept()` failed on a proxy listener (Pingora's accept loop asks,
 /// through the `ServerApp::accept_error` hook of the carried patch, see
-/// `vendor/README.md`). Out of descriptors (EMFILE, ENFILE) the loop waits
-/// a second before the next `accept()` (no busy loop) while new
-/// connections wait in the listen backlog; anything else is retried at
-/// once. Counted by reason and logged a few lines a second at most.
+/// `vendor/README.md`). Out of descriptors (EMFILE, ENFILE) or kernel
+/// memory (ENOBUFS, ENOMEM) the loop waits a second before the next
+/// `accept()` (no busy loop; the patch's `accept_backoff`) while new
+/// connections wait in the listen backlog; anything else (a connection
+/// reset while queued) is retried at once. Counted by reason and logged
+/// once a second at most.
 /// Returns true: Pingora's own line (one per failure) is not written.
 pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
     let errno = error
@@ -482,6 +484,7 @@ pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
     if matches!(errno, Some(libc::EMFILE | libc::ENFILE)) {
         metrics.accept_errors.fd_limit.inc();
         limited!(
+            per_second = 1;
             error,
             "accept() failed: {error}: the process is out of file descriptors; new connections \
              wait in the listen backlog until some close (raise LimitNOFILE in the unit, or lower \
@@ -489,7 +492,7 @@ pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
         );
     } else {
         metrics.accept_errors.other.inc();
-        limited!(error, "accept() failed: {error}");
+        limited!(per_second = 1; error, "accept() failed: {error}");
     }
     true
 }

@@ -224,6 +224,14 @@ impl Proxy {
         Self::spawn(cmd, dir, config_path, listen, admin, None, &[])
     }
 
+    /// [`Proxy::start`] with more environment variables (an `LD_PRELOAD`).
+    pub fn start_with_env(dir: &Path, yaml: &str, env: &[(&str, &Path)]) -> Proxy {
+        let (config_path, listen, admin) = write_config(dir, yaml);
+        let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, dir, config_path, listen, admin, None, &[])
+    }
+
     fn spawn(
         mut cmd: Command,
         dir: &Path,

@@ -262,18 +262,11 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     if !app_logic.accept_error(&e) {
                         error!("Accept() failed {e}");
                     }
-                    if let Some(io_error) = e
-                        .root_cause()
-                        .downcast_ref::<std::io::Error>()
-                        .and_then(|e| e.raw_os_error())
-                    {
-                        // 24: too many open files. In this case accept() will continue return this
-                        // error without blocking, which could use up all the resources
-                        if io_error == 24 {
-                            // call sleep to calm the thread down and wait for others to release
-                            // some resources
-                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        }
+                    if accept_backoff(&e) {
+                        // accept() will continue to return this error without blocking,
+                        // which could use up all the resources: sleep to calm the thread
+                        // down and wait for others to release some resources
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     }
                 }
             }
@@ -281,6 +274,32 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
 
         stack.cleanup();
     }
+}
+
+/// Whether a failed `accept()` will fail again at once until resources are released: out of
+/// file descriptors, for the process (EMFILE) or the whole system (ENFILE), or out of kernel
+/// memory (ENOBUFS, ENOMEM). nginx stops accepting for a while on each of these; retrying at
+/// once spins a thread at 100% CPU while the error lasts.
+#[cfg(unix)]
+fn accept_backoff(e: &pingora_error::Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .and_then(|e| e.raw_os_error())
+        .is_some_and(|errno| {
+            matches!(
+                errno,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            )
+        })
+}
+
+#[cfg(not(unix))]
+fn accept_backoff(e: &pingora_error::Error) -> bool {
+    // 24: too many open files
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .and_then(|e| e.raw_os_error())
+        == Some(24)
 }
 
 #[async_trait]
