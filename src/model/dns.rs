@@ -102,9 +102,23 @@ impl ResolvedName {
         Some(addrs[i % addrs.len()])
     }
 
-    /// The next address in round-robin order that is neither ejected nor
-    /// in `tried`; `None` when there is none (or the name never resolved).
-    pub fn pick_usable(&self, tried: &[SocketAddr]) -> Option<SocketAddr> {
+    /// Whether an address not in `tried` is usable now (neither ejected
+    /// nor on trial): where a failed request can go next.
+    pub fn has_usable(&self, tried: &[SocketAddr]) -> bool {
+        let addrs = self.addrs.load();
+        let now = Instant::now();
+        addrs.iter().any(|a| {
+            !tried.contains(a) && (self.ejections.none() || !self.ejections.is_ejected(*a, now))
+        })
+    }
+
+    /// The address a connect goes to: the next in round-robin order that
+    /// is neither ejected nor in `tried`, an address whose ejection just
+    /// ended to one connect at a time ([`Ejections::take`]); with none
+    /// usable, any address (the upstream was chosen with nothing better).
+    /// `None` only when the name never resolved. One rule for both
+    /// carriers.
+    pub fn choose(&self, tried: &[SocketAddr]) -> Option<SocketAddr> {
         let addrs = self.addrs.load();
         if addrs.is_empty() {
             return None;
@@ -116,7 +130,8 @@ impl ResolvedName {
         let now = Instant::now();
         (0..addrs.len())
             .map(|k| addrs[(start + k) % addrs.len()])
-            .find(|a| !tried.contains(a) && !self.ejections.is_ejected(*a, now))
+            .find(|a| !tried.contains(a) && self.ejections.take(*a, now))
+            .or(Some(addrs[start % addrs.len()]))
     }
 
     /// Whether `addr` is out of the rotation now.

@@ -429,10 +429,7 @@ impl ProxyHttp for PingoraPath {
         }
         ctx.upstream = Some(idx);
         let upstream = &route.upstreams[idx];
-        let addr = upstream
-            .addresses
-            .pick_usable(&ctx.attempted)
-            .or_else(|| upstream.addresses.pick());
+        let addr = upstream.addresses.choose(&ctx.attempted);
         match addr {
             Some(addr) => {
                 ctx.upstream_addr = Some(addr);

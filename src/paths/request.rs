@@ -228,7 +228,7 @@ fn eject_and_choose(
     let ejected_for = up.addresses.ejections.eject(addr, Instant::now());
     up.metrics.ejections.inc();
     tried.push(addr);
-    let retry = if up.addresses.pick_usable(tried).is_some() {
+    let retry = if up.addresses.has_usable(tried) {
         Retry::Address
     } else if let Some(next) = first_upstream
         .then(|| choose(&route.upstreams, point, Some(failed)))

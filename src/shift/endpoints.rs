@@ -9,7 +9,10 @@
 //! failing when it is tried again, up to [`MAX_EJECTION`] (CloudFront's DNS
 //! TTL: by then the name's answer has probably changed); a successful
 //! connect readmits it and resets the count, as Envoy's outlier detection
-//! does.
+//! does. When an ejection ends, one connect at a time tries the address
+//! ([`Ejections::take`]; nginx's `fail_timeout` lets one request through
+//! the same way): a dead address costs one connect timeout per ejection,
+//! not one for every request that arrives while the trial connect waits.
 //!
 //! The request path asks [`Ejections::is_ejected`] for each address it
 //! considers: one atomic load while nothing is ejected.
@@ -23,6 +26,10 @@ use std::time::{Duration, Instant};
 pub const BASE_EJECTION: Duration = Duration::from_secs(5);
 /// The longest ejection.
 pub const MAX_EJECTION: Duration = Duration::from_secs(60);
+/// How long the address stays out for others while one connect tries it
+/// after an ejection; longer than any connect timeout, so the trial's
+/// outcome (a readmit or an eject) normally ends it first.
+pub const TRIAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Entry {
@@ -30,6 +37,8 @@ struct Entry {
     until: Instant,
     /// Ejections in a row without a successful connect in between.
     times: u32,
+    /// `until` is a trial's end: one connect is trying the address.
+    trial: bool,
 }
 
 impl Entry {
@@ -62,10 +71,36 @@ impl Ejections {
         entries.iter().any(|e| e.holds(addr, now))
     }
 
+    /// Whether a connect may go to `addr` at `now`. An address whose
+    /// ejection has ended is then on trial: this connect tries it, and it
+    /// stays out for the others until the trial's outcome ([`Self::eject`]
+    /// or [`Self::readmit`]) or [`TRIAL`] has passed.
+    pub fn take(&self, addr: SocketAddr, now: Instant) -> bool {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.iter_mut().find(|e| e.addr == addr) {
+            None => true,
+            Some(e) if now < e.until => false,
+            Some(e) => {
+                e.until = now + TRIAL;
+                e.trial = true;
+                true
+            }
+        }
+    }
+
     /// Take `addr` out after a failed connect; how long for.
     pub fn eject(&self, addr: SocketAddr, now: Instant) -> Duration {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let times = match entries.iter_mut().find(|e| e.addr == addr) {
+            // The trial failed: ejected again, for longer.
+            Some(e) if e.trial => {
+                e.trial = false;
+                e.times += 1;
+                e.times
+            }
             // Failed while still ejected (a request that picked it before
             // the ejection): the same ejection, not a longer one.
             Some(e) if now < e.until => return e.until - now,
@@ -78,6 +113,7 @@ impl Ejections {
                     addr,
                     until: now,
                     times: 1,
+                    trial: false,
                 });
                 self.count.store(entries.len(), Ordering::Relaxed);
                 1
@@ -143,6 +179,38 @@ mod tests {
             e.eject(addr(1), t);
         }
         assert_eq!(e.eject(addr(1), t + MAX_EJECTION), MAX_EJECTION);
+    }
+
+    #[test]
+    fn after_an_ejection_one_connect_at_a_time_tries_the_address() {
+        let e = Ejections::default();
+        let t0 = Instant::now();
+        assert!(e.take(addr(1), t0), "nothing ejected");
+        e.eject(addr(1), t0);
+        assert!(!e.take(addr(1), t0 + Duration::from_secs(1)));
+        assert!(e.take(addr(2), t0), "another address");
+        // The ejection ends: one trial, the others kept out meanwhile.
+        let t1 = t0 + BASE_EJECTION;
+        assert!(!e.is_ejected(addr(1), t1));
+        assert!(e.take(addr(1), t1));
+        assert!(e.is_ejected(addr(1), t1));
+        assert!(!e.take(addr(1), t1 + Duration::from_secs(1)));
+        assert!(!e.any_usable(&[addr(1)], t1 + Duration::from_secs(1)));
+        // It fails: out for twice as long (not the trial's remainder).
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(e.eject(addr(1), t2), 2 * BASE_EJECTION);
+        assert!(!e.take(addr(1), t2 + BASE_EJECTION));
+        // The next trial succeeds: back in for every connect.
+        let t3 = t2 + 2 * BASE_EJECTION;
+        assert!(e.take(addr(1), t3));
+        e.readmit(addr(1));
+        assert!(e.take(addr(1), t3) && e.take(addr(1), t3));
+        // A trial whose outcome never came ends after TRIAL.
+        e.eject(addr(2), t3);
+        let t4 = t3 + BASE_EJECTION;
+        assert!(e.take(addr(2), t4));
+        assert!(!e.take(addr(2), t4 + TRIAL - Duration::from_millis(1)));
+        assert!(e.take(addr(2), t4 + TRIAL));
     }
 
     #[test]

@@ -85,9 +85,7 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 // Still in the name's answer and not ejected: an address
                 // that left DNS retires its connection here.
                 .filter(|a| !up.addresses.is_ejected(*a) && up.addresses.contains(*a));
-            tried = held_addr
-                .or_else(|| up.addresses.pick_usable(&attempted))
-                .or_else(|| up.addresses.pick());
+            tried = held_addr.or_else(|| up.addresses.choose(&attempted));
             let Some(addr) = tried else {
                 let e = request::unresolved(up);
                 let shown = format!("{}:{}", up.addresses.host, up.addresses.port);
