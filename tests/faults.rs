@@ -657,6 +657,8 @@ struct InNamespace {
     ca_path: std::path::PathBuf,
     /// The addresses the name resolves to beside the edge's.
     extra: Vec<std::net::IpAddr>,
+    /// The edge is not the new name's but the backup's.
+    backup: bool,
 }
 
 impl InNamespace {
@@ -665,14 +667,20 @@ impl InNamespace {
     /// (what the name resolves to), the same TLS checks, `connect: 1s`
     /// (covering the handshake) and 1 s idle upstream connections, its
     /// default `proxy_next_upstream error timeout` and `max_fails=1
-    /// fail_timeout=10s`.
+    /// fail_timeout=10s`; with `backup`, the edge is a `backup` server.
     fn reference(&self) -> Nginx {
         use cutover::rehearsal::demo::{NEW_DIST, NEW_NAME};
         let port = self.edge.addr().port();
-        let mut servers = format!("server {}; ", self.edge.addr());
+        let mut servers = String::new();
         for a in &self.extra {
             servers.push_str(&format!("server {a}:{port}; "));
         }
+        let edge = format!(
+            "server {}{}; ",
+            self.edge.addr(),
+            if self.backup { " backup" } else { "" }
+        );
+        servers.insert_str(0, &edge);
         Nginx::start_in_netns(
             &self.ns.name,
             &self.dir.path().join("reference"),
@@ -690,10 +698,14 @@ impl InNamespace {
     }
 }
 
+/// cutover in a namespace of the test's own; the new distribution's name
+/// resolves to the edge and to `extra`'s addresses; with `backup`, to
+/// `extra` only, and the old distribution (the edge) is the backup.
 async fn in_namespace(
     extra: impl Fn(&common::netns::Netns) -> Vec<std::net::IpAddr>,
+    backup: bool,
 ) -> InNamespace {
-    use cutover::rehearsal::demo::{distributions, NEW_DIST, NEW_NAME};
+    use cutover::rehearsal::demo::{distributions, NEW_DIST, NEW_NAME, OLD_DIST};
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("namespace CA").unwrap();
     let ca_path = ca.write_cert(dir.path()).unwrap();
@@ -706,7 +718,11 @@ async fn in_namespace(
     .await
     .unwrap();
     let hosts = dir.path().join("hosts");
-    let mut text = format!("{} {NEW_DIST}\n", edge.addr().ip());
+    let mut text = if backup {
+        format!("{} {OLD_DIST}\n", edge.addr().ip())
+    } else {
+        format!("{} {NEW_DIST}\n", edge.addr().ip())
+    };
     let extra = extra(&ns);
     for a in &extra {
         text.push_str(&format!("{a} {NEW_DIST}\n"));
@@ -720,10 +736,19 @@ async fn in_namespace(
          admin:\n  address: {admin}\n\
          server:\n  threads: 2\n  grace_period: 1s\n  graceful_shutdown_timeout: 2s\n  upgrade_sock: {d}/upgrade.sock\n  pid_file: {d}/cutover.pid\n\
          routes:\n  - name: cdn\n    hosts: [{PUBLIC_NAME}]\n    upstreams:\n\
-         \x20     - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, idle: 1s }}\n",
+         \x20     - name: new-cloudfront\n        address: {NEW_DIST}:{port}\n        host_header: {NEW_NAME}\n        ca_file: {ca}\n        timeouts: {{ connect: 1s, idle: 1s }}\n{old}",
         d = dir.path().display(),
         port = edge.addr().port(),
         ca = ca_path.display(),
+        old = if backup {
+            format!(
+                "\x20     - name: old-cloudfront\n        address: {OLD_DIST}:{port}\n        sni: {PUBLIC_NAME}\n        ca_file: {ca}\n        weight: 0\n        backup: true\n        timeouts: {{ connect: 1s, idle: 1s }}\n",
+                port = edge.addr().port(),
+                ca = ca_path.display(),
+            )
+        } else {
+            String::new()
+        },
     );
     let proxy = Proxy::start_in_netns(&ns.name, dir.path(), &yaml, listen, admin, Some(&hosts));
     InNamespace {
@@ -734,6 +759,7 @@ async fn in_namespace(
         listen,
         ca_path,
         extra,
+        backup,
     }
 }
 
@@ -744,7 +770,7 @@ async fn in_namespace(
 /// over the same link, as the reference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_link_carries_a_large_body_whole_while_small_requests_go_on() {
-    let bed = in_namespace(|_| Vec::new()).await;
+    let bed = in_namespace(|_| Vec::new(), false).await;
     let fds_before = open_fds(bed.proxy.pid());
     bed.ns.limit_rate("8mbit");
     let reference = bed.reference();
@@ -833,16 +859,19 @@ async fn over_slow_link(listen: std::net::SocketAddr) -> (Duration, u64, Vec<Str
 }
 
 /// The new distribution's name resolves to the edge and to two addresses
-/// whose packets vanish (routed into a dummy device inside the namespace:
-/// a connect hangs until cutover's connect timeout, 1 s). Keep-alive and
+/// whose packets vanish (routed into a veth whose peer is down, inside the
+/// namespace: a connect hangs until cutover's connect timeout, 1 s; `ip
+/// route add blackhole` would not do: the kernel refuses a connect to a
+/// blackholed address at once, EINVAL, where a lost route hangs). Keep-alive and
 /// connect-per-request GETs for 4 s: none fails; a request that picked a
 /// vanishing address waits its connect timeout once, the address is
 /// ejected, and the request goes on to the edge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get() {
-    let bed = in_namespace(|ns| vec![ns.vanishing_v4(1), ns.vanishing_v4(2)]).await;
+    let bed = in_namespace(|ns| vec![ns.vanishing_v4(1), ns.vanishing_v4(2)], false).await;
     let fds_before = open_fds(bed.proxy.pid());
-    let (mut gets, fresh_ok, fresh_failed) = beside_vanishing_addresses(bed.listen).await;
+    let (mut gets, fresh_ok, fresh_failed) =
+        beside_vanishing_addresses(bed.listen, Duration::from_secs(4)).await;
     let m = bed.proxy.metrics().await;
     let timeouts = summed(&m, "cutover_upstream_errors_total", &[("kind", "timeout")]);
     let ejections = summed(&m, "cutover_upstream_address_ejections_total", &[]);
@@ -866,7 +895,8 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
 
     // nginx in the same namespace, the three addresses its upstream's servers.
     let reference = bed.reference();
-    let (mut gets, fresh_ok, fresh_failed) = beside_vanishing_addresses(reference.addr).await;
+    let (mut gets, fresh_ok, fresh_failed) =
+        beside_vanishing_addresses(reference.addr, Duration::from_secs(4)).await;
     let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
     eprintln!(
         "nginx, the same: {} keep-alive GETs and {fresh_ok} connect-per-request GETs, {} failed {:?}; \
@@ -878,10 +908,68 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
     assert!(gets.by_other > 0, "the reference reached no edge");
 }
 
+/// The new distribution's only address vanishes (its connects hang), the
+/// old distribution as backup: for 12 s of keep-alive and
+/// connect-per-request GETs none fails. A request that picks the address
+/// waits one connect timeout (1 s) and goes to the backup; the address is
+/// ejected for 5 s, then tried again by a request (another timeout, and an
+/// ejection twice as long): connect timeouts in the first wave and once
+/// per ejection period, not per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_edge_with_a_backup_fails_no_get_and_costs_a_timeout_per_ejection() {
+    let bed = in_namespace(|ns| vec![ns.vanishing_v4(1)], true).await;
+    let fds_before = open_fds(bed.proxy.pid());
+    let (mut gets, fresh_ok, fresh_failed) =
+        beside_vanishing_addresses(bed.listen, Duration::from_secs(12)).await;
+    let m = bed.proxy.metrics().await;
+    let timeouts = summed(&m, "cutover_upstream_errors_total", &[("kind", "timeout")]);
+    let ejections = summed(&m, "cutover_upstream_address_ejections_total", &[]);
+    let resent = summed(&m, "cutover_upstream_failovers_total", &[]);
+    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+    eprintln!(
+        "the edge's only address vanishing, a backup: {} keep-alive GETs and {fresh_ok} connect-per-request GETs in 12 s, {} failed; \
+         {timeouts} connect timeouts, {ejections} ejections, {resent} failovers; p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+        gets.sent,
+        gets.failed.len() + fresh_failed.len()
+    );
+    assert!(gets.failed.is_empty(), "{:?}", gets.failed);
+    assert!(fresh_failed.is_empty(), "{fresh_failed:?}");
+    assert!(
+        gets.by_other > 100 && fresh_ok > 10,
+        "{} and {fresh_ok}",
+        gets.by_other
+    );
+    // Ejected at about 1 s for 5 s, tried again at about 6 s and ejected
+    // again for 10 s: at least two ejections, and no more timeouts than the
+    // first wave's nine clients plus one per period.
+    assert!(ejections >= 2.0, "{m}");
+    assert!(
+        (2.0..=11.0).contains(&timeouts),
+        "{timeouts} connect timeouts:\n{m}"
+    );
+    no_descriptor_left(&bed.proxy, fds_before).await;
+
+    let reference = bed.reference();
+    let (mut gets, fresh_ok, fresh_failed) =
+        beside_vanishing_addresses(reference.addr, Duration::from_secs(12)).await;
+    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+    eprintln!(
+        "nginx, the same (the edge a backup server): {} keep-alive GETs and {fresh_ok} connect-per-request GETs, {} failed {:?}; \
+         p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+        gets.sent,
+        gets.failed.len() + fresh_failed.len(),
+        gets.failed.iter().chain(&fresh_failed).take(3).collect::<Vec<_>>()
+    );
+    assert!(gets.by_other > 0, "the reference reached no edge");
+}
+
 /// 8 paced keep-alive GET clients and one opening a connection per
-/// request, for 4 s through `listen`: the keep-alive ones' tally, and the
-/// other's answered and failed requests.
-async fn beside_vanishing_addresses(listen: std::net::SocketAddr) -> (Tally, u64, Vec<String>) {
+/// request, for `for_` through `listen`: the keep-alive ones' tally, and
+/// the other's answered and failed requests.
+async fn beside_vanishing_addresses(
+    listen: std::net::SocketAddr,
+    for_: Duration,
+) -> (Tally, u64, Vec<String>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let fresh = tokio::spawn(async move {
@@ -901,7 +989,7 @@ async fn beside_vanishing_addresses(listen: std::net::SocketAddr) -> (Tally, u64
         }
         (ok, failed)
     });
-    let gets = paced_gets(listen, 8, Duration::from_secs(4)).await;
+    let gets = paced_gets(listen, 8, for_).await;
     stop.store(true, Ordering::Relaxed);
     let (fresh_ok, fresh_failed) = fresh.await.unwrap();
     (gets, fresh_ok, fresh_failed)
@@ -1020,13 +1108,14 @@ async fn half_open_connections_cost_a_connect_timeout_and_fail_no_get() {
     no_descriptor_left(&e.proxy, fds_before).await;
 }
 
-/// An edge whose first byte comes after 3 s (every read from it stalled,
+/// An edge whose first byte comes after 10 s (every read from it stalled,
 /// the way a struggling origin answers), against `timeouts.read`: with
-/// `read: 1s` the GET gets 504 after ~1 s, counted as a timeout and not
-/// sent again (README: Decisions, resending), and the next request is
-/// served as usual; with `read: 10s` it waits and gets the answer.
+/// `read: 5s` the GET gets 504 after ~5 s, counted as a timeout and not
+/// sent again (README: Decisions, resending), and the stalled upstream
+/// connection is closed (no descriptor left); with `read: 15s` it waits
+/// and gets the answer. The two proxies run side by side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_answering_after_3_s_meets_the_read_timeout() {
+async fn an_edge_answering_after_10_s_meets_the_read_timeout() {
     use common::relay::{Faults, Relay};
     let dir = tempfile::tempdir().unwrap();
     let origin = Nginx::start(
@@ -1039,51 +1128,66 @@ async fn an_edge_answering_after_3_s_meets_the_read_timeout() {
         origin.addr,
         Faults {
             stall_per_mille: 1000,
-            stall: Duration::from_secs(3),
+            stall: Duration::from_secs(10),
             ..Faults::default()
         },
     )
     .await;
-    for (read, want) in [("1s", 504), ("10s", 200)] {
-        let yaml = config_yaml(
-            &slow.addr,
-            dir.path(),
-            dir.path(),
-            &format!(
-                "      - name: slow\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ read: {read} }}\n",
-                slow.addr
-            ),
-        );
-        let proxy = Proxy::start(dir.path(), &yaml, None);
-        let mut c = RawClient::connect(proxy.listen).await;
-        let t = Instant::now();
-        c.send(format!("GET /slow HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
-            .await;
-        let m = c.response(false).await.expect("an answer");
-        let took = t.elapsed();
-        let metrics = proxy.metrics().await;
-        let timeouts = summed(
-            &metrics,
-            "cutover_upstream_errors_total",
-            &[("kind", "timeout")],
-        );
-        let resent = summed(&metrics, "cutover_upstream_resends_total", &[]);
-        eprintln!("read timeout {read}, first byte after 3 s: {} in {took:.2?}; {timeouts} timeouts counted", m.status());
-        assert_eq!(m.status(), want, "read: {read}");
-        assert_eq!(resent, 0.0, "a timeout is not sent again:\n{metrics}");
-        if want == 504 {
-            assert!(took < Duration::from_millis(2500), "{took:?}");
-            assert_eq!(timeouts, 1.0, "{metrics}");
-            assert!(
-                proxy
-                    .log()
-                    .contains("504 route=cdn upstream=slow kind=timeout"),
-                "{}",
-                proxy.log()
+    let one = |read: &'static str, want: u16| {
+        let (dir, slow) = (dir.path(), slow.addr);
+        async move {
+            let own = dir.join(format!("read-{read}"));
+            std::fs::create_dir_all(&own).unwrap();
+            let yaml = config_yaml(
+                &slow,
+                dir,
+                &own,
+                &format!(
+                    "      - name: slow\n        address: {slow}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ read: {read} }}\n",
+                ),
             );
-        } else {
-            assert!(took >= Duration::from_secs(3), "{took:?}");
-            assert_eq!(&m.body[..], b"slow\n");
+            let proxy = Proxy::start(&own, &yaml, None);
+            let fds_before = open_fds(proxy.pid());
+            let mut c = RawClient::connect(proxy.listen).await;
+            let t = Instant::now();
+            c.send(format!("GET /slow HTTP/1.1\r\nHost: {PUBLIC_NAME}\r\n\r\n").as_bytes())
+                .await;
+            let m = c
+                .response_within(false, Duration::from_secs(20))
+                .await
+                .expect("an answer");
+            let took = t.elapsed();
+            let metrics = proxy.metrics().await;
+            let timeouts = summed(
+                &metrics,
+                "cutover_upstream_errors_total",
+                &[("kind", "timeout")],
+            );
+            let resent = summed(&metrics, "cutover_upstream_resends_total", &[]);
+            eprintln!("read timeout {read}, first byte after 10 s: {} in {took:.2?}; {timeouts} timeouts counted", m.status());
+            assert_eq!(m.status(), want, "read: {read}");
+            assert_eq!(resent, 0.0, "a timeout is not sent again:\n{metrics}");
+            if want == 504 {
+                assert!(
+                    took >= Duration::from_secs(5) && took < Duration::from_millis(6500),
+                    "{took:?}"
+                );
+                assert_eq!(timeouts, 1.0, "{metrics}");
+                assert!(
+                    proxy
+                        .log()
+                        .contains("504 route=cdn upstream=slow kind=timeout"),
+                    "{}",
+                    proxy.log()
+                );
+            } else {
+                assert!(took >= Duration::from_secs(10), "{took:?}");
+                assert_eq!(timeouts, 0.0, "{metrics}");
+                assert_eq!(&m.body[..], b"slow\n");
+            }
+            drop(c);
+            no_descriptor_left(&proxy, fds_before).await;
         }
-    }
+    };
+    tokio::join!(one("5s", 504), one("15s", 200));
 }

@@ -356,7 +356,7 @@ async fn the_system_out_of_descriptors_is_waited_out_without_spinning() {
 /// 1,000 clients trickle a request head one byte a second (slowloris):
 /// each is answered 408 once `header_timeout` (3 s) has passed since its
 /// first byte, and closed; ordinary keep-alive clients are served all the
-/// while, none failing, their p99 reported.
+/// while, none failing, their p99 bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_slow_clients_get_408_while_ordinary_ones_are_served() {
     let origin = StrictOrigin::start_plain(echo()).await;
@@ -441,6 +441,15 @@ async fn a_thousand_slow_clients_get_408_while_ordinary_ones_are_served() {
         latencies.len() > 100,
         "{} ordinary requests in 5 s",
         latencies.len()
+    );
+    // Bounded: the slow heads are read as their bytes come, never in the
+    // way of a whole one (a debug build measured ~2 ms; a proxy that reads
+    // heads in turn would put the ordinary clients behind seconds of
+    // trickle). Loose enough for a busy CI machine.
+    assert!(
+        q(0.99) < Duration::from_millis(250),
+        "ordinary clients' p99 {:?} beside 1,000 slow ones",
+        q(0.99)
     );
     let m = proxy.metrics().await;
     assert_eq!(

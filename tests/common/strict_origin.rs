@@ -317,7 +317,17 @@ impl RawClient {
     /// own); `Err` with the reason when it is malformed, the connection
     /// closed first, or nothing came within 10 s.
     pub async fn response(&mut self, head_request: bool) -> Result<Message, String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.response_within(head_request, Duration::from_secs(10))
+            .await
+    }
+
+    /// [`RawClient::response`], waiting up to `wait`.
+    pub async fn response_within(
+        &mut self,
+        head_request: bool,
+        wait: Duration,
+    ) -> Result<Message, String> {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             if !self.buf.is_empty() || self.eof {
                 match strict::read_response(&self.buf, head_request, self.eof) {
@@ -346,7 +356,7 @@ impl RawClient {
             }
             let mut chunk = [0u8; 16 * 1024];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Err(_) => return Err("no response within 10 s".into()),
+                Err(_) => return Err(format!("no response within {wait:?}")),
                 Ok(Ok(0)) | Ok(Err(_)) => self.eof = true,
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
