@@ -22,6 +22,13 @@ pub mod strict_origin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cutover");
 
+/// The binary the tests run as the proxy: this build's, or the one
+/// `CUTOVER_TEST_BIN` names (the README's fault figures run the `dist`
+/// build through the same tests: a debug build's latencies say little).
+pub fn proxy_bin() -> String {
+    std::env::var("CUTOVER_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A method the fast path does not carry (an extension method, here the
 /// cache-purge one CDNs and Varnish know): a request with it is handed,
 /// with the rest of its connection, to the Pingora path, which forwards it
@@ -172,7 +179,7 @@ impl Proxy {
         extra_args: &[&str],
     ) -> Proxy {
         Self::spawn(
-            Command::new(BIN),
+            Command::new(proxy_bin()),
             dir,
             config_path,
             listen,
@@ -196,7 +203,7 @@ impl Proxy {
         let config_path = dir.join("cutover.yaml");
         std::fs::write(&config_path, yaml).unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns, BIN]);
+        cmd.args(["netns", "exec", netns, &proxy_bin()]);
         Self::spawn(cmd, dir, config_path, listen, admin, hosts_file, &[])
     }
 
@@ -206,7 +213,7 @@ impl Proxy {
     pub fn start_with_nofile(dir: &Path, yaml: &str, nofile: u64) -> Proxy {
         use std::os::unix::process::CommandExt;
         let (config_path, listen, admin) = write_config(dir, yaml);
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(proxy_bin());
         // SAFETY: setrlimit(2) only, between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -227,7 +234,7 @@ impl Proxy {
     /// [`Proxy::start`] with more environment variables (an `LD_PRELOAD`).
     pub fn start_with_env(dir: &Path, yaml: &str, env: &[(&str, &Path)]) -> Proxy {
         let (config_path, listen, admin) = write_config(dir, yaml);
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(proxy_bin());
         cmd.envs(env.iter().copied());
         Self::spawn(cmd, dir, config_path, listen, admin, None, &[])
     }
