@@ -366,7 +366,7 @@ async fn three_instances_follow_one_document_over_https() {
         .await;
     }
 
-    // The server is back with a rollout: one document, one `start`, so
+    // A rollout: one document, one `start`, so
     // every instance is at the same step and sends each client the same way.
     let (_, start) = {
         let t = SystemTime::now() - Duration::from_secs(60);
@@ -379,10 +379,39 @@ async fn three_instances_follow_one_document_over_https() {
         0,
         0,
     );
+    // The server is back with the running document (the malformed one
+    // replaced): the restarted instance finds it unchanged, leaves its
+    // cache mode, and every 304 after that confirms it (the unreachable
+    // alert's timestamp moves on).
+    write_atomically(&doc_path, &v2);
+    nginx.start_again();
+    {
+        let p = &members[2];
+        until(p, interval * 3, "the cached document confirmed", || async {
+            fetches(p, "unchanged").await >= 1.0
+        })
+        .await;
+        let last = |m: String| sample(&m, "cutover_config_last_success_timestamp_seconds", &[]);
+        let confirmed = last(p.metrics().await).unwrap();
+        let before = fetches(p, "not_modified").await;
+        until(p, interval * 3, "a 304 after it", || async {
+            fetches(p, "not_modified").await >= before + 1.0
+        })
+        .await;
+        let m = p.metrics().await;
+        assert_eq!(
+            sample(&m, "cutover_config_from_cache", &[]),
+            Some(0.0),
+            "{m}"
+        );
+        assert!(
+            last(m.clone()).unwrap() > confirmed,
+            "a 304 after a start from the cache confirmed nothing:\n{m}"
+        );
+    }
     write_atomically(&doc_path, &v3);
     let sha3 = sha256_hex(v3.as_bytes());
     let back = Instant::now();
-    nginx.start_again();
     let refs: Vec<&Proxy> = members.iter().collect();
     let took = converge(&refs, &sha3, back, interval + Duration::from_secs(1)).await;
     eprintln!("after the server came back: {took:?}");
@@ -435,7 +464,7 @@ async fn three_instances_follow_one_document_over_https() {
         .await;
         let written_again = p
             .log()
-            .matches("written again with the running document")
+            .matches("writing it again with the running document")
             .count();
         assert_eq!(written_again, usize::from(i < 2), "{}", p.log());
     }

@@ -61,13 +61,38 @@ impl FetchError {
     /// changes.
     pub fn identity(&self) -> String {
         match self {
-            FetchError::Status(code, _) => format!("status {code}"),
+            FetchError::Status(code, body) => {
+                format!("status {code} {}", without_request_ids(body))
+            }
             FetchError::Failed(why) => without_addresses(why),
             // What follows the colon is a snippet of the page.
             FetchError::NotADocument(why) => why.split(':').next().unwrap_or(why).to_string(),
             other => other.to_string(),
         }
     }
+}
+
+/// An error body without S3's per-request `<RequestId>` and `<HostId>`
+/// (its `<Code>` and `<Message>` say what is wrong: `AccessDenied` for a
+/// bucket policy, `Request has expired` for a presigned URL).
+fn without_request_ids(body: &str) -> String {
+    let mut rest = body;
+    let mut kept = String::with_capacity(body.len());
+    while let Some((at, tag)) = ["<RequestId>", "<HostId>"]
+        .iter()
+        .filter_map(|tag| rest.find(tag).map(|at| (at, *tag)))
+        .min()
+    {
+        kept.push_str(&rest[..at]);
+        let close = format!("</{}", &tag[1..]);
+        rest = match rest[at..].find(&close) {
+            Some(end) => &rest[at + end + close.len()..],
+            // Cut off by the snippet's length: nothing after it counts.
+            None => "",
+        };
+    }
+    kept.push_str(rest);
+    kept
 }
 
 /// `why` with every IP address and socket address in it replaced by `*`.
@@ -375,6 +400,9 @@ struct State {
     running_text: String,
     /// The identity of the problem last logged, so each is logged once.
     problem: Option<String>,
+    /// The last cache write failed, this way (logged once per change; a
+    /// source that answers fine meanwhile does not clear it).
+    cache_failed: Option<String>,
     from_cache: bool,
     /// Conditional fetches since the last unconditional one.
     conditional: u32,
@@ -569,6 +597,7 @@ pub fn start(
                             "config source: cannot write the cache {}: {e}",
                             source.cache.display()
                         );
+                        state.cache_failed = Some(format!("{:?}", e.kind()));
                     }
                     info!("config source {name}: document sha256={sha} fetched and checked");
                     state.seen = Some((sha.clone(), true));
@@ -671,6 +700,9 @@ impl Source {
                     return;
                 }
                 if sha == state.running {
+                    // What a 304 to the next fetch confirms (after a start
+                    // from the cache, nothing else has set it).
+                    state.seen = Some((sha, true));
                     drop(state);
                     m.fetched("unchanged");
                     self.succeeded(m);
@@ -704,11 +736,7 @@ impl Source {
                 }
                 info!("config source {name}: applied document sha256={sha}: {summary}");
                 self.succeeded(m);
-                if let Err(e) = write_cache(&source.cache, &text, &source.url) {
-                    m.cache_write_failed();
-                    let why = format!("cannot write the cache {}: {e}", source.cache.display());
-                    self.problem(format!("cache {:?}", e.kind()), &why);
-                }
+                self.store_cache(m, &text);
             }
         }
     }
@@ -734,25 +762,54 @@ impl Source {
     /// edited by hand), it is counted, logged and written again.
     fn keep_cache(&self, m: &SourceFamilies) {
         let source = self.bootstrap.source();
-        let (running, text) = {
+        let (running, text, failed) = {
             let state = self.lock();
-            (state.running.clone(), state.running_text.clone())
+            let failed = state.cache_failed.is_some();
+            (state.running.clone(), state.running_text.clone(), failed)
         };
-        let why = match read_cache(&source.cache) {
-            Ok(doc) if sha256_hex(doc.as_bytes()) == running => return,
-            Ok(_) => "holds another document".to_string(),
-            Err(why) => why,
-        };
-        m.cache_damaged();
-        match write_cache(&source.cache, &text, &source.url) {
-            Ok(()) => warn!(
-                "config source: the cache {} {why}; written again with the running document (sha256={running})",
+        // The last write failed: try again (counted as a write, not as
+        // damage).
+        if !failed {
+            let why = match read_cache(&source.cache) {
+                Ok(doc) if sha256_hex(doc.as_bytes()) == running => return,
+                Ok(_) => "holds another document".to_string(),
+                Err(why) => why,
+            };
+            m.cache_damaged();
+            warn!(
+                "config source: the cache {} {why}; writing it again with the running document (sha256={running})",
                 source.cache.display()
-            ),
+            );
+        }
+        self.store_cache(m, &text);
+    }
+
+    /// Keep `text` in the cache. A failure is counted at every attempt and
+    /// logged once per change of error, apart from the source's problems
+    /// (the source may answer fine meanwhile); the first write that works
+    /// again says so.
+    fn store_cache(&self, m: &SourceFamilies, text: &str) {
+        let source = self.bootstrap.source();
+        match write_cache(&source.cache, text, &source.url) {
+            Ok(()) => {
+                if self.lock().cache_failed.take().is_some() {
+                    info!(
+                        "config source: the cache {} is written again",
+                        source.cache.display()
+                    );
+                }
+            }
             Err(e) => {
                 m.cache_write_failed();
-                let why = format!("cannot write the cache {}: {e}", source.cache.display());
-                self.problem(format!("cache {:?}", e.kind()), &why);
+                let kind = format!("{:?}", e.kind());
+                let mut state = self.lock();
+                if state.cache_failed.as_deref() != Some(kind.as_str()) {
+                    error!(
+                        "config source: cannot write the cache {}: {e}; a restart while the source is down would not find the running document",
+                        source.cache.display()
+                    );
+                    state.cache_failed = Some(kind);
+                }
             }
         }
     }
@@ -829,6 +886,26 @@ mod tests {
         let denied =
             |id: &str| FetchError::Status(403, format!("<Error><RequestId>{id}</RequestId>"));
         assert_eq!(denied("A1").identity(), denied("B2").identity());
+        let s3 = |message: &str, id: &str| {
+            FetchError::Status(
+                403,
+                format!("<Error><Code>AccessDenied</Code><Message>{message}</Message><RequestId>{id}</RequestId><HostId>h{id}=</HostId></Error>"),
+            )
+        };
+        assert_eq!(
+            s3("Access Denied", "A1").identity(),
+            s3("Access Denied", "B2").identity()
+        );
+        assert_ne!(
+            s3("Access Denied", "A1").identity(),
+            s3("Request has expired", "A1").identity(),
+            "another reason behind the same status is another problem"
+        );
+        // The snippet cut inside the id.
+        assert_eq!(
+            FetchError::Status(403, "<Code>AccessDenied</Code><RequestId>ABC".into()).identity(),
+            FetchError::Status(403, "<Code>AccessDenied</Code><RequestId>XY".into()).identity()
+        );
         assert_ne!(
             denied("A1").identity(),
             FetchError::Status(404, String::new()).identity()
