@@ -1240,6 +1240,18 @@ async fn a_head_request_is_carried_the_same() {
 async fn an_upstream_that_refuses_is_the_same_502() {
     let bed = start().await;
     let req = GET.replace("cdn.example.test", REFUSE_NAME);
+    // The first failure ejects the address (counted once, as a new
+    // ejection); every carrier compared after it meets the same state: the
+    // only address out, tried anyway, refused again.
+    let first = serve(&bed, Carrier::Fast, "/parity/refused", &req).await;
+    assert!(
+        first
+            .metrics
+            .keys()
+            .any(|k| k.contains("address_ejections_total")),
+        "{:?}",
+        first.metrics
+    );
     let fast = serve(&bed, Carrier::Fast, "/parity/refused", &req).await;
     let pingora = serve(&bed, Carrier::Pingora, "/parity/refused", &req).await;
     assert_eq!(fast.response.status(), 502, "{fast:?}");
@@ -1256,7 +1268,7 @@ async fn an_upstream_that_refuses_is_the_same_502() {
         "upstream connect failed: route=refuse upstream=closed addr=",
         "502 route=refuse upstream=closed kind=connect cause=",
     ] {
-        assert_eq!(log.matches(line).count(), 4, "{line:?} 4 times in:\n{log}");
+        assert_eq!(log.matches(line).count(), 5, "{line:?} 5 times in:\n{log}");
     }
 }
 

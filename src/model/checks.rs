@@ -53,10 +53,9 @@ async fn check(model: Arc<crate::model::Model>, r: usize, u: usize) -> Result<()
                 passed = true;
             }
             Err(why) => {
-                if !up.addresses.is_ejected(addr) {
+                if up.addresses.ejections.eject(addr, Instant::now()).new {
                     up.metrics.ejections.inc();
                 }
-                up.addresses.ejections.eject(addr, Instant::now());
                 failures.push(why);
             }
         }

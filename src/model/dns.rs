@@ -115,7 +115,9 @@ impl ResolvedName {
     /// The address a connect goes to: the next in round-robin order that
     /// is neither ejected nor in `tried`, an address whose ejection just
     /// ended to one connect at a time ([`Ejections::take`]); with none
-    /// usable, any address (the upstream was chosen with nothing better).
+    /// usable, any address (the upstream was chosen with nothing better,
+    /// or while another request was taking the last usable one for its
+    /// trial: a window of microseconds).
     /// `None` only when the name never resolved. One rule for both
     /// carriers.
     pub fn choose(&self, tried: &[SocketAddr]) -> Option<SocketAddr> {

@@ -530,16 +530,14 @@ impl ProxyHttp for PingoraPath {
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        reused: bool,
+        _reused: bool,
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let (false, Some((_, up)), Some(addr)) =
-            (reused, ctx.route_and_upstream(), ctx.upstream_addr)
-        {
+        if let (Some((_, up)), Some(addr)) = (ctx.route_and_upstream(), ctx.upstream_addr) {
             request::address_answered(up, addr);
         }
         Ok(())

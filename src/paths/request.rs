@@ -225,8 +225,11 @@ fn eject_and_choose(
 ) -> (Retry, std::time::Duration, String) {
     let up = &route.upstreams[failed];
     up.metrics.count_error(kind);
-    let ejected_for = up.addresses.ejections.eject(addr, Instant::now());
-    up.metrics.ejections.inc();
+    let ejected = up.addresses.ejections.eject(addr, Instant::now());
+    if ejected.new {
+        up.metrics.ejections.inc();
+    }
+    let ejected_for = ejected.length;
     tried.push(addr);
     let retry = if up.addresses.has_usable(tried) {
         Retry::Address
@@ -428,7 +431,12 @@ fn rewrote(route: &Route, up: &Upstream, status: u16, rewrites: &Rewrites) {
     }
 }
 
-/// A connect to `addr` succeeded: the address is back in the rotation.
+/// A connection to `addr`, new or reused from the pool, is up: the address
+/// is back in the rotation. A reused one counts too: the trial after an
+/// ejection ([`crate::shift::endpoints::Ejections::take`]) may be carried
+/// by a pooled connection, and would otherwise keep the address out until
+/// the trial's time ran out, again and again. (One atomic load while
+/// nothing is ejected.)
 pub fn address_answered(up: &Upstream, addr: SocketAddr) {
     up.addresses.ejections.readmit(addr);
 }

@@ -48,6 +48,17 @@ impl Entry {
     }
 }
 
+/// What [`Ejections::eject`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejected {
+    /// How long the address is out from now.
+    pub length: Duration,
+    /// A new ejection (counted in `cutover_upstream_address_ejections_total`);
+    /// false for a failure while the address was already out (a request
+    /// that picked it before its ejection).
+    pub new: bool,
+}
+
 /// The ejected addresses of one name.
 #[derive(Debug, Default)]
 pub struct Ejections {
@@ -91,8 +102,8 @@ impl Ejections {
         }
     }
 
-    /// Take `addr` out after a failed connect; how long for.
-    pub fn eject(&self, addr: SocketAddr, now: Instant) -> Duration {
+    /// Take `addr` out after a failed connect.
+    pub fn eject(&self, addr: SocketAddr, now: Instant) -> Ejected {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let times = match entries.iter_mut().find(|e| e.addr == addr) {
             // The trial failed: ejected again, for longer.
@@ -103,7 +114,12 @@ impl Ejections {
             }
             // Failed while still ejected (a request that picked it before
             // the ejection): the same ejection, not a longer one.
-            Some(e) if now < e.until => return e.until - now,
+            Some(e) if now < e.until => {
+                return Ejected {
+                    length: e.until - now,
+                    new: false,
+                }
+            }
             Some(e) => {
                 e.times += 1;
                 e.times
@@ -125,7 +141,7 @@ impl Ejections {
         if let Some(e) = entries.iter_mut().find(|e| e.addr == addr) {
             e.until = now + length;
         }
-        length
+        Ejected { length, new: true }
     }
 
     /// `addr` connected: back in, its count reset.
@@ -163,22 +179,28 @@ mod tests {
         let e = Ejections::default();
         let t0 = Instant::now();
         assert!(!e.is_ejected(addr(1), t0));
-        assert_eq!(e.eject(addr(1), t0), BASE_EJECTION);
+        assert_eq!(e.eject(addr(1), t0).length, BASE_EJECTION);
         assert!(e.is_ejected(addr(1), t0 + Duration::from_secs(1)));
         assert!(!e.is_ejected(addr(2), t0));
         // A second failure during the ejection does not lengthen it.
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(e.eject(addr(1), t1), BASE_EJECTION - Duration::from_secs(1));
+        assert_eq!(
+            e.eject(addr(1), t1),
+            Ejected {
+                length: BASE_EJECTION - Duration::from_secs(1),
+                new: false
+            }
+        );
         // Tried again after it and failing: twice as long, then capped.
         let t2 = t0 + BASE_EJECTION;
         assert!(!e.is_ejected(addr(1), t2));
-        assert_eq!(e.eject(addr(1), t2), 2 * BASE_EJECTION);
+        assert_eq!(e.eject(addr(1), t2).length, 2 * BASE_EJECTION);
         let mut t = t2;
         for _ in 0..10 {
             t += MAX_EJECTION;
             e.eject(addr(1), t);
         }
-        assert_eq!(e.eject(addr(1), t + MAX_EJECTION), MAX_EJECTION);
+        assert_eq!(e.eject(addr(1), t + MAX_EJECTION).length, MAX_EJECTION);
     }
 
     #[test]
@@ -198,7 +220,13 @@ mod tests {
         assert!(!e.any_usable(&[addr(1)], t1 + Duration::from_secs(1)));
         // It fails: out for twice as long (not the trial's remainder).
         let t2 = t1 + Duration::from_secs(1);
-        assert_eq!(e.eject(addr(1), t2), 2 * BASE_EJECTION);
+        assert_eq!(
+            e.eject(addr(1), t2),
+            Ejected {
+                length: 2 * BASE_EJECTION,
+                new: true
+            }
+        );
         assert!(!e.take(addr(1), t2 + BASE_EJECTION));
         // The next trial succeeds: back in for every connect.
         let t3 = t2 + 2 * BASE_EJECTION;
@@ -224,7 +252,7 @@ mod tests {
         e.readmit(addr(1));
         assert!(!e.is_ejected(addr(1), t0));
         assert_eq!(
-            e.eject(addr(1), t0),
+            e.eject(addr(1), t0).length,
             BASE_EJECTION,
             "the count starts again"
         );

@@ -126,8 +126,8 @@ impl<A: ServerApp + Send + Sync + 'static> FastPath<A> {
                 Ok(s) => {
                     if !s.1 {
                         crate::model::peer::tune_tls(&s.0);
-                        request::address_answered(up, addr);
                     }
+                    request::address_answered(up, addr);
                     s
                 }
                 Err(e) => {
