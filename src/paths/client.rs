@@ -481,18 +481,40 @@ pub fn accept_failed(metrics: &Metrics, error: &pingora::Error) -> bool {
         .root_cause()
         .downcast_ref::<io::Error>()
         .and_then(io::Error::raw_os_error);
-    if matches!(errno, Some(libc::EMFILE | libc::ENFILE)) {
-        metrics.accept_errors.fd_limit.inc();
-        limited!(
-            per_second = 1;
-            error,
-            "accept() failed: {error}: the process is out of file descriptors; new connections \
-             wait in the listen backlog until some close (raise LimitNOFILE in the unit, or lower \
-             the listeners' max_connections below it)"
-        );
-    } else {
-        metrics.accept_errors.other.inc();
-        limited!(per_second = 1; error, "accept() failed: {error}");
+    match errno {
+        Some(libc::EMFILE) => {
+            metrics.accept_errors.fd_limit.inc();
+            limited!(
+                per_second = 1;
+                error,
+                "accept() failed: {error}: the process is out of file descriptors; new connections \
+                 wait in the listen backlog until some close (raise LimitNOFILE in the unit, or lower \
+                 the listeners' max_connections below it)"
+            );
+        }
+        Some(libc::ENFILE) => {
+            metrics.accept_errors.fd_limit.inc();
+            limited!(
+                per_second = 1;
+                error,
+                "accept() failed: {error}: the system's file table is full (fs.file-max), not this \
+                 process's limit; new connections wait in the listen backlog until descriptors are \
+                 freed (find the process holding them: /proc/sys/fs/file-nr)"
+            );
+        }
+        Some(libc::ENOBUFS | libc::ENOMEM) => {
+            metrics.accept_errors.other.inc();
+            limited!(
+                per_second = 1;
+                error,
+                "accept() failed: {error}: the kernel is out of memory for sockets; accepting \
+                 resumes a second later"
+            );
+        }
+        _ => {
+            metrics.accept_errors.other.inc();
+            limited!(per_second = 1; error, "accept() failed: {error}");
+        }
     }
     true
 }
