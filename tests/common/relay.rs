@@ -11,6 +11,11 @@
 //!   before any byte of its response;
 //! - stalls: with probability `stall_per_mille`, a read from the upstream
 //!   waits `stall` more before it is forwarded;
+//! - cuts mid-response: with probability `cut_mid_per_mille`, a read from
+//!   the upstream other than the connection's first has only its first
+//!   half forwarded, then both sides are reset: a response whose head and
+//!   part of whose body already went on dies (on a keep-alive connection
+//!   such a read may also start the next response);
 //! - resets after the handshake: with probability `reset_after_handshake_per_mille`
 //!   per connection, its third read from the client (after the ClientHello
 //!   and the client's Finished: its first request, when the request came
@@ -37,6 +42,7 @@ pub struct Faults {
     pub latency: Duration,
     pub jitter: Duration,
     pub cut_per_mille: u64,
+    pub cut_mid_per_mille: u64,
     pub stall_per_mille: u64,
     pub stall: Duration,
     pub reset_after_handshake_per_mille: u64,
@@ -47,6 +53,7 @@ pub struct Faults {
 pub struct Stats {
     pub connections: AtomicU64,
     pub cuts: AtomicU64,
+    pub mid_cuts: AtomicU64,
     pub stalls: AtomicU64,
     pub handshake_resets: AtomicU64,
     pub half_open: AtomicU64,
@@ -183,6 +190,7 @@ async fn pump_pair(client: TcpStream, server: TcpStream, f: Faults, stats: Arc<S
     // Upstream → client: latency, stalls, cuts.
     let mut draw = Draw(seed);
     let mut buf = vec![0u8; 16 * 1024];
+    let mut reads = 0u64;
     loop {
         let n = tokio::select! {
             r = sr.read(&mut buf) => match r {
@@ -196,6 +204,15 @@ async fn pump_pair(client: TcpStream, server: TcpStream, f: Faults, stats: Arc<S
             // Both sides reset once the last halves go: this one's now,
             // the other pump's as it is aborted.
             stats.cuts.fetch_add(1, Ordering::Relaxed);
+            linger_zero(fds.0);
+            linger_zero(fds.1);
+            up.abort();
+            return;
+        }
+        reads += 1;
+        if reads > 1 && draw.per_mille(f.cut_mid_per_mille) {
+            stats.mid_cuts.fetch_add(1, Ordering::Relaxed);
+            let _ = cw.write_all(&buf[..n / 2]).await;
             linger_zero(fds.0);
             linger_zero(fds.1);
             up.abort();
