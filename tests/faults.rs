@@ -447,6 +447,19 @@ fn reference_nginx(e: &Edges, new: std::net::SocketAddr) -> Nginx {
     )
 }
 
+/// A config whose route has one plain-HTTP upstream, `new` at `addr`,
+/// with `timeouts` (the inside of a YAML flow map).
+fn one_plain_upstream(addr: std::net::SocketAddr, dir: &std::path::Path, timeouts: &str) -> String {
+    config_yaml(
+        &addr,
+        dir,
+        dir,
+        &format!(
+            "      - name: new\n        address: {addr}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ {timeouts} }}\n"
+        ),
+    )
+}
+
 /// No descriptor left behind once the clients are gone and the upstream
 /// connections idled out (the tests' upstreams have `idle: 1s`): back to
 /// what the process held before the load, give or take 2, within 10 s.
@@ -479,15 +492,7 @@ async fn an_origin_closing_idle_connections_at_any_moment_fails_no_get() {
         None,
         "keepalive_timeout 2ms;\n    location / { return 200 \"new\\n\"; }",
     );
-    let yaml = config_yaml(
-        &origin.addr,
-        dir.path(),
-        dir.path(),
-        &format!(
-            "      - name: new\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ idle: 1s }}\n",
-            origin.addr
-        ),
-    );
+    let yaml = one_plain_upstream(origin.addr, dir.path(), "idle: 1s");
     let proxy = Proxy::start(dir.path(), &yaml, None);
     let fds_before = open_fds(proxy.pid());
     let stop = Arc::new(AtomicBool::new(false));
@@ -680,15 +685,7 @@ async fn answers_cut_or_stalled_mid_body_close_the_client_connection_never_compl
         },
     )
     .await;
-    let yaml = config_yaml(
-        &relay.addr,
-        dir.path(),
-        dir.path(),
-        &format!(
-            "      - name: new\n        address: {}\n        tls: false\n        host_header: {NEW_EDGE}\n        timeouts: {{ connect: 1s, read: 5s, idle: 1s }}\n",
-            relay.addr
-        ),
-    );
+    let yaml = one_plain_upstream(relay.addr, dir.path(), "connect: 1s, read: 5s, idle: 1s");
     let proxy = Proxy::start(dir.path(), &yaml, None);
     let fds_before = open_fds(proxy.pid());
     let reference = Nginx::start_with_http(
