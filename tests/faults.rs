@@ -832,6 +832,29 @@ impl InNamespace {
     }
 }
 
+impl InNamespace {
+    /// [`beside_vanishing_addresses`] through the nginx reference, for
+    /// `for_`, its figures printed after `who`: it must reach the edge.
+    async fn reference_beside_vanishing(&self, for_: Duration, who: &str) {
+        let reference = self.reference();
+        let (mut gets, fresh_ok, fresh_failed) =
+            beside_vanishing_addresses(reference.addr, for_).await;
+        let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
+        eprintln!(
+            "{who}: {} keep-alive GETs and {fresh_ok} connect-per-request GETs, {} failed {:?}; \
+             p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+            gets.sent,
+            gets.failed.len() + fresh_failed.len(),
+            gets.failed
+                .iter()
+                .chain(&fresh_failed)
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+        assert!(gets.by_other > 0, "the reference reached no edge");
+    }
+}
+
 /// cutover in a namespace of the test's own; the new distribution's name
 /// resolves to the edge and to `extra`'s addresses; with `backup`, to
 /// `extra` only, and the old distribution (the edge) is the backup.
@@ -1028,18 +1051,8 @@ async fn addresses_whose_packets_vanish_cost_a_connect_timeout_and_fail_no_get()
     no_descriptor_left(&bed.proxy, fds_before).await;
 
     // nginx in the same namespace, the three addresses its upstream's servers.
-    let reference = bed.reference();
-    let (mut gets, fresh_ok, fresh_failed) =
-        beside_vanishing_addresses(reference.addr, Duration::from_secs(4)).await;
-    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
-    eprintln!(
-        "nginx, the same: {} keep-alive GETs and {fresh_ok} connect-per-request GETs, {} failed {:?}; \
-         p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
-        gets.sent,
-        gets.failed.len() + fresh_failed.len(),
-        gets.failed.iter().chain(&fresh_failed).take(3).collect::<Vec<_>>()
-    );
-    assert!(gets.by_other > 0, "the reference reached no edge");
+    bed.reference_beside_vanishing(Duration::from_secs(4), "nginx, the same")
+        .await;
 }
 
 /// The new distribution's only address vanishes (its connects hang), the
@@ -1089,18 +1102,11 @@ async fn a_vanished_edge_with_a_backup_fails_no_get_and_costs_a_timeout_per_ejec
     );
     no_descriptor_left(&bed.proxy, fds_before).await;
 
-    let reference = bed.reference();
-    let (mut gets, fresh_ok, fresh_failed) =
-        beside_vanishing_addresses(reference.addr, Duration::from_secs(12)).await;
-    let (p50, p99, max) = (gets.quantile(0.5), gets.quantile(0.99), gets.quantile(1.0));
-    eprintln!(
-        "nginx, the same (the edge a backup server): {} keep-alive GETs and {fresh_ok} connect-per-request GETs, {} failed {:?}; \
-         p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
-        gets.sent,
-        gets.failed.len() + fresh_failed.len(),
-        gets.failed.iter().chain(&fresh_failed).take(3).collect::<Vec<_>>()
-    );
-    assert!(gets.by_other > 0, "the reference reached no edge");
+    bed.reference_beside_vanishing(
+        Duration::from_secs(12),
+        "nginx, the same (the edge a backup server)",
+    )
+    .await;
 }
 
 /// 8 paced keep-alive GET clients and one opening a connection per
